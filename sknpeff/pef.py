@@ -1,0 +1,1216 @@
+"""Per-example Fishers (PEFs) of a PyTorch classifier, as sparse matrices.
+
+:class:`PEFTransformer` turns examples into the D-PEF or LRM-PEF rows described in
+DESIGN.md ("Data layouts"):
+
+* low rank: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix whose slot
+  ``j`` is ``a_ij = sqrt(p_j) * grad log p_j`` for the ``j``-th most probable class
+  (slots of dropped classes are empty);
+* diagonal: row ``i`` is ``f_i = sum_j a_ij ** 2``.
+
+How it is fast
+--------------
+One forward pass of a batch records the input of every supported layer (Linear,
+Conv1d/2d, LayerNorm, Embedding, BatchNorm in eval mode). The ``c`` class cotangents
+``sqrt(p_j) (e_j - p)`` at the logits are back-propagated together
+(``torch.autograd.grad(..., is_grads_batched=True)``) to the *outputs* of those layers
+only, and the per-example, per-class parameter gradients follow from closed-form
+per-layer rules (Linear: ``outer(grad_output, input)``; Conv: the same on unfolded
+patches; ...). Parameters of any other layer (e.g. ``MultiheadAttention``) go through
+a generic ``torch.func`` path (``vmap`` over examples of ``vjp`` of the whole model,
+``vmap`` over classes). On the first batch of every call the per-layer results are
+checked against the batch gradient (their sum over examples); a parameter that fails
+the check (for instance one used outside its module's ``forward``) is moved to the
+generic path, so results are exact either way.
+
+Top-K selection is exact but avoids a full ``topk`` over each row: a threshold is
+estimated from a random subsample of the row, the entries above it are gathered and
+an exact ``topk`` runs among those candidates (rows where the estimate was too high
+fall back to a full ``topk``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from torch.nn import functional as F
+
+from .layout import ParameterLayout, select_parameters
+
+__all__ = ["PEFTransformer", "PEFResult"]
+
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PEFResult:
+    """Output of :meth:`PEFTransformer.compute`.
+
+    Attributes
+    ----------
+    pefs : scipy.sparse.csr_matrix
+        The PEFs, ``(n_examples, n_params)`` (diagonal) or
+        ``(n_examples, n_classes * n_params)`` (low rank).
+    norms : ndarray of shape (n_examples,)
+        Frobenius norm of each PEF before normalization and sparsification.
+    logits : ndarray of shape (n_examples, n_outputs)
+        The model's logits.
+    predictions : ndarray of shape (n_examples,)
+        ``argmax`` of the logits.
+    """
+
+    pefs: sp.csr_matrix
+    norms: np.ndarray
+    logits: np.ndarray
+    predictions: np.ndarray
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.pefs.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# input handling
+# ---------------------------------------------------------------------------------------------
+def _tree_map(fn, tree):
+    if isinstance(tree, Mapping):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(_tree_map(fn, v) for v in tree)
+    if isinstance(tree, list):
+        return [_tree_map(fn, v) for v in tree]
+    return fn(tree)
+
+
+def _tree_leaves(tree) -> list:
+    out: list = []
+    _tree_map(lambda v: out.append(v), tree)
+    return out
+
+
+def _is_dataset(X) -> bool:
+    return isinstance(X, torch.utils.data.Dataset)
+
+
+def _n_examples(X) -> int | None:
+    if isinstance(X, (torch.Tensor, np.ndarray)):
+        if X.ndim == 0:
+            raise ValueError("X must be batched along its first axis; got a 0-d array.")
+        return int(X.shape[0])
+    if isinstance(X, Mapping):
+        lens = {int(v.shape[0]) for v in X.values() if hasattr(v, "shape") and len(v.shape)}
+        if len(lens) != 1:
+            raise ValueError(
+                "a dict X must hold arrays batched along the first axis, all of the same "
+                f"length; got lengths {sorted(lens)}."
+            )
+        return lens.pop()
+    if _is_dataset(X):
+        try:
+            return len(X)
+        except TypeError:
+            return None
+    if isinstance(X, (list, tuple)):
+        return len(X)
+    raise ValueError(
+        "X must be a tensor/array batched along the first axis, a dict of such arrays, "
+        f"a list of per-example items (e.g. dicts of tensors), or a torch Dataset; got "
+        f"{type(X).__name__}."
+    )
+
+
+def _as_tensor(v):
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return v
+
+
+def _collate(items: Sequence):
+    return torch.utils.data.default_collate([_tree_map(_as_tensor, it) for it in items])
+
+
+def _iter_batches(X, batch_size: int) -> Iterator[Any]:
+    if isinstance(X, (torch.Tensor, np.ndarray)):
+        for s in range(0, X.shape[0], batch_size):
+            yield _as_tensor(X[s : s + batch_size])
+    elif isinstance(X, Mapping):
+        n = _n_examples(X)
+        for s in range(0, n, batch_size):
+            yield {
+                k: (_as_tensor(v[s : s + batch_size]) if hasattr(v, "shape") and len(v.shape)
+                    else v)
+                for k, v in X.items()
+            }
+    elif _is_dataset(X):
+        loader = torch.utils.data.DataLoader(
+            X, batch_size=batch_size, shuffle=False, collate_fn=_collate
+        )
+        yield from loader
+    else:
+        X = list(X)
+        if X and not isinstance(X[0], (Mapping, torch.Tensor, np.ndarray, tuple, list)):
+            arr = np.asarray(X)
+            yield from _iter_batches(arr, batch_size)
+            return
+        for s in range(0, len(X), batch_size):
+            yield _collate(X[s : s + batch_size])
+
+
+def _default_forward(model, batch):
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        # (inputs, targets) pairs as returned by most labelled Datasets.
+        return model(batch[0])
+    return model(batch)
+
+
+def _as_logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(
+        "the model (or forward) must return a logits tensor of shape (batch, n_classes) "
+        f"(or an object with a .logits attribute); got {type(out).__name__}."
+    )
+
+
+class _ForwardWrapper(nn.Module):
+    """Module whose forward is ``forward(model, batch)``; lets torch.func reparametrize."""
+
+    def __init__(self, model, forward):
+        super().__init__()
+        self.model = model
+        self._fwd = forward
+
+    def forward(self, batch):
+        return _as_logits(self._fwd(self.model, batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact top-K selection
+# ---------------------------------------------------------------------------------------------
+def _select_topk(
+    mag: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Column indices of the ``k`` largest entries of each row of ``mag`` (>= 0).
+
+    Returns an ``(R, w)`` int64 tensor, ``w <= k``, padded with ``-1``; exact zeros are
+    never selected. Equal to ``torch.topk`` up to the order of ties.
+    """
+    R, N = mag.shape
+    device = mag.device
+    tiny = torch.finfo(mag.dtype).tiny * torch.finfo(mag.dtype).eps  # smallest subnormal
+    if R == 0:
+        return torch.empty((0, 0), dtype=torch.long, device=device)
+    if k >= N:
+        t = torch.full((R,), tiny, dtype=mag.dtype, device=device)
+        s = 0
+    else:
+        # subsample of size s so that about 64 samples fall above the estimated threshold,
+        # which keeps ~2k candidates per row.
+        s = int(math.ceil(32.0 * N / k))
+        if s * 2 >= N:
+            vals, idx = torch.topk(mag, k, dim=1, sorted=False)
+            idx = idx.masked_fill(vals <= 0, -1)
+            return idx
+        r = int(math.ceil(s * 2.0 * k / N))
+        sub_idx = torch.randint(0, N, (s,), generator=generator, device="cpu").to(device)
+        sub = mag.index_select(1, sub_idx)
+        t = torch.topk(sub, r, dim=1, sorted=False).values.min(dim=1).values
+        t = torch.clamp(t, min=tiny)
+    mask = mag >= t[:, None]
+    counts = mask.sum(dim=1)
+    flat = torch.nonzero(mask.view(-1)).squeeze(1)
+    rows = torch.div(flat, N, rounding_mode="floor")
+    cols = flat - rows * N
+    maxc = int(counts.max()) if R else 0
+    kk = min(k, maxc)
+    out = torch.full((R, max(kk, 1) if k < N else max(maxc, 1)), -1, dtype=torch.long,
+                     device=device)
+    if maxc > 0:
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(flat.numel(), device=device) - starts[rows]
+        cand = torch.full((R, maxc), -1.0, dtype=mag.dtype, device=device)
+        cand[rows, pos] = mag[rows, cols]
+        cidx = torch.full((R, maxc), -1, dtype=torch.long, device=device)
+        cidx[rows, pos] = cols
+        if kk < maxc:
+            tv, tp = torch.topk(cand, kk, dim=1, sorted=False)
+            sel = cidx.gather(1, tp).masked_fill(tv < 0, -1)
+        else:
+            sel = cidx
+        out[:, : sel.shape[1]] = sel
+    if s:
+        bad = (counts < k) & (t > tiny)
+        if bool(bad.any()):
+            rows_bad = torch.nonzero(bad).squeeze(1)
+            vals, idx = torch.topk(mag[rows_bad], k, dim=1, sorted=False)
+            full = torch.full((rows_bad.numel(), out.shape[1]), -1, dtype=torch.long,
+                              device=device)
+            if out.shape[1] < k:
+                out = torch.cat(
+                    [out, torch.full((R, k - out.shape[1]), -1, dtype=torch.long,
+                                     device=device)], dim=1)
+                full = torch.full((rows_bad.numel(), k), -1, dtype=torch.long, device=device)
+            full[:, :k] = idx.masked_fill(vals <= 0, -1)
+            out[rows_bad] = full
+    return out
+
+
+def _rows_to_csr_parts(values: torch.Tensor, sel: torch.Tensor, scale: torch.Tensor,
+                       out_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted CSR pieces (counts, indices, data) of the selected entries of ``values``."""
+    R, N = values.shape
+    if sel.numel() == 0:
+        return (np.zeros(R, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                np.zeros(0, dtype=out_dtype))
+    key = torch.where(sel < 0, torch.full_like(sel, N), sel)
+    key, _ = torch.sort(key, dim=1)
+    valid = key < N
+    vals = values.gather(1, key.clamp(max=N - 1)).to(torch.float64) * scale[:, None]
+    counts = valid.sum(dim=1)
+    idx = key[valid]
+    data = vals[valid]
+    return (counts.cpu().numpy().astype(np.int64), idx.cpu().numpy().astype(np.int64),
+            data.cpu().numpy().astype(out_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer per-example gradient rules
+# ---------------------------------------------------------------------------------------------
+def _plain(module, base) -> bool:
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+def _supported(module) -> bool:
+    if _plain(module, nn.Linear) or _plain(module, nn.Conv2d) or _plain(module, nn.Conv1d):
+        return True
+    if _plain(module, nn.LayerNorm):
+        return True
+    if _plain(module, nn.Embedding):
+        return module.max_norm is None and not module.scale_grad_by_freq
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) in (
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d
+    ):
+        return True
+    return False
+
+
+class _Contrib:
+    """A per-example gradient contribution ``(c, Bc, numel)``, possibly as an outer product."""
+
+    __slots__ = ("block", "g", "x")
+
+    def __init__(self, block=None, g=None, x=None):
+        self.block, self.g, self.x = block, g, x
+
+    def materialize(self) -> torch.Tensor:
+        if self.block is not None:
+            return self.block
+        c, Bc, O = self.g.shape
+        return (self.g[:, :, :, None] * self.x[None, :, None, :]).reshape(c, Bc, -1)
+
+
+def _conv_patches(mod, x):
+    """Unfolded input patches ``(B, Cin * prod(kernel), L)`` of a Conv1d/Conv2d."""
+    one_d = isinstance(mod, nn.Conv1d)
+    if one_d:
+        x = x.unsqueeze(2)
+        ks, st, dl = (1, mod.kernel_size[0]), (1, mod.stride[0]), (1, mod.dilation[0])
+    else:
+        ks, st, dl = mod.kernel_size, mod.stride, mod.dilation
+    if mod.padding_mode != "zeros":
+        pad = mod._reversed_padding_repeated_twice
+        if one_d:
+            pad = tuple(pad) + (0, 0)
+        x = F.pad(x, pad, mode=mod.padding_mode)
+        padding = (0, 0)
+    elif isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            padding = (0, 0)
+        else:  # same
+            pads = []
+            for k, d in zip(ks, dl, strict=True):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
+            padding = (0, 0)
+    else:
+        padding = (0, mod.padding[0]) if one_d else tuple(mod.padding)
+    return F.unfold(x, ks, dilation=dl, padding=padding, stride=st)
+
+
+def _module_contribs(mod, x, g, pid_of: dict) -> list[tuple[int, _Contrib]]:
+    """Per-example, per-class gradient contributions of ``mod``'s selected parameters.
+
+    ``x`` is the module input ``(Bc, ...)``, ``g`` the output cotangents ``(c, Bc, ...)``.
+    """
+    c, Bc = g.shape[0], g.shape[1]
+    out: list[tuple[int, _Contrib]] = []
+    w_id = pid_of.get(id(mod.weight)) if getattr(mod, "weight", None) is not None else None
+    b_id = pid_of.get(id(mod.bias)) if getattr(mod, "bias", None) is not None else None
+    if isinstance(mod, nn.Linear):
+        I, O = x.shape[-1], g.shape[-1]
+        x3 = x.reshape(Bc, -1, I)
+        g4 = g.reshape(c, Bc, -1, O)
+        if w_id is not None:
+            if x3.shape[1] == 1:
+                out.append((w_id, _Contrib(g=g4[:, :, 0, :], x=x3[:, 0, :])))
+            else:
+                w = torch.einsum("cbto,bti->cboi", g4, x3)
+                out.append((w_id, _Contrib(block=w.reshape(c, Bc, O * I))))
+        if b_id is not None:
+            out.append((b_id, _Contrib(block=g4.sum(2))))
+    elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        Cout, G = mod.out_channels, mod.groups
+        gg = g.reshape(c, Bc, Cout, -1)
+        if w_id is not None:
+            pt = _conv_patches(mod, x)  # (Bc, Cin*k, L)
+            L = pt.shape[-1]
+            pt = pt.reshape(Bc, G, -1, L)
+            g5 = gg.reshape(c, Bc, G, Cout // G, L)
+            w = torch.einsum("cbgol,bgkl->cbgok", g5, pt)
+            out.append((w_id, _Contrib(block=w.reshape(c, Bc, -1))))
+        if b_id is not None:
+            out.append((b_id, _Contrib(block=gg.sum(-1))))
+    elif isinstance(mod, nn.LayerNorm):
+        ns = tuple(mod.normalized_shape)
+        n = math.prod(ns)
+        gg = g.reshape(c, Bc, -1, n)
+        if w_id is not None:
+            xh = F.layer_norm(x, ns, eps=mod.eps).reshape(Bc, -1, n)
+            out.append((w_id, _Contrib(block=(gg * xh[None]).sum(2))))
+        if b_id is not None:
+            out.append((b_id, _Contrib(block=gg.sum(2))))
+    elif isinstance(mod, nn.Embedding):
+        if w_id is not None:
+            V, D = mod.num_embeddings, mod.embedding_dim
+            idx = x.reshape(Bc, -1)
+            T = idx.shape[1]
+            gg = g.reshape(c, Bc * T, D)
+            if mod.padding_idx is not None:
+                gg = gg * (idx.reshape(-1) != mod.padding_idx).to(gg.dtype)[None, :, None]
+            flat = (torch.arange(Bc, device=idx.device)[:, None] * V + idx).reshape(-1)
+            w = torch.zeros((c, Bc * V, D), dtype=g.dtype, device=g.device)
+            w.index_add_(1, flat, gg)
+            out.append((w_id, _Contrib(block=w.reshape(c, Bc, V * D))))
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        C = mod.num_features
+        gg = g.reshape(c, Bc, C, -1)
+        if w_id is not None:
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            xh = (x - mod.running_mean.reshape(shape)) * torch.rsqrt(
+                mod.running_var.reshape(shape) + mod.eps
+            )
+            out.append((w_id, _Contrib(block=(gg * xh.reshape(Bc, C, -1)[None]).sum(-1))))
+        if b_id is not None:
+            out.append((b_id, _Contrib(block=gg.sum(-1))))
+    else:  # pragma: no cover - guarded by _supported
+        raise TypeError(type(mod))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine (one per compute call; holds hooks and the parameter plan)
+# ---------------------------------------------------------------------------------------------
+class _Record:
+    __slots__ = ("module", "x", "out", "version")
+
+    def __init__(self, module, x, out):
+        self.module, self.x, self.out = module, x, out
+        self.version = x._version
+
+
+class _Engine:
+    def __init__(self, est: PEFTransformer, layout: ParameterLayout, n_slots: int):
+        self.est = est
+        self.model = est.model
+        self.forward = est.forward if est.forward is not None else _default_forward
+        self.layout = layout
+        self.n_slots = n_slots
+        self.kind = est.kind
+        self.k = int(est.n_values)
+        self.out_dtype = np.dtype(est.dtype)
+        chosen = select_parameters(self.model, est.params)
+        self.names = [n for n, _ in chosen]
+        self.params = [p for _, p in chosen]
+        self.pid_of = {id(p): i for i, p in enumerate(self.params)}
+        self.offsets = list(layout.offsets)
+        self.sizes = list(layout.sizes)
+        self.m = layout.n_params
+        self.device = self.params[0].device
+        self.generator = torch.Generator(device="cpu").manual_seed(0)
+        self.chunk_elements = getattr(est, "_chunk_elements", 2**25)
+        self._plan()
+        self.records: list[_Record] = []
+        self.recording = False
+        self.handles: list = []
+        self.verified = False
+        self.loop_warned = False
+
+    # -- plan ----------------------------------------------------------------------------------
+    def _plan(self):
+        owners: dict[int, list] = {}
+        blocked_prefixes = []
+        for name, mod in self.model.named_modules(remove_duplicate=False):
+            direct = list(mod.named_parameters(recurse=False))
+            if direct and not _supported(mod):
+                blocked_prefixes.append(name + "." if name else "")
+            for _, p in direct:
+                owners.setdefault(id(p), []).append((name, mod))
+        self.hooked_modules = {}
+        fallback = set()
+        for pid, p in enumerate(self.params):
+            mods = owners.get(id(p), [])
+            ok = bool(mods)
+            for name, mod in mods:
+                if not _supported(mod) or any(
+                    (name + ".").startswith(bp) and name + "." != bp for bp in blocked_prefixes
+                ):
+                    ok = False
+            if ok:
+                for _, mod in mods:
+                    self.hooked_modules[id(mod)] = mod
+            else:
+                fallback.add(pid)
+        self.fallback = fallback
+        self._refresh_hooked()
+
+    def _refresh_hooked(self):
+        # modules whose every selected parameter went to the generic path need no hook
+        keep = {}
+        for key, mod in self.hooked_modules.items():
+            ps = [p for p in mod.parameters(recurse=False) if id(p) in self.pid_of]
+            if any(self.pid_of[id(p)] not in self.fallback for p in ps):
+                keep[key] = mod
+        self.hooked_modules = keep
+
+    def move_to_fallback(self, pids):
+        self.fallback |= set(pids)
+        self._refresh_hooked()
+        self.remove_hooks()
+        self.add_hooks()
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _hook(self, module, args, output):
+        if not self.recording or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        if not isinstance(output, torch.Tensor):
+            return None
+        self.records.append(_Record(module, args[0], output))
+        return output.clone()
+
+    def add_hooks(self):
+        for mod in self.hooked_modules.values():
+            self.handles.append(mod.register_forward_hook(self._hook))
+
+    def remove_hooks(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # -- helpers -------------------------------------------------------------------------------
+    def to_device(self, batch):
+        fdtype = self.params[0].dtype
+
+        def conv(v):
+            v = _as_tensor(v)
+            if isinstance(v, torch.Tensor):
+                if v.is_floating_point() and v.dtype != fdtype:
+                    v = v.to(fdtype)
+                return v.to(self.device, non_blocking=True)
+            return v
+
+        return _tree_map(conv, batch)
+
+    def cotangents(self, logits: torch.Tensor):
+        """Slot cotangents ``(B, c, K)`` at the logits and per-example kept-slot counts."""
+        est = self.est
+        lg = logits.detach().to(torch.float64)
+        probs = torch.softmax(lg, dim=1)
+        B, K = probs.shape
+        c = min(self.n_slots, K)
+        p_sorted, order = torch.sort(probs, dim=1, descending=True)
+        p_sorted, order = p_sorted[:, :c], order[:, :c]
+        keep = torch.ones_like(p_sorted, dtype=torch.bool)
+        if est.min_class_prob is not None:
+            keep &= p_sorted >= float(est.min_class_prob)
+        n_kept = keep.sum(1)
+        c_eff = int(n_kept.max()) if B else 0
+        p_sorted, order, keep = p_sorted[:, :c_eff], order[:, :c_eff], keep[:, :c_eff]
+        onehot = F.one_hot(order, K).to(torch.float64)
+        cot = torch.sqrt(p_sorted)[..., None] * (onehot - probs[:, None, :])
+        cot = cot * keep[..., None]
+        return cot.to(logits.dtype), c_eff
+
+    # -- per-example gradients -----------------------------------------------------------------
+    def _fallback_grads(self, batch, cot) -> dict[int, torch.Tensor]:
+        """``{pid: (B, c, numel)}`` for the parameters on the generic path."""
+        pids = sorted(self.fallback)
+        if not pids:
+            return {}
+        wrapper = _ForwardWrapper(self.model, self.forward)
+        pd = {"model." + self.names[i]: self.params[i].detach() for i in pids}
+
+        def one(xb, cb):
+            def f(pdict):
+                xb1 = _tree_map(
+                    lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, xb
+                )
+                return torch.func.functional_call(wrapper, pdict, (xb1,))[0]
+
+            _, vjp_fn = torch.func.vjp(f, pd)
+            return torch.func.vmap(vjp_fn)(cb)[0]
+
+        in_dims = _tree_map(lambda v: 0 if isinstance(v, torch.Tensor) else None, batch)
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                res = torch.func.vmap(
+                    one, in_dims=(in_dims, 0),
+                    randomness="different" if self.est.allow_train_mode else "error",
+                )(batch, cot)
+            return {i: res["model." + self.names[i]].reshape(cot.shape[0], cot.shape[1], -1)
+                    for i in pids}
+        except Exception as exc:  # noqa: BLE001 - any vmap failure: exact slow path
+            if not self.loop_warned:
+                warnings.warn(
+                    "torch.func.vmap could not batch the generic per-example gradient path "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); falling back to a loop over "
+                    "examples (exact but slow).",
+                    stacklevel=4,
+                )
+                self.loop_warned = True
+        B, c = cot.shape[0], cot.shape[1]
+        out = {i: [] for i in pids}
+        plist = [self.params[i] for i in pids]
+        for b in range(B):
+            xb = _tree_map(
+                lambda t, b=b: t[b : b + 1] if isinstance(t, torch.Tensor) else t, batch
+            )
+            with torch.enable_grad():
+                lg = _as_logits(self.forward(self.model, xb))
+                gs = torch.autograd.grad(
+                    lg, plist, grad_outputs=cot[b][:, None, :], is_grads_batched=True,
+                    allow_unused=True,
+                )
+            for i, gi in zip(pids, gs, strict=True):
+                if gi is None:
+                    gi = torch.zeros((c,) + tuple(self.params[i].shape),
+                                     dtype=cot.dtype, device=cot.device)
+                out[i].append(gi.reshape(c, -1))
+        return {i: torch.stack(v) for i, v in out.items()}
+
+    def _layer_grads(self, logits, cot_cb, with_params: bool):
+        outs = [r.out for r in self.records]
+        hooked_pids = sorted(set(range(len(self.params))) - self.fallback)
+        extra = [self.params[i] for i in hooked_pids] if with_params else []
+        inputs = outs + extra
+        if not inputs:
+            return [], {}
+        try:
+            grads = torch.autograd.grad(
+                logits, inputs, grad_outputs=cot_cb, is_grads_batched=True,
+                allow_unused=True, retain_graph=True,
+            )
+        except RuntimeError:
+            per = [torch.autograd.grad(logits, inputs, grad_outputs=cot_cb[j],
+                                       allow_unused=True, retain_graph=True)
+                   for j in range(cot_cb.shape[0])]
+            grads = []
+            for t in range(len(inputs)):
+                if per[0][t] is None:
+                    grads.append(None)
+                else:
+                    grads.append(torch.stack([pj[t] for pj in per]))
+        gouts = list(grads[: len(outs)])
+        pgrads = {i: grads[len(outs) + j] for j, i in enumerate(hooked_pids)} if extra else {}
+        return gouts, pgrads
+
+    def _chunk_contribs(self, gouts, fb, b0, b1) -> dict[int, list[_Contrib]]:
+        contribs: dict[int, list[_Contrib]] = {}
+        for rec, g in zip(self.records, gouts, strict=True):
+            if g is None:
+                continue
+            for pid, cb in _module_contribs(rec.module, rec.x[b0:b1], g[:, b0:b1],
+                                            self.pid_of):
+                if pid in self.fallback:
+                    continue
+                contribs.setdefault(pid, []).append(cb)
+        for pid, t in fb.items():
+            contribs[pid] = [_Contrib(block=t[b0:b1].transpose(0, 1))]
+        return contribs
+
+    def _verify(self, gouts, pgrads, fb, B) -> list[int]:
+        """Hooked parameters whose per-example sum misses the batch gradient."""
+        tol = 1e-3 if self.params[0].dtype in (torch.float32, torch.float16,
+                                               torch.bfloat16) else 1e-8
+        sums: dict[int, torch.Tensor] = {}
+        c = None
+        step = max(1, min(B, self.chunk_elements // max(1, self.m * 4)))
+        for b0 in range(0, B, step):
+            contribs = self._chunk_contribs(gouts, {}, b0, min(B, b0 + step))
+            for pid, cl in contribs.items():
+                tot = None
+                for cb in cl:
+                    if cb.block is None:
+                        s = torch.einsum("cbo,bi->coi", cb.g, cb.x).reshape(cb.g.shape[0], -1)
+                    else:
+                        s = cb.block.sum(1)
+                    tot = s if tot is None else tot + s
+                c = tot.shape[0]
+                sums[pid] = tot if pid not in sums else sums[pid] + tot
+        bad = []
+        for pid, true in pgrads.items():
+            true = (torch.zeros_like(self.params[pid]).expand((c or 1,) + self.params[pid].shape)
+                    if true is None else true)
+            true = true.reshape(true.shape[0], -1)
+            got = sums.get(pid)
+            if got is None:
+                got = torch.zeros_like(true)
+            true, got = true.detach(), got.detach()
+            scale = float(true.abs().max()) + float(got.abs().max())
+            if float((got - true).abs().max()) > tol * scale + 1e-30:
+                bad.append(pid)
+        for rec in self.records:
+            if rec.x._version != rec.version:
+                ps = [self.pid_of[id(p)] for p in rec.module.parameters(recurse=False)
+                      if id(p) in self.pid_of]
+                bad.extend(ps)
+        return sorted(set(bad))
+
+    # -- one batch -----------------------------------------------------------------------------
+    def run_batch(self, batch):
+        """Return (counts, indices, data, norms, logits) for one batch."""
+        est = self.est
+        batch = self.to_device(batch)
+        while True:
+            self.records = []
+            self.recording = True
+            try:
+                with torch.enable_grad():
+                    logits = _as_logits(self.forward(self.model, batch))
+            finally:
+                self.recording = False
+            if logits.dim() != 2:
+                raise ValueError(
+                    "the model (or forward) must return logits of shape (batch, n_classes); "
+                    f"got shape {tuple(logits.shape)}."
+                )
+            B = logits.shape[0]
+            cot, c_eff = self.cotangents(logits)
+            if c_eff == 0:
+                gouts, pgrads, fb = [], {}, {}
+                break
+            cot_cb = cot.transpose(0, 1).contiguous()
+            verify = not self.verified
+            gouts, pgrads = self._layer_grads(logits, cot_cb, with_params=verify)
+            if verify:
+                bad = self._verify(gouts, pgrads, {}, B)
+                self.verified = True
+                if bad:
+                    warnings.warn(
+                        "parameters used outside their module's forward (or modified in "
+                        f"place): {[self.names[i] for i in bad][:5]}; computing them with "
+                        "the generic torch.func path (exact, slower).",
+                        stacklevel=3,
+                    )
+                    self.move_to_fallback(bad)
+                    continue
+            fb = self._fallback_grads(batch, cot.detach())
+            break
+        logits_np = logits.detach().to(torch.float64).cpu().numpy()
+        if c_eff == 0:
+            return (np.zeros(B, np.int64), np.zeros(0, np.int64), np.zeros(0, self.out_dtype),
+                    np.zeros(B), logits_np)
+        width = c_eff * self.m if self.kind == "low_rank" else self.m
+        step = max(1, min(B, self.chunk_elements // max(1, width)))
+        parts = []
+        norms = []
+        with torch.no_grad():
+            for b0 in range(0, B, step):
+                b1 = min(B, b0 + step)
+                contribs = self._chunk_contribs(gouts, fb, b0, b1)
+                if self.kind == "low_rank":
+                    vals, nrm, mag = self._assemble_lrm(contribs, b1 - b0, c_eff, logits.dtype)
+                    scale = torch.where(nrm > 0, 1.0 / torch.sqrt(nrm.clamp(min=_EPS)),
+                                        torch.zeros_like(nrm))
+                else:
+                    vals, nrm = self._assemble_diag(contribs, b1 - b0, logits.dtype)
+                    mag = vals
+                    scale = torch.where(nrm > 0, 1.0 / nrm.clamp(min=_EPS),
+                                        torch.zeros_like(nrm))
+                if not est.normalize:
+                    scale = torch.ones_like(nrm)
+                sel = _select_topk(mag, self.k, self.generator)
+                parts.append(_rows_to_csr_parts(vals, sel, scale, self.out_dtype))
+                norms.append(nrm.cpu().numpy())
+        counts = np.concatenate([p[0] for p in parts])
+        idx = np.concatenate([p[1] for p in parts])
+        data = np.concatenate([p[2] for p in parts])
+        return counts, idx, data, np.concatenate(norms), logits_np
+
+    def _assemble_lrm(self, contribs, Bc, c, dtype):
+        A = torch.empty((Bc, c, self.m), dtype=dtype, device=self.device)
+        S = torch.zeros((Bc, c, c), dtype=dtype, device=self.device)
+        for pid in range(len(self.params)):
+            o, n = self.offsets[pid], self.sizes[pid]
+            sl = A[:, :, o : o + n]
+            cl = contribs.get(pid)
+            if not cl:
+                sl.zero_()
+                continue
+            if len(cl) == 1 and cl[0].block is None:
+                g, x = cl[0].g, cl[0].x  # (c, Bc, O), (Bc, I)
+                gb = g.transpose(0, 1)
+                torch.mul(gb[:, :, :, None], x[:, None, None, :],
+                          out=sl.view(Bc, c, gb.shape[2], x.shape[1]))
+                S += torch.bmm(gb, gb.transpose(1, 2)) * (x * x).sum(1)[:, None, None]
+                continue
+            sl.copy_(cl[0].materialize().transpose(0, 1))
+            for cb in cl[1:]:
+                sl.add_(cb.materialize().transpose(0, 1))
+            S += torch.matmul(sl, sl.transpose(1, 2))
+        nrm = torch.sqrt((S.to(torch.float64) ** 2).sum((1, 2)))
+        flat = A.view(Bc, c * self.m)
+        return flat, nrm, flat.abs()
+
+    def _assemble_diag(self, contribs, Bc, dtype):
+        f = torch.empty((Bc, self.m), dtype=dtype, device=self.device)
+        for pid in range(len(self.params)):
+            o, n = self.offsets[pid], self.sizes[pid]
+            sl = f[:, o : o + n]
+            cl = contribs.get(pid)
+            if not cl:
+                sl.zero_()
+                continue
+            if len(cl) == 1 and cl[0].block is None:
+                g, x = cl[0].g, cl[0].x
+                g2 = (g * g).sum(0)  # (Bc, O)
+                torch.mul(g2[:, :, None], (x * x)[:, None, :],
+                          out=sl.view(Bc, g2.shape[1], x.shape[1]))
+                continue
+            blk = cl[0].materialize()
+            for cb in cl[1:]:
+                blk = blk + cb.materialize()
+            torch.sum(blk * blk, dim=0, out=sl) if sl.is_contiguous() else sl.copy_(
+                (blk * blk).sum(0))
+        nrm = torch.linalg.vector_norm(f.to(torch.float64), dim=1)
+        return f, nrm
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator
+# ---------------------------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, total, verbose, desc):
+        self.bar = None
+        self.verbose = verbose
+        self.total = total
+        self.done = 0
+        self.t0 = time.perf_counter()
+        if verbose:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="ex")
+            except ImportError:  # pragma: no cover
+                self.bar = None
+
+    def update(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.verbose:
+            el = time.perf_counter() - self.t0
+            print(f"PEFs: {self.done}/{self.total or '?'} examples, {el:.1f} s", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PEFTransformer(TransformerMixin, BaseEstimator):
+    """Per-example Fisher (PEF) matrices of a PyTorch classifier, sparse.
+
+    Turns examples into diagonal (D-PEF) or low-rank (LRM-PEF) per-example Fishers,
+    normalized and sparsified to their ``n_values`` largest entries, ready for
+    ``DiagonalNPEFF`` / ``LowRankNPEFF`` in a :class:`~sklearn.pipeline.Pipeline`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier in eval mode returning logits ``(batch, n_outputs)`` (or an object
+        with a ``.logits`` attribute). It is never modified.
+    kind : {"diagonal", "low_rank"}, default="diagonal"
+        ``"diagonal"``: row ``i`` is ``f_i = sum_j a_ij ** 2`` (width ``n_params_``).
+        ``"low_rank"``: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix of the
+        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability.
+    n_values : int, default=65536
+        Number of entries of largest magnitude kept per row.
+    n_classes : int, default=None
+        Keep only the ``n_classes`` most probable classes (number of class slots).
+        ``None``: all outputs of the model.
+    min_class_prob : float, default=None
+        Drop classes whose probability is below this threshold (their slots stay empty).
+    normalize : bool, default=True
+        Divide each PEF by its Frobenius norm (low rank: the ``a_ij`` by its square root)
+        before sparsification.
+    params : list of str or callable, default=None
+        Parameters to include: names, or a predicate ``(name, param) -> bool``.
+        ``None``: every parameter with ``requires_grad=True``.
+    forward : callable, default=None
+        ``forward(model, batch) -> logits`` for models with another signature. Default:
+        ``model(batch)``, ``model(**batch)`` for dicts, ``model(batch[0])`` for
+        ``(inputs, targets)`` tuples.
+    batch_size : int, default=32
+        Examples per forward/backward pass; bounds the memory used.
+    device : str or torch.device, default=None
+        Where to compute; must be the device of the model's parameters (``None``: that
+        device). Inputs are moved there.
+    dtype : {"float32", "float64"}, default="float32"
+        dtype of the returned PEF values. Gradients are computed in the model's dtype.
+    allow_train_mode : bool, default=False
+        Accept a model in training mode (dropout makes the PEFs random). Batch norm in
+        training mode is always refused: it couples the examples of a batch.
+    verbose : int, default=0
+        Show a progress bar (tqdm when installed) when positive.
+
+    Attributes
+    ----------
+    layout_ : ParameterLayout
+        Flat order of the selected parameters (the column order).
+    n_params_ : int
+        Number of selected parameter entries.
+    n_outputs_ : int
+        Number of logits of the model.
+    n_classes_ : int
+        Number of class slots (low rank).
+    n_features_out_ : int
+        Width of the PEF rows.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sknpeff.pef import PEFTransformer
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                             torch.nn.Linear(8, 3)).eval()
+    >>> X = torch.randn(10, 4)
+    >>> pef = PEFTransformer(model, kind="low_rank", n_values=16).fit(X)
+    >>> res = pef.compute(X)
+    >>> res.pefs.shape, res.norms.shape
+    ((10, 183), (10,))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        kind: str = "diagonal",
+        n_values: int = 65536,
+        n_classes: int | None = None,
+        min_class_prob: float | None = None,
+        normalize: bool = True,
+        params: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        dtype: str = "float32",
+        allow_train_mode: bool = False,
+        verbose: int = 0,
+    ):
+        self.model = model
+        self.kind = kind
+        self.n_values = n_values
+        self.n_classes = n_classes
+        self.min_class_prob = min_class_prob
+        self.normalize = normalize
+        self.params = params
+        self.forward = forward
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.allow_train_mode = allow_train_mode
+        self.verbose = verbose
+
+    # -- validation ----------------------------------------------------------------------------
+    def _validate(self):
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module; got {type(self.model).__name__}.")
+        if self.kind not in ("diagonal", "low_rank"):
+            raise ValueError(f"kind must be 'diagonal' or 'low_rank'; got {self.kind!r}.")
+        if (not isinstance(self.n_values, numbers.Integral) or isinstance(self.n_values, bool)
+                or self.n_values < 1):
+            raise ValueError(f"n_values must be an integer >= 1; got {self.n_values!r}.")
+        if self.n_classes is not None and (
+            not isinstance(self.n_classes, numbers.Integral) or isinstance(self.n_classes, bool)
+            or self.n_classes < 1
+        ):
+            raise ValueError(f"n_classes must be None or an integer >= 1; got {self.n_classes!r}.")
+        if self.min_class_prob is not None and not (
+            isinstance(self.min_class_prob, numbers.Real) and 0.0 <= self.min_class_prob <= 1.0
+        ):
+            raise ValueError(
+                f"min_class_prob must be None or a float in [0, 1]; got {self.min_class_prob!r}."
+            )
+        if (not isinstance(self.batch_size, numbers.Integral) or isinstance(self.batch_size, bool)
+                or self.batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1; got {self.batch_size!r}.")
+        try:
+            dt = np.dtype(self.dtype)
+        except TypeError as exc:
+            raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}.") from exc
+        if dt not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}.")
+        if self.forward is not None and not callable(self.forward):
+            raise ValueError("forward must be None or a callable forward(model, batch).")
+        if not isinstance(self.verbose, numbers.Integral):
+            raise ValueError(f"verbose must be an integer; got {self.verbose!r}.")
+        training = [n for n, m in self.model.named_modules() if m.training]
+        bn_train = [n for n, m in self.model.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and (m.training or m.running_mean is None)]
+        if bn_train:
+            raise ValueError(
+                "batch norm layers in training mode (or without running statistics) couple "
+                f"the examples of a batch, so per-example Fishers are undefined: {bn_train[:3]}."
+                " Call model.eval() first."
+            )
+        if training and not self.allow_train_mode:
+            raise ValueError(
+                "the model is in training mode (dropout, batch-norm statistics), which makes "
+                f"PEFs random (modules in training mode: {training[:3]}). Call model.eval(), or "
+                "pass allow_train_mode=True to proceed anyway."
+            )
+        params = list(self.model.parameters())
+        if not params:
+            raise ValueError("model has no parameters.")
+        if self.device is not None:
+            dev = torch.device(self.device)
+            pdev = params[0].device
+            if dev.type != pdev.type or (dev.index is not None and dev.index != pdev.index):
+                raise ValueError(
+                    f"device={self.device!r} but the model's parameters live on {pdev}; move "
+                    "the model there (model.to(device)) or leave device=None."
+                )
+
+    def _first_batch(self, X):
+        n = _n_examples(X)
+        if n == 0:
+            raise ValueError("X holds no example.")
+        return next(iter(_iter_batches(X, min(self.batch_size, 2))))
+
+    def _engine(self):
+        return _Engine(self, self.layout_, self.n_classes_)
+
+    # -- sklearn API ---------------------------------------------------------------------------
+    def fit(self, X, y=None):
+        """Record the parameter layout and the number of classes.
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+            Examples batched along the first axis (one small batch is run through the
+            model to read its number of outputs).
+        y : ignored
+
+        Returns
+        -------
+        self : PEFTransformer
+        """
+        self._validate()
+        layout = ParameterLayout.from_model(self.model, self.params)
+        batch = self._first_batch(X)
+        eng = _Engine.__new__(_Engine)  # only for its input conversion
+        eng.params = [next(self.model.parameters())]
+        eng.device = eng.params[0].device
+        with torch.no_grad():
+            fwd = self.forward if self.forward is not None else _default_forward
+            logits = _as_logits(fwd(self.model, _Engine.to_device(eng, batch)))
+        if logits.dim() != 2:
+            raise ValueError(
+                "the model (or forward) must return logits of shape (batch, n_classes); got "
+                f"shape {tuple(logits.shape)}."
+            )
+        n_out = int(logits.shape[1])
+        if self.n_classes is not None and self.n_classes > n_out:
+            raise ValueError(
+                f"n_classes={self.n_classes} is larger than the model's number of outputs "
+                f"({n_out})."
+            )
+        self.layout_ = layout
+        self.n_params_ = layout.n_params
+        self.n_outputs_ = n_out
+        self.n_classes_ = n_out if self.n_classes is None else int(self.n_classes)
+        self.n_features_out_ = (
+            self.n_classes_ * self.n_params_ if self.kind == "low_rank" else self.n_params_
+        )
+        if isinstance(X, (np.ndarray, torch.Tensor)) and X.ndim == 2:
+            self.n_features_in_ = int(X.shape[1])
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Like :meth:`fit` on the first call; later calls only check consistency.
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        y : ignored
+
+        Returns
+        -------
+        self : PEFTransformer
+        """
+        if not hasattr(self, "layout_"):
+            return self.fit(X, y)
+        self._validate()
+        if ParameterLayout.from_model(self.model, self.params) != self.layout_:
+            raise ValueError("the model's parameter layout changed since the first fit.")
+        return self
+
+    def iter_compute(self, X) -> Iterator[PEFResult]:
+        """Compute PEFs batch by batch (one :class:`PEFResult` per batch of ``X``).
+
+        Memory stays bounded by ``batch_size`` whatever the number of examples; pair
+        it with :class:`sknpeff.io.PEFWriter` to stream PEFs to disk.
+        """
+        check_is_fitted(self, "layout_")
+        self._validate()
+        if ParameterLayout.from_model(self.model, self.params) != self.layout_:
+            raise ValueError("the model's parameter layout changed since fit.")
+        n = _n_examples(X)
+        eng = self._engine()
+        selected = eng.params
+        saved_rg = [p.requires_grad for p in selected]
+        progress = _Progress(n, self.verbose, f"PEFs ({self.kind})")
+        n_zero = 0
+        try:
+            for p in selected:
+                p.requires_grad_(True)
+            eng.add_hooks()
+            for batch in _iter_batches(X, self.batch_size):
+                counts, idx, data, norms, logits = eng.run_batch(batch)
+                B = counts.shape[0]
+                indptr = np.zeros(B + 1, dtype=np.int64)
+                np.cumsum(counts, out=indptr[1:])
+                n_zero += int((norms <= 0).sum())
+                pefs = _make_csr(data, idx, indptr, (B, self.n_features_out_))
+                yield PEFResult(
+                    pefs=pefs,
+                    norms=norms.astype(np.float64),
+                    logits=logits.astype(self.dtype),
+                    predictions=logits.argmax(axis=1).astype(np.int64),
+                )
+                progress.update(B)
+        finally:
+            eng.remove_hooks()
+            for p, rg in zip(selected, saved_rg, strict=True):
+                p.requires_grad_(rg)
+            progress.close()
+        if n_zero:
+            warnings.warn(
+                f"{n_zero} example(s) have a zero PEF (zero Frobenius norm); they are kept "
+                "as empty rows.",
+                stacklevel=2,
+            )
+
+    def compute(self, X, out: str | None = None) -> PEFResult:
+        """PEFs, their norms, the logits and the predictions in one pass.
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        out : str or path, default=None
+            If given, stream the results to this directory (see :mod:`sknpeff.io`)
+            instead of holding them in memory, and return them memory-mapped.
+
+        Returns
+        -------
+        result : PEFResult
+            With attributes ``pefs``, ``norms``, ``logits`` and ``predictions``.
+        """
+        if not hasattr(self, "layout_"):
+            check_is_fitted(self, "layout_")
+        if out is not None:
+            from .io import PEFWriter, load_pefs
+
+            with PEFWriter(out, n_cols=self.n_features_out_, kind=self.kind,
+                           layout=self.layout_, n_classes=self.n_classes_,
+                           dtype=self.dtype) as w:
+                for res in self.iter_compute(X):
+                    w.append(res)
+            return load_pefs(out)
+        parts = list(self.iter_compute(X))
+        return _concat_results(parts, self.n_features_out_, self.dtype,
+                               self.n_outputs_)
+
+    def transform(self, X):
+        """Sparse PEF matrix of ``X`` (see DESIGN.md, "Data layouts").
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+
+        Returns
+        -------
+        pefs : scipy.sparse.csr_matrix of shape (n_examples, n_features_out_)
+        """
+        return self.compute(X).pefs
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.non_deterministic = False
+        tags.requires_fit = True
+        return tags
+
+
+def _make_csr(data, indices, indptr, shape) -> sp.csr_matrix:
+    nnz = int(indptr[-1])
+    big = max(shape[1], nnz) > np.iinfo(np.int32).max
+    it = np.int64 if big else np.int32
+    m = sp.csr_matrix(shape, dtype=data.dtype)
+    m.data = data
+    m.indices = np.asarray(indices, dtype=it)
+    m.indptr = np.asarray(indptr, dtype=it)
+    return m
+
+
+def _concat_results(parts: list[PEFResult], n_cols: int, dtype, n_out: int) -> PEFResult:
+    if not parts:
+        return PEFResult(
+            pefs=sp.csr_matrix((0, n_cols), dtype=dtype), norms=np.zeros(0),
+            logits=np.zeros((0, n_out), dtype=dtype), predictions=np.zeros(0, np.int64),
+        )
+    data = np.concatenate([p.pefs.data for p in parts])
+    indices = np.concatenate([p.pefs.indices.astype(np.int64, copy=False) for p in parts])
+    counts = np.concatenate([np.diff(p.pefs.indptr) for p in parts])
+    indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return PEFResult(
+        pefs=_make_csr(data, indices, indptr, (counts.shape[0], n_cols)),
+        norms=np.concatenate([p.norms for p in parts]),
+        logits=np.concatenate([p.logits for p in parts]),
+        predictions=np.concatenate([p.predictions for p in parts]),
+    )
