@@ -16,8 +16,14 @@ def _dense_pef(X, i, n_classes, n_params):
 def test_planted_lowrank_exact(normalize):
     n, m, c, r = 12, 40, 3, 5
     X, W, G = make_planted_lowrank(
-        n_examples=n, n_params=m, n_classes=c, n_components=r, support_size=8,
-        normalize=normalize, random_state=0, dtype=np.float64,
+        n_examples=n,
+        n_params=m,
+        n_classes=c,
+        n_components=r,
+        support_size=8,
+        normalize=normalize,
+        random_state=0,
+        dtype=np.float64,
     )
     assert sp.isspmatrix_csr(X) and X.shape == (n, c * m) and X.dtype == np.float64
     assert X.has_sorted_indices and np.all(X.data != 0)
@@ -71,8 +77,13 @@ def test_planted_lowrank_bad_input(kwargs, match):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_planted_diagonal_exact(normalize):
     X, W, H = make_planted_diagonal(
-        n_examples=30, n_params=60, n_components=6, support_size=10,
-        normalize=normalize, random_state=1, dtype=np.float64,
+        n_examples=30,
+        n_params=60,
+        n_components=6,
+        support_size=10,
+        normalize=normalize,
+        random_state=1,
+        dtype=np.float64,
     )
     assert sp.isspmatrix_csr(X) and X.shape == (30, 60)
     assert X.has_sorted_indices and np.all(X.data > 0)
@@ -94,3 +105,139 @@ def test_planted_diagonal_defaults_and_determinism():
     np.testing.assert_array_equal(H, H2)
     with pytest.raises(ValueError, match="n_active"):
         make_planted_diagonal(n_components=2, n_active=(1, 3))
+
+
+# ------------------------------------------------------------------------------------------
+# Digits
+# ------------------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+from sknpeff.datasets import (  # noqa: E402
+    load_digits_split,
+    make_digits_cnn,
+    make_gated_experts,
+    train_digits_cnn,
+)
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    return train_digits_cnn(random_state=0)
+
+
+def test_load_digits_split():
+    split = load_digits_split(test_size=0.25, random_state=0)
+    assert split.X_train.dtype == torch.float32 and split.y_train.dtype == torch.int64
+    assert tuple(split.X_train.shape[1:]) == (1, 8, 8)
+    assert split.X_train.shape[0] + split.X_test.shape[0] == 1797
+    assert split.X_test.shape[0] == 450
+    assert float(split.X_train.min()) >= 0.0 and float(split.X_train.max()) <= 1.0
+    assert float(split.X_train.max()) == 1.0
+    again = load_digits_split(test_size=0.25, random_state=0)
+    assert torch.equal(split.X_test, again.X_test)
+    assert torch.equal(split.y_test, again.y_test)
+    with pytest.raises(ValueError, match="test_size"):
+        load_digits_split(test_size=1.5)
+
+
+def test_make_digits_cnn_deterministic():
+    state = torch.random.get_rng_state()
+    a, b = make_digits_cnn(0), make_digits_cnn(0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+    assert sum(p.numel() for p in a.parameters()) == 3818
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    c = make_digits_cnn(1)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_train_digits_cnn_accuracy(trained_digits):
+    model, split = trained_digits
+    assert not model.training
+    with torch.no_grad():
+        acc = (model(split.X_test).argmax(1) == split.y_test).float().mean().item()
+    assert acc >= 0.95
+    assert split.test_accuracy == pytest.approx(acc)
+
+
+def test_train_digits_cnn_deterministic(trained_digits):
+    model, _ = trained_digits
+    model2, _ = train_digits_cnn(random_state=0)
+    for p1, p2 in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=1e-6)
+
+
+def test_train_digits_cnn_bad_input():
+    with pytest.raises(ValueError, match="epochs"):
+        train_digits_cnn(epochs=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train_digits_cnn(learning_rate=-1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Gated experts
+# ------------------------------------------------------------------------------------------
+
+
+def test_gated_experts_structure():
+    model, sample, expert_params = make_gated_experts(random_state=0)
+    assert not model.training
+    names = dict(model.named_parameters())
+    blocks = [set(v) for v in expert_params.values()]
+    assert len(blocks) == 6
+    for i, bi in enumerate(blocks):
+        assert bi <= names.keys()
+        for bj in blocks[i + 1 :]:
+            assert not bi & bj
+    shared = names.keys() - set().union(*blocks)
+    assert shared == {"base.weight", "base.bias"}
+    X, concepts = sample(50, random_state=0)
+    assert X.dtype == torch.float32 and X.shape == (50, 16)
+    assert concepts.shape == (50, 6) and set(np.unique(concepts)) <= {0, 1}
+    np.testing.assert_array_equal(X[:, :6].numpy(), concepts)
+    X2, c2 = sample(50, random_state=0)
+    assert torch.equal(X, X2) and np.array_equal(concepts, c2)
+
+
+def test_gated_experts_ground_truth():
+    model, sample, expert_params = make_gated_experts(random_state=0)
+    X, concepts = sample(600, random_state=1)
+    with torch.no_grad():
+        logits = model(X)
+    for e, names in expert_params.items():
+        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in names:
+                    p.zero_()
+            logits_zeroed = model(X)
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+        on = concepts[:, e] == 1
+        assert on.sum() > 50
+        # Bit off: the expert is unused, outputs are bit-for-bit unchanged.
+        assert torch.equal(logits_zeroed[~on], logits[~on])
+        # Bit on: every output moves, and many predictions change.
+        assert torch.all((logits_zeroed[on] != logits[on]).any(dim=1))
+        changed = (logits_zeroed[on].argmax(1) != logits[on].argmax(1)).float().mean()
+        assert changed > 0.15
+
+
+def test_gated_experts_gradient_support():
+    model, sample, expert_params = make_gated_experts(random_state=2)
+    X, concepts = sample(8, random_state=3)
+    for i in range(8):
+        model.zero_grad()
+        torch.log_softmax(model(X[i : i + 1]), dim=1)[0, 0].backward()
+        for e, names in expert_params.items():
+            grads = [dict(model.named_parameters())[n].grad for n in names]
+            used = any(g is not None and bool(torch.any(g != 0)) for g in grads)
+            assert used == bool(concepts[i, e])
+
+
+def test_gated_experts_bad_input():
+    with pytest.raises(ValueError, match="concept_prob"):
+        make_gated_experts(concept_prob=1.5)
+    with pytest.raises(ValueError, match="n_classes"):
+        make_gated_experts(n_classes=1)
