@@ -1,0 +1,246 @@
+"""What DiagonalNPEFF and LowRankNPEFF share: validation, column pruning, the fit loop.
+
+Both estimators factor a sparse matrix ``A`` (rows x kept parameters) into non-negative
+coefficients ``W`` (examples x components) and a factor stored transposed, ``Ft``
+(kept parameters x components), so that a column block's slice of the factor is a
+contiguous run of rows (see :mod:`sknpeff.backends._blocks`).
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ..backends import Backend, ColumnBlocks, get_backend
+
+#: nonzeros handled per chunk when re-indexing the input (bounds temporary memory)
+_CHUNK_NNZ = 1 << 24
+
+
+def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+
+
+def _check_float(name: str, value: Any, low: float, strict: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    if ok:
+        ok = value > low if strict else value >= low
+    if not ok:
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite number {op} {low}, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+@dataclass
+class Problem:
+    """An input prepared for the iterations: blocks, row structure and constants."""
+
+    blocks: ColumnBlocks
+    #: number of examples (rows of W)
+    n_samples: int
+    #: rows of A per example (class slots; 1 for diagonal)
+    n_slots: int
+    dtype: Any
+    #: loss constant: sum over examples of the squared Frobenius norm of the PEF
+    const: float
+    extras: dict = field(default_factory=dict)
+
+
+def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
+                      min_nnz: int, dtype: Any) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Turn ``(n, n_slots * m)`` PEF rows into ``A`` of shape ``(n * n_slots, m')``.
+
+    Row ``i * n_slots + j`` of ``A`` is class slot ``j`` of example ``i``, restricted to
+    the kept columns. When ``kept`` is None the kept columns are chosen here: those with
+    at least ``min_nnz`` nonzero entries (over all rows of ``A``); all columns are kept
+    when none qualifies. ``X`` is not modified; its ``data`` is shared when no nonzero is
+    dropped and the dtype already matches.
+
+    Returns
+    -------
+    A : csr_matrix of shape (n * n_slots, len(kept))
+    kept : ndarray of int64, the kept parameter indices (sorted)
+    """
+    n, width = X.shape
+    m = width // n_slots
+    if not X.has_sorted_indices:
+        X = X.sorted_indices()  # a copy; the caller's matrix is left alone
+    indptr = np.asarray(X.indptr, dtype=np.int64)
+    nnz = int(indptr[-1])
+    # parameter index of every stored value (chunked: bounded temporaries)
+    col = np.empty(nnz, dtype=np.int64 if m > np.iinfo(np.int32).max else np.int32)
+    for s in range(0, nnz, _CHUNK_NNZ):
+        e = min(nnz, s + _CHUNK_NNZ)
+        col[s:e] = X.indices[s:e] % m
+    if kept is None:
+        counts = np.zeros(m, dtype=np.int64)
+        for s in range(0, nnz, _CHUNK_NNZ):
+            e = min(nnz, s + _CHUNK_NNZ)
+            nz = X.data[s:e] != 0
+            counts += np.bincount(col[s:e][nz], minlength=m)
+        kept = np.flatnonzero(counts >= min_nnz)
+        if kept.size == 0:
+            kept = np.arange(m)
+    kept = np.asarray(kept, dtype=np.int64)
+    colmap = np.full(m, -1, dtype=col.dtype)
+    colmap[kept] = np.arange(kept.size, dtype=col.dtype)
+    # count stored values per (example, slot) among kept columns
+    slot_counts = np.zeros(n * n_slots, dtype=np.int64)
+    keep_all = kept.size == m
+    mask = None if keep_all else np.empty(nnz, dtype=bool)
+    row_starts = np.searchsorted(indptr, np.arange(0, nnz, _CHUNK_NNZ), side="right") - 1
+    for s in range(0, nnz, _CHUNK_NNZ):
+        e = min(nnz, s + _CHUNK_NNZ)
+        r0 = row_starts[s // _CHUNK_NNZ]
+        r1 = int(np.searchsorted(indptr, e, side="left"))
+        rows = np.repeat(np.arange(r0, r1, dtype=np.int64),
+                         np.minimum(indptr[r0 + 1:r1 + 1], e) - np.maximum(indptr[r0:r1], s))
+        key = rows * n_slots + X.indices[s:e] // m
+        mapped = colmap[col[s:e]]
+        if mask is not None:
+            mask[s:e] = mapped >= 0
+            key = key[mask[s:e]]
+        slot_counts += np.bincount(key, minlength=n * n_slots)
+        col[s:e] = mapped
+    new_indptr = np.zeros(n * n_slots + 1, dtype=np.int64)
+    np.cumsum(slot_counts, out=new_indptr[1:])
+    if mask is None:
+        data = np.asarray(X.data, dtype=dtype)
+        indices = col
+    else:
+        data = np.asarray(X.data[mask], dtype=dtype)
+        indices = col[mask]
+        del col
+    if new_indptr[-1] <= np.iinfo(np.int32).max:
+        new_indptr = new_indptr.astype(np.int32)
+        if indices.dtype != np.int32:
+            indices = indices.astype(np.int32)
+    A = sp.csr_matrix((data, indices, new_indptr), shape=(n * n_slots, kept.size), copy=False)
+    return A, kept
+
+
+class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Parameters, validation and the iteration loop shared by both estimators."""
+
+    #: rows of A per example; LowRankNPEFF uses n_classes
+    def _n_slots(self) -> int:
+        return 1
+
+    # --------------------------------------------------------------- validation
+    def _check_common_params(self) -> None:
+        _check_int("n_components", self.n_components, 1)
+        _check_int("max_iter", self.max_iter, 0)
+        _check_float("tol", self.tol, 0.0)
+        _check_int("min_nnz_per_column", self.min_nnz_per_column, 1)
+        _check_int("block_size", self.block_size, 1)
+        _check_int("verbose", int(self.verbose) if isinstance(self.verbose, bool)
+                   else self.verbose, 0)
+
+    def _validate_input(self, X: Any, reset: bool) -> sp.csr_matrix:
+        """sklearn validation (dtype, NaN/inf, n_features_in_), then CSR."""
+        X = validate_data(self, X, accept_sparse=("csr", "csc", "coo"),
+                          dtype=[np.float32, np.float64], reset=reset,
+                          ensure_all_finite=True, ensure_min_samples=1)
+        if not sp.issparse(X):
+            X = sp.csr_matrix(X)
+        elif X.format != "csr":
+            X = X.tocsr()
+        return X
+
+    def _get_backend(self, X: Any = None) -> Backend:
+        return get_backend(self.backend, X=X, devices=self.devices)
+
+    def _prepare(self, X: sp.csr_matrix, *, fitting: bool) -> Problem:
+        """Reshape, prune (when fitting) and block the input."""
+        dtype = X.dtype
+        kept = None if fitting else self.kept_columns_
+        A, kept = reshape_and_prune(X, self._n_slots(), kept, self.min_nnz_per_column, dtype)
+        if fitting:
+            self.kept_columns_ = kept
+        const = self._loss_constant(A)
+        blocks = ColumnBlocks(A, self._get_backend(X), block_size=self.block_size)
+        return Problem(blocks, X.shape[0], self._n_slots(), dtype, const)
+
+    def _loss_constant(self, A: sp.csr_matrix) -> float:
+        """Sum over examples of the squared Frobenius norm of each PEF."""
+        raise NotImplementedError
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    # ---------------------------------------------------------------- fit loop
+    def _run_loop(self, step: Callable[[int], float], max_iter: int, *, label: str,
+                  check_every: int = 10, on_interrupt: Callable[[], None] | None = None
+                  ) -> tuple[list[float], int]:
+        """Call ``step(it) -> loss`` until converged, ``max_iter`` or Ctrl-C.
+
+        Stops when the loss fell by less than ``tol`` times the first loss over the last
+        ``check_every`` iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt``
+        ends the loop with the state reached so far and a warning; the estimator stays
+        usable.
+        """
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        n_iter = 0
+        try:
+            for it in range(max_iter):
+                loss = float(step(it))
+                losses.append(loss)
+                n_iter = it + 1
+                if self.verbose and (it % check_every == 0 or it == max_iter - 1):
+                    print(f"[{type(self).__name__}] {label} iteration {it + 1:4d}  "
+                          f"loss {loss:.6e}  ({time.perf_counter() - t0:.2f} s)")
+                if self.tol > 0 and it >= check_every and it % check_every == 0:
+                    prev = losses[-1 - check_every]
+                    scale = max(abs(losses[0]), np.finfo(np.float64).tiny)
+                    if (prev - loss) / scale < self.tol:
+                        if self.verbose:
+                            print(f"[{type(self).__name__}] converged at iteration {it + 1}")
+                        return losses, n_iter
+        except KeyboardInterrupt:
+            warnings.warn(
+                f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
+                "fitted so far is kept.", RuntimeWarning, stacklevel=3)
+            if on_interrupt is not None:
+                on_interrupt()
+            return losses, n_iter
+        if max_iter > 0 and self.tol > 0:
+            warnings.warn(
+                f"{type(self).__name__}: maximum number of iterations {max_iter} reached "
+                f"({label}); increase max_iter to improve the fit.", ConvergenceWarning,
+                stacklevel=3)
+        return losses, n_iter
+
+    # ---------------------------------------------------------- shared helpers
+    def _full_components(self, Ft: np.ndarray, n_params: int) -> np.ndarray:
+        """Place a kept-column factor into the full parameter space, (r, n_params)."""
+        comp = np.zeros((Ft.shape[1], n_params), dtype=Ft.dtype)
+        comp[:, self.kept_columns_] = Ft.T
+        return comp
+
+    def _check_fitted(self) -> None:
+        check_is_fitted(self, ("components_", "kept_columns_"))
