@@ -1,0 +1,345 @@
+"""Tests for sknpeff.inspection."""
+
+import io
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sknpeff.inspection import (
+    _as_image_batch,
+    _png_bytes,
+    component_similarity,
+    component_summary,
+    plot_coefficients,
+    plot_top_examples,
+    report,
+    top_examples,
+    top_parameters_by_layer,
+)
+
+from ._browser import count_decoded_images, find_chromium, screenshot
+
+# ------------------------------------------------------------------------------------------
+# top_examples
+# ------------------------------------------------------------------------------------------
+
+
+def test_top_examples_order():
+    rng = np.random.default_rng(0)
+    W = rng.random((50, 4))
+    W_copy = W.copy()
+    idx = top_examples(W, k=10)
+    assert idx.shape == (4, 10) and idx.dtype == np.int64
+    for j in range(4):
+        vals = W[idx[j], j]
+        assert np.all(np.diff(vals) <= 0)
+        assert set(idx[j]) == set(np.argsort(-W[:, j])[:10])
+    np.testing.assert_array_equal(W, W_copy)  # input untouched
+
+
+def test_top_examples_ties_and_full():
+    W = np.array([[1.0], [2.0], [2.0], [0.0]])
+    np.testing.assert_array_equal(top_examples(W, k=4), [[1, 2, 0, 3]])
+
+
+@pytest.mark.parametrize(
+    "W, k, match",
+    [
+        (np.ones((5, 2)), 0, "k must"),
+        (np.ones((5, 2)), 6, "k must"),
+        (np.ones((5, 2)), 2.5, "k must"),
+        (np.ones(5), 2, "2D"),
+        (np.array([[np.nan, 1.0]]), 1, "NaN"),
+    ],
+)
+def test_top_examples_bad_input(W, k, match):
+    with pytest.raises(ValueError, match=match):
+        top_examples(W, k=k)
+
+
+# ------------------------------------------------------------------------------------------
+# component_summary
+# ------------------------------------------------------------------------------------------
+
+
+def test_component_summary_constructed_case():
+    # Component 0's top 4: examples 0-3; component 1's top 4: examples 4-7.
+    W = np.zeros((10, 2))
+    W[:4, 0] = [4, 3, 2, 1]
+    W[4:8, 1] = [4, 3, 2, 1]
+    W[8:, :] = 0.1
+    labels = np.array([7, 7, 7, 2, 5, 5, 6, 6, 0, 0])
+    predictions = np.array([7, 7, 7, 7, 5, 1, 6, 6, 0, 0])
+    norms = np.array([2.0, 2, 2, 2, 0, 0, 0, 0, 1, 1])
+    s = component_summary(W, labels=labels, predictions=predictions, norms=norms, k=4)
+    np.testing.assert_array_equal(s["component"], [0, 1])
+    np.testing.assert_array_equal(s["label_mode"], [7, 5])  # tie 5/6 -> smallest
+    np.testing.assert_allclose(s["label_purity"], [0.75, 0.5])
+    np.testing.assert_array_equal(s["prediction_mode"], [7, 6])
+    np.testing.assert_allclose(s["prediction_purity"], [1.0, 0.5])
+    np.testing.assert_allclose(s["top_accuracy"], [0.75, 0.75])
+    np.testing.assert_allclose(s["top_mean_norm"], [2.0, 0.0])
+    np.testing.assert_allclose(s["norm_ratio"], [2.0 / 1.0, 0.0])
+    np.testing.assert_allclose(s["mean_coefficient"], [1.02, 1.02])
+    np.testing.assert_allclose(s["top_mean_coefficient"], [2.5, 2.5])
+    assert all(v.shape == (2,) for v in s.values())
+
+
+def test_component_summary_optional_keys_and_strings():
+    W = np.eye(3)
+    s = component_summary(W, k=1)
+    assert set(s) == {"component", "mean_coefficient", "top_mean_coefficient"}
+    s = component_summary(W, labels=["cat", "dog", "cat"], k=1)
+    assert list(s["label_mode"]) == ["cat", "dog", "cat"]
+    with pytest.raises(ValueError, match="labels"):
+        component_summary(W, labels=[1, 2], k=1)
+    with pytest.raises(ValueError, match="norms"):
+        component_summary(W, norms=[1.0, -1.0, 0.0], k=1)
+
+
+# ------------------------------------------------------------------------------------------
+# component_similarity
+# ------------------------------------------------------------------------------------------
+
+
+def test_component_similarity_properties():
+    rng = np.random.default_rng(0)
+    A = rng.random((40, 5))
+    B = rng.random((40, 7))
+    assert component_similarity(A, A) == pytest.approx(1.0, abs=1e-12)
+    s_ab, ab, ba = component_similarity(A, B, return_directed=True)
+    s_ba, ba2, ab2 = component_similarity(B, A, return_directed=True)
+    assert s_ab == pytest.approx(s_ba, abs=1e-15)
+    assert ab == pytest.approx(ab2) and ba == pytest.approx(ba2)
+    assert s_ab == pytest.approx((ab + ba) / 2)
+    perm_a, perm_b = rng.permutation(5), rng.permutation(7)
+    assert component_similarity(A[:, perm_a], B[:, perm_b]) == pytest.approx(s_ab)
+    assert component_similarity(A, A[:, perm_a]) == pytest.approx(1.0)
+    assert 0 <= s_ab <= 1
+    # Scaling a column does not change cosines.
+    assert component_similarity(A * np.arange(1, 6), B) == pytest.approx(s_ab)
+
+
+def test_component_similarity_hand_computed():
+    A = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    B = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    # cos(A0, B) = [1/sqrt2, 1, 0]; cos(A1, B) = [1/sqrt2, 0, 0]
+    a_to_b = (1.0 + 1 / np.sqrt(2)) / 2
+    b_to_a = (1 / np.sqrt(2) + 1.0 + 0.0) / 3
+    sim, ab, ba = component_similarity(A, B, return_directed=True)
+    assert ab == pytest.approx(a_to_b)
+    assert ba == pytest.approx(b_to_a)
+    assert sim == pytest.approx((a_to_b + b_to_a) / 2)
+
+
+def test_component_similarity_zero_columns():
+    A = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    sim = component_similarity(A, A)
+    assert np.isfinite(sim) and sim == pytest.approx(1.0)
+    B = np.array([[1.0], [2.0], [0.0]])
+    sim, ab, ba = component_similarity(A, B, return_directed=True)
+    assert ab == pytest.approx(0.5) and ba == pytest.approx(1.0)
+    Z = np.zeros((3, 2))
+    assert component_similarity(Z, Z) == 1.0
+    assert component_similarity(Z, B) == 0.0
+
+
+def test_component_similarity_bad_input():
+    with pytest.raises(ValueError, match="same number of examples"):
+        component_similarity(np.ones((3, 2)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="W_b"):
+        component_similarity(np.ones((3, 2)), np.array([[np.inf], [1], [1]]))
+
+
+# ------------------------------------------------------------------------------------------
+# top_parameters_by_layer
+# ------------------------------------------------------------------------------------------
+
+
+def test_top_parameters_by_layer():
+    layout = SimpleNamespace(
+        names=("conv.weight", "conv.bias", "fc.weight"),
+        offsets=(0, 6, 8),
+        shapes=((2, 3), (2,), (2, 2)),
+    )
+    v = np.zeros(12)
+    v[0] = 1.0
+    v[9:11] = [2.0, 2.0]
+    v[7] = 1.0
+    out = top_parameters_by_layer(v, layout, k=2)
+    assert [name for name, _ in out] == ["fc.weight", "conv.weight"]
+    np.testing.assert_allclose([s for _, s in out], [0.8, 0.1])
+    full = top_parameters_by_layer(v, layout, k=10)
+    assert len(full) == 3 and sum(s for _, s in full) == pytest.approx(1.0)
+    lin = top_parameters_by_layer(v, layout, k=1, squared=False)
+    assert lin == [("fc.weight", pytest.approx(4 / 6))]
+    assert all(s == 0.0 for _, s in top_parameters_by_layer(np.zeros(12), layout))
+    with pytest.raises(ValueError, match="component_vector"):
+        top_parameters_by_layer(np.zeros(11), layout)
+    with pytest.raises(ValueError, match="layout"):
+        top_parameters_by_layer(v, object())
+    with pytest.raises(ValueError, match="k must"):
+        top_parameters_by_layer(v, layout, k=0)
+
+
+def test_top_parameters_by_layer_with_parameter_layout():
+    torch = pytest.importorskip("torch")
+    layout_mod = pytest.importorskip("sknpeff.layout")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    layout = layout_mod.ParameterLayout.from_model(model)
+    v = np.zeros(layout.n_params)
+    v[layout.slice("1.weight")] = 1.0
+    assert top_parameters_by_layer(v, layout, k=1) == [("1.weight", 1.0)]
+
+
+# ------------------------------------------------------------------------------------------
+# Images and plots
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 4)])
+def test_png_roundtrip(shape):
+    mpl_image = pytest.importorskip("matplotlib.image")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=shape) / 255.0
+    decoded = mpl_image.imread(io.BytesIO(_png_bytes(img)), format="png")
+    np.testing.assert_allclose(decoded, img, atol=1e-6)
+
+
+def test_image_batch_layouts():
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 1, 6, 5))
+    assert _as_image_batch(x).shape == (4, 6, 5)
+    assert _as_image_batch(rng.random((4, 3, 6, 5))).shape == (4, 6, 5, 3)
+    assert _as_image_batch(rng.random((4, 6, 5, 3))).shape == (4, 6, 5, 3)
+    scaled = _as_image_batch(x * 16.0)
+    assert scaled.min() == 0.0 and scaled.max() == 1.0
+    assert _as_image_batch(np.full((2, 3, 3), 255, np.uint8)).max() == 1.0
+    with pytest.raises(ValueError, match="images"):
+        _as_image_batch(rng.random((4, 5)))
+
+
+def test_plots_smoke():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    W = rng.random((20, 3))
+    ax = plot_coefficients(W)
+    assert ax.get_xlabel() == "component"
+    fig = plot_top_examples(rng.random((20, 1, 8, 8)), W, 1, k=5, labels=np.arange(20))
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert len(titles) == 5 and titles[0].startswith("y=")
+    with pytest.raises(ValueError, match="component"):
+        plot_top_examples(rng.random((20, 8, 8)), W, 3)
+    plt.close("all")
+
+
+# ------------------------------------------------------------------------------------------
+# HTML report
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_report(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    n = 300
+    images = digits.images[:n] / 16.0
+    labels = digits.target[:n]
+    predictions = labels.copy()
+    predictions[::17] = (predictions[::17] + 1) % 10
+    rng = np.random.default_rng(0)
+    r, k = 4, 6
+    # Component j loads on examples of digit j (plus noise).
+    W = 0.05 * rng.random((n, r))
+    for j in range(r):
+        W[labels == j, j] += 1.0 + rng.random(int((labels == j).sum()))
+    layout = SimpleNamespace(
+        names=("conv1.weight", "conv1.bias", "fc.weight"),
+        offsets=(0, 72, 80),
+        shapes=((8, 1, 3, 3), (8,), (10, 4)),
+    )
+    comps = rng.standard_normal((r, 120))
+    top_params = [top_parameters_by_layer(c, layout, k=3) for c in comps]
+    top_params[0] = [("evil<script>alert(1)</script>", 0.5)] + top_params[0][:1]
+    path = tmp_path_factory.mktemp("report") / "sub" / "report.html"
+    out = report(
+        path,
+        W=W,
+        images=images,
+        labels=labels,
+        predictions=predictions,
+        kl_ratios=[7.6, 3.2, np.nan, 0.0],
+        norm_ratios=[1.1, 0.9, 1.0, 0.0],
+        top_parameters=top_params,
+        title='Digits <b>"report"</b> & friends',
+        k=k,
+    )
+    return SimpleNamespace(path=Path(out), W=W, labels=labels, predictions=predictions, r=r, k=k)
+
+
+def test_report_html_content(digits_report):
+    text = open(digits_report.path, encoding="utf-8").read()
+    r, k = digits_report.r, digits_report.k
+    assert text.startswith("<!DOCTYPE html>")
+    # Title escaped, injected markup escaped.
+    assert "Digits &lt;b&gt;&quot;report&quot;&lt;/b&gt; &amp; friends" in text
+    assert "<script" not in text.lower()
+    assert "evil&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    # Self-contained: every image inline, nothing external.
+    srcs = re.findall(r'<img src="([^"]*)"', text)
+    assert len(srcs) == r * k
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r'(src|href)="(?!data:|#)', text)
+    assert "<link" not in text and "@import" not in text
+    # One section per component, KL and norm ratios side by side.
+    assert len(re.findall(r'<section class="component" id="c\d+">', text)) == r
+    assert "KL ratio <b>7.6</b> &nbsp;vs&nbsp; PEF-norm ratio <b>1.1</b>" in text
+    assert "Largest parameters by layer" in text
+    # Component 0's top examples are zeros: every caption shows y=0.
+    sec0 = text.split('id="c0"')[1].split("</section>")[0]
+    assert sec0.count("y=0") == k
+    # Misclassified top examples are marked.
+    top = top_examples(digits_report.W, k)
+    n_wrong = int((digits_report.labels[top] != digits_report.predictions[top]).sum())
+    assert n_wrong > 0
+    assert text.count('class="ex wrong"') == n_wrong
+
+
+def test_report_minimal_and_bad_input(tmp_path):
+    W = np.random.default_rng(0).random((5, 2))
+    out = report(tmp_path / "r.html", W=W, k=50)
+    text = open(out, encoding="utf-8").read()
+    assert "<img" not in text and "top 5 examples" in text
+    with pytest.raises(ValueError, match="kl_ratios"):
+        report(tmp_path / "r.html", W=W, kl_ratios=[1.0])
+    with pytest.raises(ValueError, match="top_parameters"):
+        report(tmp_path / "r.html", W=W, top_parameters=[[("a", 1.0)]])
+    with pytest.raises(ValueError, match="images"):
+        report(tmp_path / "r.html", W=W, images=np.zeros((4, 8, 8)))
+
+
+_CHROMIUM = find_chromium()
+
+
+@pytest.mark.skipif(
+    _CHROMIUM is None,
+    reason="no Chromium/Chrome binary found (install Debian's 'chromium' or set "
+    "SKNPEFF_CHROMIUM); the HTML report is not checked in a browser",
+)
+def test_report_renders_in_headless_browser(digits_report):
+    total, decoded = count_decoded_images(_CHROMIUM, digits_report.path)
+    assert total == digits_report.r * digits_report.k
+    assert decoded == total
+    shot = screenshot(_CHROMIUM, digits_report.path, digits_report.path.with_name("report.png"))
+    with open(shot, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    print(f"report screenshot: {shot}")
