@@ -210,71 +210,110 @@ class _ForwardWrapper(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # exact top-K selection
 # ---------------------------------------------------------------------------------------------
-def _select_topk(
-    mag: torch.Tensor, k: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Column indices of the ``k`` largest entries of each row of ``mag`` (>= 0).
+_BLOCK = 128
 
-    Returns an ``(R, w)`` int64 tensor, ``w <= k``, padded with ``-1``; exact zeros are
-    never selected. Equal to ``torch.topk`` up to the order of ties.
+
+def _select_topk(
+    values: torch.Tensor, k: int, *, signed: bool, n_valid: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Column indices of the ``k`` entries of largest magnitude of each row of ``values``.
+
+    Parameters
+    ----------
+    values : tensor of shape (R, N_pad)
+        Rows to select from; when ``N_pad`` is a multiple of ``_BLOCK`` and the columns
+        from ``n_valid`` on are zero, no copy is made.
+    k : int
+    signed : bool
+        ``False`` when all values are known to be non-negative (skips ``amin``).
+    n_valid : int, default=None
+        Number of meaningful columns (default: all).
+
+    Returns
+    -------
+    sel : int64 tensor of shape (R, w), w <= k
+        Column indices, padded with ``-1``; exact zeros are never selected. Equal to a
+        row-wise ``torch.topk`` of ``|values|`` up to the order of ties.
+
+    Notes
+    -----
+    A threshold ``t`` is estimated per row from a random subsample (about 64 sampled
+    entries above it, i.e. ~2k expected entries). One pass computes the maximum magnitude
+    of every block of ``_BLOCK`` consecutive entries; only blocks whose maximum reaches
+    ``t`` are gathered, and an exact ``topk`` runs among their entries ``>= t``. Every
+    entry ``>= t`` lies in such a block, so when a row has at least ``k`` of them the
+    result is exact; rows with fewer (the estimate was too high) fall back to a full
+    ``topk``.
     """
-    R, N = mag.shape
-    device = mag.device
-    tiny = torch.finfo(mag.dtype).tiny * torch.finfo(mag.dtype).eps  # smallest subnormal
-    if R == 0:
-        return torch.empty((0, 0), dtype=torch.long, device=device)
+    R, Np = values.shape
+    N = Np if n_valid is None else int(n_valid)
+    device = values.device
+    tiny = torch.finfo(values.dtype).tiny * torch.finfo(values.dtype).eps  # subnormal
+    if R == 0 or N == 0:
+        return torch.full((R, 0), -1, dtype=torch.long, device=device)
+    if Np % _BLOCK:
+        pad = torch.zeros((R, _BLOCK - Np % _BLOCK), dtype=values.dtype, device=device)
+        values = torch.cat([values, pad], dim=1)
+        Np = values.shape[1]
+    s = 0
     if k >= N:
-        t = torch.full((R,), tiny, dtype=mag.dtype, device=device)
-        s = 0
+        t = torch.full((R,), tiny, dtype=values.dtype, device=device)
     else:
-        # subsample of size s so that about 64 samples fall above the estimated threshold,
-        # which keeps ~2k candidates per row.
         s = int(math.ceil(32.0 * N / k))
         if s * 2 >= N:
+            mag = values[:, :N].abs()
             vals, idx = torch.topk(mag, k, dim=1, sorted=False)
-            idx = idx.masked_fill(vals <= 0, -1)
-            return idx
+            return idx.masked_fill(vals <= 0, -1)
         r = int(math.ceil(s * 2.0 * k / N))
         sub_idx = torch.randint(0, N, (s,), generator=generator, device="cpu").to(device)
-        sub = mag.index_select(1, sub_idx)
+        sub = values.index_select(1, sub_idx)
+        if signed:
+            sub = sub.abs()
         t = torch.topk(sub, r, dim=1, sorted=False).values.min(dim=1).values
         t = torch.clamp(t, min=tiny)
-    mask = mag >= t[:, None]
-    counts = mask.sum(dim=1)
-    flat = torch.nonzero(mask.view(-1)).squeeze(1)
-    rows = torch.div(flat, N, rounding_mode="floor")
-    cols = flat - rows * N
-    maxc = int(counts.max()) if R else 0
-    kk = min(k, maxc)
-    out = torch.full((R, max(kk, 1) if k < N else max(maxc, 1)), -1, dtype=torch.long,
-                     device=device)
+    nb = Np // _BLOCK
+    blocks = values.reshape(R * nb, _BLOCK)
+    bmag = torch.amax(blocks, dim=1)
+    if signed:
+        bmag = torch.maximum(bmag, torch.amin(blocks, dim=1).neg_())
+    bflat = torch.nonzero((bmag.view(R, nb) >= t[:, None]).view(-1)).squeeze(1)
+    cand = blocks.index_select(0, bflat)  # (n_blocks, _BLOCK)
+    if signed:
+        cand = cand.abs()
+    brow = torch.div(bflat, nb, rounding_mode="floor")
+    hit = cand >= t[brow][:, None]
+    e_blk, e_off = torch.nonzero(hit, as_tuple=True)
+    rows = brow[e_blk]
+    cols = (bflat[e_blk] - rows * nb) * _BLOCK + e_off
+    evals = cand[e_blk, e_off]
+    counts = torch.bincount(rows, minlength=R)
+    maxc = int(counts.max()) if rows.numel() else 0
+    width = min(k, maxc)
+    out = torch.full((R, max(width, 1)), -1, dtype=torch.long, device=device)
     if maxc > 0:
+        # entries come out sorted by row: position of each entry within its row
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(flat.numel(), device=device) - starts[rows]
-        cand = torch.full((R, maxc), -1.0, dtype=mag.dtype, device=device)
-        cand[rows, pos] = mag[rows, cols]
+        pos = torch.arange(rows.numel(), device=device) - starts[rows]
+        cvals = torch.full((R, maxc), -1.0, dtype=values.dtype, device=device)
+        cvals[rows, pos] = evals
         cidx = torch.full((R, maxc), -1, dtype=torch.long, device=device)
         cidx[rows, pos] = cols
-        if kk < maxc:
-            tv, tp = torch.topk(cand, kk, dim=1, sorted=False)
-            sel = cidx.gather(1, tp).masked_fill(tv < 0, -1)
+        if width < maxc:
+            tv, tp = torch.topk(cvals, width, dim=1, sorted=False)
+            out[:, :width] = cidx.gather(1, tp).masked_fill(tv < 0, -1)
         else:
-            sel = cidx
-        out[:, : sel.shape[1]] = sel
+            out[:, :width] = cidx
     if s:
         bad = (counts < k) & (t > tiny)
         if bool(bad.any()):
             rows_bad = torch.nonzero(bad).squeeze(1)
-            vals, idx = torch.topk(mag[rows_bad], k, dim=1, sorted=False)
-            full = torch.full((rows_bad.numel(), out.shape[1]), -1, dtype=torch.long,
-                              device=device)
+            mag = values[rows_bad, :N].abs()
+            vals, idx = torch.topk(mag, k, dim=1, sorted=False)
             if out.shape[1] < k:
-                out = torch.cat(
-                    [out, torch.full((R, k - out.shape[1]), -1, dtype=torch.long,
-                                     device=device)], dim=1)
-                full = torch.full((rows_bad.numel(), k), -1, dtype=torch.long, device=device)
-            full[:, :k] = idx.masked_fill(vals <= 0, -1)
-            out[rows_bad] = full
+                fill = torch.full((R, k - out.shape[1]), -1, dtype=torch.long, device=device)
+                out = torch.cat([out, fill], dim=1)
+            out[rows_bad] = idx.masked_fill(vals <= 0, -1)
     return out
 
 
@@ -318,18 +357,64 @@ def _supported(module) -> bool:
 
 
 class _Contrib:
-    """A per-example gradient contribution ``(c, Bc, numel)``, possibly as an outer product."""
+    """A per-example, per-class gradient contribution to one parameter.
 
-    __slots__ = ("block", "g", "x")
+    Three forms, all meaning a ``(c, Bc, numel)`` block:
 
-    def __init__(self, block=None, g=None, x=None):
-        self.block, self.g, self.x = block, g, x
+    * ``block``: the block itself;
+    * outer (``g`` ``(c, Bc, O)``, ``x`` ``(Bc, I)``): ``block[c, b] = outer(g[c, b], x[b])``;
+    * product (``left`` ``(Bc, c, G, O, L)``, ``right`` ``(Bc, 1, G, L, K)``):
+      ``block[c, b] = (left[b, c] @ right[b, 0])`` flattened (sequence Linear, conv).
+    """
+
+    __slots__ = ("block", "g", "x", "left", "right")
+
+    def __init__(self, block=None, g=None, x=None, left=None, right=None):
+        self.block, self.g, self.x, self.left, self.right = block, g, x, left, right
+
+    @property
+    def is_outer(self) -> bool:
+        return self.g is not None
 
     def materialize(self) -> torch.Tensor:
+        """The ``(c, Bc, numel)`` block."""
         if self.block is not None:
             return self.block
-        c, Bc, O = self.g.shape
-        return (self.g[:, :, :, None] * self.x[None, :, None, :]).reshape(c, Bc, -1)
+        if self.g is not None:
+            c, Bc, O = self.g.shape
+            return (self.g[:, :, :, None] * self.x[None, :, None, :]).reshape(c, Bc, -1)
+        prod = self._product()  # (Bc, c, G, O, K)
+        return prod.reshape(prod.shape[0], prod.shape[1], -1).transpose(0, 1)
+
+    def _product(self) -> torch.Tensor:
+        # one bmm over (example, group) with the classes folded into the rows
+        Bc, c, G, O, L = self.left.shape
+        K = self.right.shape[-1]
+        lhs = self.left.permute(0, 2, 1, 3, 4).reshape(Bc * G, c * O, L)
+        rhs = self.right[:, 0].reshape(Bc * G, L, K)
+        return torch.bmm(lhs, rhs).view(Bc, G, c, O, K).permute(0, 2, 1, 3, 4)
+
+    def write(self, dest: torch.Tensor) -> None:
+        """Store the block into ``dest`` of shape ``(Bc, c, numel)`` (a strided view)."""
+        Bc, c = dest.shape[0], dest.shape[1]
+        if self.g is not None:
+            gb = self.g.transpose(0, 1)
+            torch.mul(gb[:, :, :, None], self.x[:, None, None, :],
+                      out=dest.view(Bc, c, gb.shape[2], self.x.shape[1]))
+        elif self.left is not None:
+            G, O, K = self.left.shape[2], self.left.shape[3], self.right.shape[4]
+            dest.view(Bc, c, G, O, K).copy_(self._product())
+        else:
+            dest.copy_(self.block.transpose(0, 1))
+
+    def batch_sum(self) -> torch.Tensor:
+        """Sum over the examples, ``(c, numel)``."""
+        if self.g is not None:
+            return torch.einsum("cbo,bi->coi", self.g, self.x).reshape(self.g.shape[0], -1)
+        if self.left is not None:
+            s = torch.einsum("bcgol,bgkl->cgok", self.left, self.right[:, 0].transpose(-1, -2))
+            return s.reshape(s.shape[0], -1)
+        return self.block.sum(1)
 
 
 def _conv_patches(mod, x):
@@ -378,8 +463,8 @@ def _module_contribs(mod, x, g, pid_of: dict) -> list[tuple[int, _Contrib]]:
             if x3.shape[1] == 1:
                 out.append((w_id, _Contrib(g=g4[:, :, 0, :], x=x3[:, 0, :])))
             else:
-                w = torch.einsum("cbto,bti->cboi", g4, x3)
-                out.append((w_id, _Contrib(block=w.reshape(c, Bc, O * I))))
+                left = g4.permute(1, 0, 3, 2)[:, :, None]  # (Bc, c, 1, O, T)
+                out.append((w_id, _Contrib(left=left, right=x3[:, None, None])))
         if b_id is not None:
             out.append((b_id, _Contrib(block=g4.sum(2))))
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
@@ -388,10 +473,9 @@ def _module_contribs(mod, x, g, pid_of: dict) -> list[tuple[int, _Contrib]]:
         if w_id is not None:
             pt = _conv_patches(mod, x)  # (Bc, Cin*k, L)
             L = pt.shape[-1]
-            pt = pt.reshape(Bc, G, -1, L)
-            g5 = gg.reshape(c, Bc, G, Cout // G, L)
-            w = torch.einsum("cbgol,bgkl->cbgok", g5, pt)
-            out.append((w_id, _Contrib(block=w.reshape(c, Bc, -1))))
+            pt = pt.reshape(Bc, 1, G, -1, L).transpose(-1, -2)  # (Bc, 1, G, L, K)
+            left = gg.reshape(c, Bc, G, Cout // G, L).transpose(0, 1)
+            out.append((w_id, _Contrib(left=left, right=pt)))
         if b_id is not None:
             out.append((b_id, _Contrib(block=gg.sum(-1))))
     elif isinstance(mod, nn.LayerNorm):
@@ -431,6 +515,10 @@ def _module_contribs(mod, x, g, pid_of: dict) -> list[tuple[int, _Contrib]]:
     return out
 
 
+def _padded(n: int) -> int:
+    return -(-n // _BLOCK) * _BLOCK
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine (one per compute call; holds hooks and the parameter plan)
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +552,8 @@ class _Engine:
         self.chunk_elements = getattr(est, "_chunk_elements", 2**25)
         self._plan()
         self.records: list[_Record] = []
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffer_use: dict[str, tuple] = {}
         self.recording = False
         self.handles: list = []
         self.verified = False
@@ -531,6 +621,23 @@ class _Engine:
         self.handles = []
 
     # -- helpers -------------------------------------------------------------------------------
+    def _buf(self, name: str, numel: int, dtype, zero: bool = False,
+             tag: Any = None) -> torch.Tensor:
+        """A reusable flat work buffer (avoids re-faulting large fresh allocations).
+
+        With ``zero=True`` the buffer is zeroed when (re)allocated or when its use changes
+        size, so padding columns that are never written stay zero.
+        """
+        b = self.buffers.get(name)
+        key = (name, numel, tag)
+        if b is None or b.numel() < numel or b.dtype != dtype:
+            b = (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=self.device)
+            self.buffers[name] = b
+        elif zero and self.buffer_use.get(name) != key:
+            b[:numel].zero_()
+        self.buffer_use[name] = key
+        return b[:numel]
+
     def to_device(self, batch):
         fdtype = self.params[0].dtype
 
@@ -629,12 +736,21 @@ class _Engine:
         inputs = outs + extra
         if not inputs:
             return [], {}
-        try:
-            grads = torch.autograd.grad(
-                logits, inputs, grad_outputs=cot_cb, is_grads_batched=True,
-                allow_unused=True, retain_graph=True,
-            )
-        except RuntimeError:
+        mode = getattr(self.est, "_backward_mode", "auto")
+        if mode == "auto":
+            # measured: on CPU c backward passes of the batch beat one vmap-ed backward
+            # (vmap over the backward graph adds copies); on GPUs the batched one wins.
+            mode = "loop" if self.device.type == "cpu" else "batched"
+        grads = None
+        if mode == "batched":
+            try:
+                grads = torch.autograd.grad(
+                    logits, inputs, grad_outputs=cot_cb, is_grads_batched=True,
+                    allow_unused=True, retain_graph=True,
+                )
+            except RuntimeError:
+                grads = None
+        if grads is None:
             per = [torch.autograd.grad(logits, inputs, grad_outputs=cot_cb[j],
                                        allow_unused=True, retain_graph=True)
                    for j in range(cot_cb.shape[0])]
@@ -674,10 +790,7 @@ class _Engine:
             for pid, cl in contribs.items():
                 tot = None
                 for cb in cl:
-                    if cb.block is None:
-                        s = torch.einsum("cbo,bi->coi", cb.g, cb.x).reshape(cb.g.shape[0], -1)
-                    else:
-                        s = cb.block.sum(1)
+                    s = cb.batch_sum()
                     tot = s if tot is None else tot + s
                 c = tot.shape[0]
                 sums[pid] = tot if pid not in sums else sums[pid] + tot
@@ -753,17 +866,18 @@ class _Engine:
                 b1 = min(B, b0 + step)
                 contribs = self._chunk_contribs(gouts, fb, b0, b1)
                 if self.kind == "low_rank":
-                    vals, nrm, mag = self._assemble_lrm(contribs, b1 - b0, c_eff, logits.dtype)
+                    vals, nrm = self._assemble_lrm(contribs, b1 - b0, c_eff, logits.dtype)
                     scale = torch.where(nrm > 0, 1.0 / torch.sqrt(nrm.clamp(min=_EPS)),
                                         torch.zeros_like(nrm))
                 else:
                     vals, nrm = self._assemble_diag(contribs, b1 - b0, logits.dtype)
-                    mag = vals
                     scale = torch.where(nrm > 0, 1.0 / nrm.clamp(min=_EPS),
                                         torch.zeros_like(nrm))
                 if not est.normalize:
                     scale = torch.ones_like(nrm)
-                sel = _select_topk(mag, self.k, self.generator)
+                n_valid = c_eff * self.m if self.kind == "low_rank" else self.m
+                sel = _select_topk(vals, self.k, signed=self.kind == "low_rank",
+                                   n_valid=n_valid, generator=self.generator)
                 parts.append(_rows_to_csr_parts(vals, sel, scale, self.out_dtype))
                 norms.append(nrm.cpu().numpy())
         counts = np.concatenate([p[0] for p in parts])
@@ -772,7 +886,9 @@ class _Engine:
         return counts, idx, data, np.concatenate(norms), logits_np
 
     def _assemble_lrm(self, contribs, Bc, c, dtype):
-        A = torch.empty((Bc, c, self.m), dtype=dtype, device=self.device)
+        Np = _padded(c * self.m)
+        Abuf = self._buf("A", Bc * Np, dtype, zero=True, tag=(Bc, Np)).view(Bc, Np)
+        A = Abuf[:, : c * self.m].view(Bc, c, self.m)
         S = torch.zeros((Bc, c, c), dtype=dtype, device=self.device)
         for pid in range(len(self.params)):
             o, n = self.offsets[pid], self.sizes[pid]
@@ -781,23 +897,22 @@ class _Engine:
             if not cl:
                 sl.zero_()
                 continue
-            if len(cl) == 1 and cl[0].block is None:
-                g, x = cl[0].g, cl[0].x  # (c, Bc, O), (Bc, I)
-                gb = g.transpose(0, 1)
-                torch.mul(gb[:, :, :, None], x[:, None, None, :],
-                          out=sl.view(Bc, c, gb.shape[2], x.shape[1]))
+            cl[0].write(sl)
+            if len(cl) == 1 and cl[0].is_outer:
+                gb = cl[0].g.transpose(0, 1)
+                x = cl[0].x
                 S += torch.bmm(gb, gb.transpose(1, 2)) * (x * x).sum(1)[:, None, None]
                 continue
-            sl.copy_(cl[0].materialize().transpose(0, 1))
             for cb in cl[1:]:
                 sl.add_(cb.materialize().transpose(0, 1))
             S += torch.matmul(sl, sl.transpose(1, 2))
         nrm = torch.sqrt((S.to(torch.float64) ** 2).sum((1, 2)))
-        flat = A.view(Bc, c * self.m)
-        return flat, nrm, flat.abs()
+        return Abuf, nrm
 
     def _assemble_diag(self, contribs, Bc, dtype):
-        f = torch.empty((Bc, self.m), dtype=dtype, device=self.device)
+        Np = _padded(self.m)
+        fbuf = self._buf("A", Bc * Np, dtype, zero=True, tag=(Bc, Np)).view(Bc, Np)
+        f = fbuf[:, : self.m]
         for pid in range(len(self.params)):
             o, n = self.offsets[pid], self.sizes[pid]
             sl = f[:, o : o + n]
@@ -805,7 +920,7 @@ class _Engine:
             if not cl:
                 sl.zero_()
                 continue
-            if len(cl) == 1 and cl[0].block is None:
+            if len(cl) == 1 and cl[0].is_outer:
                 g, x = cl[0].g, cl[0].x
                 g2 = (g * g).sum(0)  # (Bc, O)
                 torch.mul(g2[:, :, None], (x * x)[:, None, :],
@@ -816,8 +931,8 @@ class _Engine:
                 blk = blk + cb.materialize()
             torch.sum(blk * blk, dim=0, out=sl) if sl.is_contiguous() else sl.copy_(
                 (blk * blk).sum(0))
-        nrm = torch.linalg.vector_norm(f.to(torch.float64), dim=1)
-        return f, nrm
+        nrm = torch.linalg.vector_norm(f, dim=1, dtype=torch.float64)
+        return fbuf, nrm
 
 
 # ---------------------------------------------------------------------------------------------
