@@ -519,6 +519,17 @@ def _accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Bias(nn.Module):
+    """A learned bias vector broadcast over the batch (parameter ``bias``)."""
+
+    def __init__(self, n_outputs: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], -1)
+
+
 class GatedExperts(nn.Module):
     """A classifier whose experts are switched on and off by binary input bits.
 
@@ -527,9 +538,10 @@ class GatedExperts(nn.Module):
 
         base(x) + sum_e b_e * expert_e(x)
 
-    where ``base`` is a linear layer and ``expert_e`` a small MLP (linear, tanh, linear)
-    with its own parameters. An expert whose bit is off contributes nothing to the output
-    and receives an exactly zero gradient, so the parameters an example uses are known.
+    where ``base`` is a shared bias vector (or, with ``shared_linear=True``, a shared
+    linear layer of all inputs) and ``expert_e`` a small MLP (linear, tanh, linear) with its
+    own parameters. An expert whose bit is off contributes nothing to the output and
+    receives an exactly zero gradient, so the parameters an example uses are known.
 
     Parameters
     ----------
@@ -541,6 +553,10 @@ class GatedExperts(nn.Module):
         Number of output classes.
     hidden : int, default=8
         Hidden width of each expert.
+    shared_linear : bool, default=False
+        Make ``base`` a linear layer of all inputs (parameters ``base.weight`` and
+        ``base.bias``) instead of a bias alone (``base.bias``). Its gradient is large on
+        every example, so it competes with the experts for components.
 
     Examples
     --------
@@ -551,13 +567,18 @@ class GatedExperts(nn.Module):
     """
 
     def __init__(
-        self, n_experts: int = 6, n_noise: int = 10, n_classes: int = 3, hidden: int = 8
+        self,
+        n_experts: int = 6,
+        n_noise: int = 10,
+        n_classes: int = 3,
+        hidden: int = 8,
+        shared_linear: bool = False,
     ) -> None:
         super().__init__()
         self.n_experts = n_experts
         self.n_noise = n_noise
         n_features = n_experts + n_noise
-        self.base = nn.Linear(n_features, n_classes)
+        self.base = nn.Linear(n_features, n_classes) if shared_linear else _Bias(n_classes)
         self.experts = nn.ModuleList(
             nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
             for _ in range(n_experts)
@@ -580,6 +601,7 @@ def make_gated_experts(
     concept_prob: float = 0.3,
     expert_scale: float = 2.0,
     base_scale: float = 0.5,
+    shared_linear: bool = False,
     random_state=0,
 ) -> tuple[GatedExperts, Callable[..., tuple[torch.Tensor, np.ndarray]], dict[int, list[str]]]:
     """Build a :class:`GatedExperts` classifier with known ground truth for NPEFF.
@@ -606,7 +628,10 @@ def make_gated_experts(
         Standard deviation scale of the experts' output weights (larger makes the experts
         dominate the prediction).
     base_scale : float, default=0.5
-        Standard deviation scale of the shared base layer's weights.
+        Standard deviation scale of the shared base's parameters.
+    shared_linear : bool, default=False
+        Use a shared linear layer of all inputs as the base instead of a shared bias (see
+        :class:`GatedExperts`); its parameters then carry much of every example's Fisher.
     random_state : int, RandomState instance or None, default=0
         Seed of the weights. The global torch RNG state is left untouched.
 
@@ -621,7 +646,8 @@ def make_gated_experts(
         ``(n_samples, n_experts)`` holding the bits.
     expert_params : dict of int to list of str
         For each expert, the names (as in ``model.named_parameters()``) of its parameters.
-        The remaining parameters (``base.weight``, ``base.bias``) are shared.
+        The remaining parameters (``base.bias``, and ``base.weight`` when
+        ``shared_linear=True``) are shared by all examples.
 
     Examples
     --------
@@ -645,14 +671,15 @@ def make_gated_experts(
     seed = _torch_seed(random_state)
     n_features = n_experts + n_noise
 
-    model = GatedExperts(n_experts, n_noise, n_classes, hidden)
+    model = GatedExperts(n_experts, n_noise, n_classes, hidden, shared_linear=bool(shared_linear))
     gen = torch.Generator().manual_seed(seed)
 
     def normal_(t: torch.Tensor, std: float) -> None:
         t.copy_(torch.randn(t.shape, generator=gen) * std)
 
     with torch.no_grad():
-        normal_(model.base.weight, base_scale / np.sqrt(n_features))
+        if shared_linear:
+            normal_(model.base.weight, base_scale / np.sqrt(n_features))
         normal_(model.base.bias, base_scale)
         for expert in model.experts:
             normal_(expert[0].weight, 1.5 / np.sqrt(n_features))

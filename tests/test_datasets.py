@@ -191,7 +191,7 @@ def test_gated_experts_structure():
         for bj in blocks[i + 1 :]:
             assert not bi & bj
     shared = names.keys() - set().union(*blocks)
-    assert shared == {"base.weight", "base.bias"}
+    assert shared == {"base.bias"}
     X, concepts = sample(50, random_state=0)
     assert X.dtype == torch.float32 and X.shape == (50, 16)
     assert concepts.shape == (50, 6) and set(np.unique(concepts)) <= {0, 1}
@@ -241,3 +241,50 @@ def test_gated_experts_bad_input():
         make_gated_experts(concept_prob=1.5)
     with pytest.raises(ValueError, match="n_classes"):
         make_gated_experts(n_classes=1)
+
+
+def _diagonal_pefs(model, X, n_classes):
+    """Exact normalized D-PEFs of ``model`` on ``X`` (torch.func), and the flat offsets."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params)
+
+    def log_prob(pr, x, j):
+        return torch.log_softmax(functional_call(model, pr, (x[None],)), -1)[0, j]
+
+    with torch.no_grad():
+        probs = torch.softmax(model(X), -1)
+    D = torch.zeros(X.shape[0], sum(p.numel() for p in params.values()), dtype=torch.float64)
+    for j in range(n_classes):
+        g = vmap(grad(log_prob), in_dims=(None, 0, None))(params, X, j)
+        flat = torch.cat([g[n].reshape(X.shape[0], -1) for n in names], 1).double()
+        D += probs[:, j : j + 1].double() * flat**2
+    D = D.numpy()
+    sizes = [params[n].numel() for n in names]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return D / np.linalg.norm(D, axis=1, keepdims=True), names, offsets, sizes
+
+
+def test_gated_experts_components_align_with_experts():
+    """NMF of the exact diagonal PEFs finds one component per expert (the known truth)."""
+    from sklearn.decomposition import NMF
+
+    from sknpeff.inspection import top_examples
+
+    model, sample, expert_params = make_gated_experts(random_state=0)
+    X, concepts = sample(600, random_state=1)
+    D, names, offsets, sizes = _diagonal_pefs(model, X, 3)
+    nmf = NMF(7, init="nndsvda", max_iter=500, random_state=0)
+    W = nmf.fit_transform(D)
+    H = nmf.components_
+    top = top_examples(W, 16)
+    for e, pnames in expert_params.items():
+        block = np.zeros(D.shape[1], dtype=bool)
+        for n in pnames:
+            t = names.index(n)
+            block[offsets[t] : offsets[t] + sizes[t]] = True
+        share = H[:, block].sum(axis=1) / H.sum(axis=1)
+        k = int(np.argmax(share))
+        assert share[k] > 0.7, (e, share)
+        assert np.all(concepts[top[k], e] == 1), e
