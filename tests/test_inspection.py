@@ -343,3 +343,24 @@ def test_report_renders_in_headless_browser(digits_report):
     with open(shot, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     print(f"report screenshot: {shot}")
+
+
+def test_report_label_names_and_torch_inputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    W = torch.from_numpy(rng.random((12, 2)))
+    labels = torch.tensor([0, 1] * 6)
+    images = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = report(
+        tmp_path / "r.html",
+        W=W,
+        images=images,
+        labels=labels,
+        predictions=labels,
+        label_names=["<zero>", "one"],
+        k=3,
+    )
+    text = open(out, encoding="utf-8").read()
+    assert "y=&lt;zero&gt;" in text or "y=one" in text
+    assert "<zero>" not in text
+    assert text.count("<img ") == 6
