@@ -407,14 +407,14 @@ class _Contrib:
         else:
             dest.copy_(self.block.transpose(0, 1))
 
-    def batch_sum(self) -> torch.Tensor:
-        """Sum over the examples, ``(c, numel)``."""
+    def batch_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over the examples, ``sum_b w[b] block[:, b]``, ``(c, numel)``."""
         if self.g is not None:
-            return torch.einsum("cbo,bi->coi", self.g, self.x).reshape(self.g.shape[0], -1)
+            return torch.einsum("cbo,bi,b->coi", self.g, self.x, w).reshape(self.g.shape[0], -1)
         if self.left is not None:
-            s = torch.einsum("bcgol,bgkl->cgok", self.left, self.right[:, 0].transpose(-1, -2))
+            s = torch.einsum("bcgol,bglk,b->cgok", self.left, self.right[:, 0], w)
             return s.reshape(s.shape[0], -1)
-        return self.block.sum(1)
+        return torch.einsum("cbn,b->cn", self.block, w)
 
 
 def _conv_patches(mod, x):
@@ -729,40 +729,32 @@ class _Engine:
                 out[i].append(gi.reshape(c, -1))
         return {i: torch.stack(v) for i, v in out.items()}
 
-    def _layer_grads(self, logits, cot_cb, with_params: bool):
-        outs = [r.out for r in self.records]
-        hooked_pids = sorted(set(range(len(self.params))) - self.fallback)
-        extra = [self.params[i] for i in hooked_pids] if with_params else []
-        inputs = outs + extra
-        if not inputs:
-            return [], {}
+    def _backward(self, logits, inputs, cot_cb):
+        """Gradients of ``<cot_cb[j], logits>`` w.r.t. ``inputs``, stacked over ``j``."""
         mode = getattr(self.est, "_backward_mode", "auto")
         if mode == "auto":
             # measured: on CPU c backward passes of the batch beat one vmap-ed backward
             # (vmap over the backward graph adds copies); on GPUs the batched one wins.
             mode = "loop" if self.device.type == "cpu" else "batched"
-        grads = None
         if mode == "batched":
             try:
-                grads = torch.autograd.grad(
+                return list(torch.autograd.grad(
                     logits, inputs, grad_outputs=cot_cb, is_grads_batched=True,
                     allow_unused=True, retain_graph=True,
-                )
+                ))
             except RuntimeError:
-                grads = None
-        if grads is None:
-            per = [torch.autograd.grad(logits, inputs, grad_outputs=cot_cb[j],
-                                       allow_unused=True, retain_graph=True)
-                   for j in range(cot_cb.shape[0])]
-            grads = []
-            for t in range(len(inputs)):
-                if per[0][t] is None:
-                    grads.append(None)
-                else:
-                    grads.append(torch.stack([pj[t] for pj in per]))
-        gouts = list(grads[: len(outs)])
-        pgrads = {i: grads[len(outs) + j] for j, i in enumerate(hooked_pids)} if extra else {}
-        return gouts, pgrads
+                pass
+        per = [torch.autograd.grad(logits, inputs, grad_outputs=cot_cb[j],
+                                   allow_unused=True, retain_graph=True)
+               for j in range(cot_cb.shape[0])]
+        return [None if per[0][t] is None else torch.stack([pj[t] for pj in per])
+                for t in range(len(inputs))]
+
+    def _layer_grads(self, logits, cot_cb):
+        outs = [r.out for r in self.records]
+        if not outs:
+            return []
+        return self._backward(logits, outs, cot_cb)
 
     def _chunk_contribs(self, gouts, fb, b0, b1) -> dict[int, list[_Contrib]]:
         contribs: dict[int, list[_Contrib]] = {}
@@ -778,39 +770,60 @@ class _Engine:
             contribs[pid] = [_Contrib(block=t[b0:b1].transpose(0, 1))]
         return contribs
 
-    def _verify(self, gouts, pgrads, fb, B) -> list[int]:
-        """Hooked parameters whose per-example sum misses the batch gradient."""
+    def _params_of(self, module) -> list[int]:
+        return [self.pid_of[id(p)] for p in module.parameters(recurse=False)
+                if id(p) in self.pid_of and self.pid_of[id(p)] not in self.fallback]
+
+    def _check_records(self, B) -> list[int]:
+        """Hooked parameters whose module saw no batch axis of size ``B`` first."""
+        bad = []
+        for rec in self.records:
+            if rec.x.dim() == 0 or rec.x.shape[0] != B or rec.out.shape[0] != B:
+                bad.extend(self._params_of(rec.module))
+        return sorted(set(bad))
+
+    def _verify(self, logits, gouts, cot_cb, B) -> list[int]:
+        """Hooked parameters whose per-example gradients fail an exact check.
+
+        With random positive example weights ``w``, ``sum_b w_b a_bj`` computed from the
+        per-layer rules must equal the gradient of ``sum_b w_b <cot_bj, logits_b>``
+        obtained by ordinary back-propagation to the parameters. This catches parameters
+        used outside their module's ``forward`` and modules whose first input axis is
+        not the batch axis.
+        """
+        hooked = sorted(set(range(len(self.params))) - self.fallback)
+        if not hooked:
+            return []
+        gen = torch.Generator(device="cpu").manual_seed(12345)
+        w = (0.5 + torch.rand(B, generator=gen, dtype=torch.float64)).to(
+            device=cot_cb.device, dtype=cot_cb.dtype)
+        true = self._backward(logits, [self.params[i] for i in hooked],
+                              cot_cb * w[None, :, None])
         tol = 1e-3 if self.params[0].dtype in (torch.float32, torch.float16,
                                                torch.bfloat16) else 1e-8
+        c = cot_cb.shape[0]
         sums: dict[int, torch.Tensor] = {}
-        c = None
         step = max(1, min(B, self.chunk_elements // max(1, self.m * 4)))
-        for b0 in range(0, B, step):
-            contribs = self._chunk_contribs(gouts, {}, b0, min(B, b0 + step))
-            for pid, cl in contribs.items():
-                tot = None
-                for cb in cl:
-                    s = cb.batch_sum()
-                    tot = s if tot is None else tot + s
-                c = tot.shape[0]
-                sums[pid] = tot if pid not in sums else sums[pid] + tot
+        with torch.no_grad():
+            for b0 in range(0, B, step):
+                b1 = min(B, b0 + step)
+                contribs = self._chunk_contribs(gouts, {}, b0, b1)
+                for pid, cl in contribs.items():
+                    for cb in cl:
+                        s = cb.batch_sum(w[b0:b1])
+                        sums[pid] = s if pid not in sums else sums[pid] + s
         bad = []
-        for pid, true in pgrads.items():
-            true = (torch.zeros_like(self.params[pid]).expand((c or 1,) + self.params[pid].shape)
-                    if true is None else true)
-            true = true.reshape(true.shape[0], -1)
+        for pid, t in zip(hooked, true, strict=True):
+            t = (torch.zeros((c, self.sizes[pid]), dtype=cot_cb.dtype, device=cot_cb.device)
+                 if t is None else t.detach().reshape(c, -1))
             got = sums.get(pid)
-            if got is None:
-                got = torch.zeros_like(true)
-            true, got = true.detach(), got.detach()
-            scale = float(true.abs().max()) + float(got.abs().max())
-            if float((got - true).abs().max()) > tol * scale + 1e-30:
+            got = torch.zeros_like(t) if got is None else got.reshape(c, -1)
+            scale = float(t.abs().max()) + float(got.abs().max())
+            if float((got - t).abs().max()) > tol * scale + 1e-30:
                 bad.append(pid)
         for rec in self.records:
             if rec.x._version != rec.version:
-                ps = [self.pid_of[id(p)] for p in rec.module.parameters(recurse=False)
-                      if id(p) in self.pid_of]
-                bad.extend(ps)
+                bad.extend(self._params_of(rec.module))
         return sorted(set(bad))
 
     # -- one batch -----------------------------------------------------------------------------
@@ -834,23 +847,24 @@ class _Engine:
             B = logits.shape[0]
             cot, c_eff = self.cotangents(logits)
             if c_eff == 0:
-                gouts, pgrads, fb = [], {}, {}
+                gouts, fb = [], {}
                 break
             cot_cb = cot.transpose(0, 1).contiguous()
-            verify = not self.verified
-            gouts, pgrads = self._layer_grads(logits, cot_cb, with_params=verify)
-            if verify:
-                bad = self._verify(gouts, pgrads, {}, B)
+            bad = self._check_records(B)
+            gouts = [] if bad else self._layer_grads(logits, cot_cb)
+            if not bad and not self.verified:
+                bad = self._verify(logits, gouts, cot_cb, B)
                 self.verified = True
-                if bad:
-                    warnings.warn(
-                        "parameters used outside their module's forward (or modified in "
-                        f"place): {[self.names[i] for i in bad][:5]}; computing them with "
-                        "the generic torch.func path (exact, slower).",
-                        stacklevel=3,
-                    )
-                    self.move_to_fallback(bad)
-                    continue
+            if bad:
+                warnings.warn(
+                    "per-layer rules do not apply to parameters "
+                    f"{[self.names[i] for i in bad][:5]} (used outside their module's "
+                    "forward, without a leading batch axis, or modified in place); computing "
+                    "them with the generic torch.func path (exact, slower).",
+                    stacklevel=3,
+                )
+                self.move_to_fallback(bad)
+                continue
             fb = self._fallback_grads(batch, cot.detach())
             break
         logits_np = logits.detach().to(torch.float64).cpu().numpy()
@@ -1102,7 +1116,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             raise ValueError("forward must be None or a callable forward(model, batch).")
         if not isinstance(self.verbose, numbers.Integral):
             raise ValueError(f"verbose must be an integer; got {self.verbose!r}.")
-        training = [n for n, m in self.model.named_modules() if m.training]
+        training = [n or type(m).__name__ for n, m in self.model.named_modules() if m.training]
         bn_train = [n for n, m in self.model.named_modules()
                     if isinstance(m, nn.modules.batchnorm._BatchNorm)
                     and (m.training or m.running_mean is None)]

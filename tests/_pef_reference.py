@@ -128,3 +128,16 @@ class TiedNet(nn.Module):
     def forward(self, ids):
         h = torch.tanh(self.lin(self.emb(ids).mean(1)))
         return h @ self.emb.weight.t()
+
+
+class SeqFirstNet(nn.Module):
+    """A Linear applied to (T, B, D) activations: its first axis is not the batch axis."""
+
+    def __init__(self, d=4, k=3):
+        super().__init__()
+        self.inner = nn.Linear(d, d)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x):  # x: (B, T, D)
+        h = torch.tanh(self.inner(x.transpose(0, 1)))  # (T, B, D)
+        return self.head(h.mean(0))

@@ -1,0 +1,407 @@
+"""Tests of sknpeff.pef.PEFTransformer against a naive per-example, per-class loop."""
+
+import copy
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+import sknpeff.pef as pefmod
+from sknpeff.layout import ParameterLayout
+from sknpeff.pef import PEFResult, PEFTransformer, _select_topk
+
+from ._pef_reference import (
+    MLP,
+    ConvNet,
+    SeqFirstNet,
+    SeqNet,
+    TiedNet,
+    diag_rows,
+    lrm_rows,
+    naive_a,
+    topk_dense,
+)
+
+RTOL = {torch.float64: 1e-5, torch.float32: 1e-4}
+
+
+def _make(name, dtype=torch.float64, seed=0):
+    """(model, X as a batched tensor, list of single-example batches)."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model, X = MLP(), torch.randn(9, 6)
+    elif name == "conv":
+        model, X = ConvNet(), torch.randn(6, 2, 8, 8)
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+    elif name == "seq":
+        model = SeqNet()
+        X = torch.randint(0, 11, (7, 5))
+        X[0, 3:] = 0  # padding tokens
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+    elif name == "tied":
+        model, X = TiedNet(), torch.randint(0, 7, (5, 3))
+    elif name == "seqfirst":
+        model, X = SeqFirstNet(), torch.randn(5, 5, 4)
+    else:  # pragma: no cover
+        raise ValueError(name)
+    model = model.to(dtype).eval()
+    if X.is_floating_point():
+        X = X.to(dtype)
+    return model, X, [X[i : i + 1] for i in range(X.shape[0])]
+
+
+def _reference(model, xs, kind, **kw):
+    m64 = copy.deepcopy(model).double()
+    xs64 = [x.double() if x.is_floating_point() else x for x in xs]
+    A = naive_a(m64, xs64, **kw)
+    return (lrm_rows if kind == "low_rank" else diag_rows)(A)
+
+
+def _rel(got, want):
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.mark.filterwarnings("ignore:per-layer rules do not apply")
+@pytest.mark.parametrize("name", ["mlp", "conv", "seq", "tied", "seqfirst"])
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_naive_loop(name, kind, dtype):
+    model, X, xs = _make(name, dtype)
+    out_dtype = "float64" if dtype == torch.float64 else "float32"
+    tr = PEFTransformer(model, kind=kind, n_values=10**9, dtype=out_dtype, batch_size=4)
+    res = tr.fit(X).compute(X)
+    rows, norms = _reference(model, xs, kind)
+    assert res.pefs.shape == (X.shape[0], tr.n_features_out_)
+    got = res.pefs.toarray()
+    assert got.dtype == np.dtype(out_dtype)
+    assert _rel(got, rows) <= RTOL[dtype]
+    assert np.abs(res.norms - norms).max() / norms.max() <= RTOL[dtype]
+    if kind == "diagonal":
+        assert res.pefs.data.min() >= 0
+
+
+@pytest.mark.filterwarnings("ignore:.*zero PEF")
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+@pytest.mark.parametrize("opts", [{"n_classes": 2}, {"min_class_prob": 0.3},
+                                  {"n_classes": 3, "min_class_prob": 0.2}])
+def test_class_selection(kind, opts):
+    model, X, xs = _make("mlp")
+    tr = PEFTransformer(model, kind=kind, n_values=10**9, dtype="float64", **opts).fit(X)
+    res = tr.compute(X)
+    rows, norms = _reference(model, xs, kind, **opts)
+    n_slots = opts.get("n_classes", 4)
+    assert tr.n_classes_ == n_slots
+    width = n_slots * tr.n_params_ if kind == "low_rank" else tr.n_params_
+    assert res.pefs.shape == (X.shape[0], width)
+    assert _rel(res.pefs.toarray(), rows) <= 1e-10
+    assert np.allclose(res.norms, norms, rtol=1e-10)
+    if kind == "low_rank" and "min_class_prob" in opts:
+        # dropped classes leave their slots empty
+        probs = torch.softmax(model(X), 1).detach().numpy()
+        kept = (np.sort(probs, 1)[:, ::-1][:, :n_slots] >= opts["min_class_prob"]).sum(1)
+        dense = res.pefs.toarray().reshape(X.shape[0], n_slots, tr.n_params_)
+        for i, k in enumerate(kept):
+            assert not dense[i, k:].any()
+            assert dense[i, :k].any(axis=1).all()
+
+
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_topk_picks_largest_entries_of_normalized_row(kind, k):
+    model, X, xs = _make("conv")
+    res = PEFTransformer(model, kind=kind, n_values=k, dtype="float64").fit(X).compute(X)
+    rows, _ = _reference(model, xs, kind)
+    want = topk_dense(rows, k)
+    got = res.pefs.toarray()
+    assert np.diff(res.pefs.indptr).max() <= k
+    assert np.allclose(got, want, rtol=1e-10, atol=0)
+    assert res.pefs.has_sorted_indices
+
+
+def test_unnormalized():
+    model, X, xs = _make("mlp")
+    res = PEFTransformer(model, kind="low_rank", n_values=10**9, normalize=False,
+                         dtype="float64").fit(X).compute(X)
+    A = naive_a(model, xs)
+    assert _rel(res.pefs.toarray(), A.reshape(len(xs), -1)) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+def test_norms_equal_dense_fisher(kind):
+    model, X, xs = _make("mlp")
+    res = PEFTransformer(model, kind=kind, n_values=5, dtype="float64").fit(X).compute(X)
+    A = naive_a(model, xs)
+    for i in range(len(xs)):
+        F = A[i].T @ A[i]  # dense m x m Fisher
+        want = np.linalg.norm(F) if kind == "low_rank" else np.linalg.norm(np.diag(F))
+        assert res.norms[i] == pytest.approx(want, rel=1e-10)
+    # the same Fisher straight from the definition E_y[g g^T]
+    with torch.no_grad():
+        p = torch.softmax(model(xs[0]), 1)[0]
+    F0 = sum(p[j].item() * np.outer(A[0][r] / np.sqrt(p[j].item()), A[0][r] / np.sqrt(p[j].item()))
+             for r, j in enumerate(torch.argsort(p, descending=True).tolist()))
+    if kind == "low_rank":
+        assert res.norms[0] == pytest.approx(np.linalg.norm(F0), rel=1e-10)
+
+
+def test_selection_exact_against_torch_topk(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    for R, N, k in [(5, 100_000, 300), (3, 50_000, 5000), (4, 1000, 2000), (2, 300, 7)]:
+        v = torch.randn(R, N, generator=gen) ** 3
+        v[0, : N // 2] = 0  # many zeros
+        v[1, :] = 0
+        v[1, :5] = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.1])
+        sel = _select_topk(v, k, signed=True)
+        for r in range(R):
+            got = set(sel[r][sel[r] >= 0].tolist())
+            mag = v[r].abs()
+            n_nz = int((mag > 0).sum())
+            kk = min(k, n_nz)
+            want = set(torch.topk(mag, kk).indices.tolist()) if kk else set()
+            assert got == want
+    # non-negative rows
+    f = torch.rand(3, 40_000, generator=gen)
+    sel = _select_topk(f, 100, signed=False)
+    assert set(sel[2].tolist()) == set(torch.topk(f[2], 100).indices.tolist())
+    # a threshold estimated too high must fall back to an exact topk
+    v = torch.randn(2, 100_000, generator=gen)
+    top = int(v[0].abs().argmax())
+    real_randint = torch.randint
+
+    def biased(low, high, size, **kw):
+        return torch.full(size, top, dtype=torch.long)
+
+    monkeypatch.setattr(pefmod.torch, "randint", biased)
+    sel = _select_topk(v, 50, signed=True)
+    monkeypatch.setattr(pefmod.torch, "randint", real_randint)
+    assert set(sel[0].tolist()) == set(torch.topk(v[0].abs(), 50).indices.tolist())
+
+
+def test_input_types_agree():
+    model, X, _ = _make("mlp")
+    tr = PEFTransformer(model, kind="low_rank", n_values=20, batch_size=4).fit(X)
+    ref = tr.transform(X)
+    for Xi in (X.numpy(), list(X), torch.utils.data.TensorDataset(X)):
+        fw = (lambda m, b: m(b[0])) if isinstance(Xi, torch.utils.data.Dataset) else None
+        t2 = clone(tr).set_params(forward=fw) if fw else tr
+        out = t2.fit(Xi).transform(Xi)
+        assert (out != ref).nnz == 0
+
+    # dict inputs (tokenizer style), per-example dicts, a Dataset of dicts
+    model, ids, _ = _make("seq")
+    mask = torch.ones_like(ids, dtype=torch.float64)
+    mask[0, 3:] = 0
+    batch = {"input_ids": ids, "mask": mask}
+    tr = PEFTransformer(model, kind="diagonal", n_values=30, batch_size=3).fit(batch)
+    ref = tr.transform(batch)
+    items = [{"input_ids": ids[i], "mask": mask[i]} for i in range(ids.shape[0])]
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    for Xi in (items, DS(), {k: v.numpy() for k, v in batch.items()}):
+        assert (tr.transform(Xi) != ref).nnz == 0
+    # forward= adapter
+    fw = PEFTransformer(model, kind="diagonal", n_values=30,
+                        forward=lambda m, b: m(b["input_ids"], mask=b["mask"])).fit(batch)
+    assert (fw.transform(batch) != ref).nnz == 0
+
+
+def test_compute_result_and_pipeline_shape():
+    model, X, _ = _make("mlp", torch.float32)
+    tr = PEFTransformer(model, kind="low_rank", n_values=11)
+    res = tr.fit(X).compute(X)
+    assert isinstance(res, PEFResult)
+    assert isinstance(res.pefs, sp.csr_matrix) and res.pefs.dtype == np.float32
+    assert res.pefs.indices.dtype in (np.int32, np.int64)
+    assert np.diff(res.pefs.indptr).max() <= 11
+    with torch.no_grad():
+        logits = model(X).numpy()
+    assert np.allclose(res.logits, logits, atol=1e-6)
+    assert (res.predictions == logits.argmax(1)).all()
+    assert tr.n_features_out_ == tr.n_classes_ * tr.n_params_
+    assert isinstance(tr.layout_, ParameterLayout) and tr.layout_.n_params == tr.n_params_
+    assert tr.n_features_in_ == 6
+    assert (tr.fit_transform(X) != res.pefs).nnz == 0
+    # partial_fit records the layout once
+    t2 = PEFTransformer(model, kind="diagonal").partial_fit(X[:2]).partial_fit(X[2:])
+    assert t2.n_params_ == tr.n_params_
+    # picklable when fitted
+    t3 = pickle.loads(pickle.dumps(tr))
+    assert (t3.transform(X) != res.pefs).nnz == 0
+
+
+@pytest.mark.filterwarnings("ignore:.*zero PEF")
+def test_params_selection():
+    model, X, xs = _make("mlp")
+    names = ["net.2.weight", "net.4.bias"]
+    for params in (names, lambda n, p: n in names):
+        tr = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64",
+                            params=params).fit(X)
+        assert tr.layout_.names == tuple(names)
+        rows, _ = _reference(model, xs, "low_rank", params=names)
+        assert _rel(tr.transform(X).toarray(), rows) <= 1e-10
+    # frozen parameters can be selected by name; requires_grad is restored
+    model.net[0].weight.requires_grad_(False)
+    tr = PEFTransformer(model, params=["net.0.weight"], n_values=5).fit(X)
+    tr.transform(X)
+    assert not model.net[0].weight.requires_grad
+    assert PEFTransformer(model).fit(X).layout_.names[0] == "net.0.bias"
+
+
+def test_model_left_unchanged():
+    model, X, _ = _make("conv", torch.float32)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    n_hooks = sum(len(m._forward_hooks) for m in model.modules())
+    for kind in ("low_rank", "diagonal"):
+        PEFTransformer(model, kind=kind, n_values=9).fit(X).transform(X)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n]) and p.requires_grad == flags[n]
+    assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks
+    assert not model.training
+
+
+def test_train_mode_refused():
+    model, X, _ = _make("mlp")
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        PEFTransformer(model).fit(X)
+    tr = PEFTransformer(model, allow_train_mode=True, kind="low_rank", n_values=10**9,
+                        dtype="float64").fit(X)
+    res = tr.transform(X)  # no dropout here, so exact
+    model.eval()
+    ref = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64").fit(X)
+    assert np.allclose(res.toarray(), ref.transform(X).toarray())
+    conv, Xc, _ = _make("conv")
+    conv.bn.train()
+    with pytest.raises(ValueError, match="batch norm"):
+        PEFTransformer(conv, allow_train_mode=True).fit(Xc)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "full"}, "kind"),
+        ({"n_values": 0}, "n_values"),
+        ({"n_values": 2.5}, "n_values"),
+        ({"n_classes": 0}, "n_classes"),
+        ({"n_classes": 5}, "n_classes=5 is larger"),
+        ({"min_class_prob": 1.5}, "min_class_prob"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"params": ["nope"]}, "params"),
+        ({"params": "net.0.weight"}, "params"),
+        ({"forward": 3}, "forward"),
+        ({"device": "meta"}, "device"),
+    ],
+)
+def test_bad_parameters(kwargs, match):
+    model, X, _ = _make("mlp")
+    with pytest.raises(ValueError, match=match):
+        PEFTransformer(model, **kwargs).fit(X)
+
+
+def test_bad_inputs_and_not_fitted():
+    model, X, _ = _make("mlp")
+    tr = PEFTransformer(model)
+    with pytest.raises(NotFittedError):
+        tr.transform(X)
+    with pytest.raises(ValueError, match="X"):
+        tr.fit(object())
+    with pytest.raises(ValueError, match="no example"):
+        tr.fit(X[:0])
+    with pytest.raises(ValueError, match="logits"):
+        PEFTransformer(nn.Linear(6, 3).double().eval(), forward=lambda m, b: m(b)[:, 0]).fit(X)
+    # sklearn contract: params stored untouched
+    assert tr.get_params()["model"] is model
+    assert clone(tr).get_params()["kind"] == "diagonal"
+
+
+def test_zero_norm_examples_warn_and_stay_empty():
+    model, X, _ = _make("mlp")
+    tr = PEFTransformer(model, kind="low_rank", n_values=10, min_class_prob=0.99).fit(X)
+    with pytest.warns(UserWarning, match="zero PEF"):
+        res = tr.compute(X)
+    assert res.pefs.shape[0] == X.shape[0] and res.pefs.nnz == 0
+    assert (res.norms == 0).all()
+
+
+def test_int64_indices_when_needed():
+    m = pefmod._make_csr(np.ones(2, np.float32), np.array([0, 2**31 + 5]),
+                         np.array([0, 1, 2]), (2, 2**32))
+    assert m.indices.dtype == np.int64 and m.indptr.dtype == np.int64
+    m = pefmod._make_csr(np.ones(1, np.float32), np.array([3]), np.array([0, 1]), (1, 10))
+    assert m.indices.dtype == np.int32
+
+
+def test_verbose_progress(capsys):
+    model, X, _ = _make("mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PEFTransformer(model, verbose=1, n_values=3).fit(X).transform(X)
+    captured = capsys.readouterr()
+    assert "9" in captured.err + captured.out
+
+
+def test_tiny_bert_dict_batches():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=12, num_labels=3,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(1, 40, (4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    items = [{"input_ids": ids[i], "attention_mask": mask[i],
+              "token_type_ids": torch.zeros_like(ids[i])} for i in range(4)]
+
+    def fwd(m, b):
+        return m(**b).logits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64",
+                            forward=fwd, batch_size=2).fit(items)
+        res = tr.compute(items)
+    xs = [{k: v[None] for k, v in it.items()} for it in items]
+    rows, norms = lrm_rows(naive_a(model, xs, forward=fwd))
+    assert _rel(res.pefs.toarray(), rows) <= 1e-5
+    assert np.allclose(res.norms, norms, rtol=1e-5)
+
+
+def test_resnet18_eval():
+    try:
+        import torchvision
+    except Exception as exc:  # a wheel built for another torch raises at import
+        pytest.skip(f"torchvision unavailable: {type(exc).__name__}: {exc}")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    X = torch.randn(2, 3, 32, 32)
+    res = PEFTransformer(model, kind="diagonal", n_values=1000).fit(X).compute(X)
+    A = naive_a(model, [X[i : i + 1] for i in range(2)], dtype=torch.float32)
+    rows, norms = diag_rows(A.astype(np.float64))
+    assert np.allclose(res.norms, norms, rtol=1e-3)
+    assert np.allclose(res.pefs.toarray(), topk_dense(rows, 1000), atol=1e-4 * rows.max())
