@@ -167,16 +167,24 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     def _get_backend(self, X: Any = None) -> Backend:
         return get_backend(self.backend, X=X, devices=self.devices)
 
-    def _prepare(self, X: sp.csr_matrix, *, fitting: bool) -> Problem:
-        """Reshape, prune (when fitting) and block the input."""
-        dtype = X.dtype
+    def _prepare(self, X: sp.csr_matrix, *, fitting: bool, keep_host: bool = False) -> Problem:
+        """Reshape, prune (when fitting) and block the input.
+
+        When fitting, sets ``kept_columns_`` and ``n_params_``; otherwise uses the
+        fitted ``kept_columns_``. With ``keep_host`` the host CSR matrix ``A``
+        (rows x kept columns) is returned in ``extras["A_host"]`` (for initialization).
+        """
+        n_slots = self._n_slots()
         kept = None if fitting else self.kept_columns_
-        A, kept = reshape_and_prune(X, self._n_slots(), kept, self.min_nnz_per_column, dtype)
+        A, kept = reshape_and_prune(X, n_slots, kept, self.min_nnz_per_column, X.dtype)
         if fitting:
             self.kept_columns_ = kept
-        const = self._loss_constant(A)
+            self.n_params_ = X.shape[1] // n_slots
         blocks = ColumnBlocks(A, self._get_backend(X), block_size=self.block_size)
-        return Problem(blocks, X.shape[0], self._n_slots(), dtype, const)
+        prob = Problem(blocks, X.shape[0], n_slots, X.dtype, self._loss_constant(A))
+        if keep_host:
+            prob.extras["A_host"] = A
+        return prob
 
     def _loss_constant(self, A: sp.csr_matrix) -> float:
         """Sum over examples of the squared Frobenius norm of each PEF."""

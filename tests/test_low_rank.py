@@ -1,0 +1,299 @@
+"""LowRankNPEFF: recovery, exact formulas, streaming, partitions, validation."""
+
+import pickle
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+
+from sknpeff.backends import ColumnBlocks, NumpyBackend
+from sknpeff.datasets import make_planted_lowrank
+from sknpeff.decomposition import LowRankNPEFF
+from sknpeff.decomposition._updates import (
+    lowrank_curvature,
+    lowrank_grad_matrix,
+    lowrank_loss,
+    lowrank_sq_proj,
+    lowrank_weighted_rows,
+)
+
+
+def matched_cos(G_true, components):
+    """|cos| of each planted component with its Hungarian-matched fitted one."""
+    a = G_true / np.linalg.norm(G_true, axis=1, keepdims=True)
+    b = components / np.maximum(np.linalg.norm(components, axis=1, keepdims=True), 1e-30)
+    S = np.abs(a @ b.T)
+    r, c = linear_sum_assignment(-S)
+    return S[r, c]
+
+
+def dense_pefs(X, n_classes):
+    """F_i as dense float64 matrices (tiny problems only)."""
+    D = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+    n, w = D.shape
+    A = D.reshape(n, n_classes, w // n_classes)
+    return np.einsum("ijp,ijq->ipq", A, A)
+
+
+def dense_loss(F, W, G):
+    rec = np.einsum("ik,kp,kq->ipq", W, G, G)
+    return float(((F - rec) ** 2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_planted_recovery_default_settings(seed):
+    X, W, G = make_planted_lowrank(random_state=seed)
+    est = LowRankNPEFF(n_components=8, n_classes=3, random_state=seed)
+    Wf = est.fit_transform(X)
+    assert matched_cos(G, est.components_).min() >= 0.98
+    assert Wf.shape == (X.shape[0], 8) and (Wf >= 0).all()
+    assert Wf.dtype == np.float32 and est.components_.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1.0, rtol=1e-5)
+    assert est.reconstruction_err_ < 1e-2 * np.sqrt(X.shape[0])
+
+
+def test_loss_and_gradient_match_dense_float64_formulas():
+    rng = np.random.default_rng(0)
+    n, c, m, r = 7, 3, 11, 4
+    X = sp.random(n, c * m, density=0.5, format="csr", random_state=1, dtype=np.float64)
+    X.data -= 0.5  # signed a_ij
+    F = dense_pefs(X, c)
+    W = rng.uniform(size=(n, r))
+    G = rng.standard_normal((r, m))
+    A = sp.csr_matrix(X.toarray().reshape(n * c, m))
+    blocks = ColumnBlocks(A, NumpyBackend(), block_size=4)
+    parts = blocks.split_factor(G.T)
+    P = blocks.matmul(parts)
+    Q = blocks.gram(parts)
+    N = lowrank_sq_proj(np, P, c)
+    const = float(sum((Fi ** 2).sum() for Fi in F))
+    assert lowrank_loss(np, const, W, N, Q) == pytest.approx(dense_loss(F, W, G), rel=1e-10)
+    # analytic gradient: grad/4 = Ft B - A^T R, transposed back to (r, m)
+    R = lowrank_weighted_rows(np, W, P, c)
+    grad = 4 * (G.T @ lowrank_grad_matrix(np, W, Q) - A.T @ R).T
+    num = np.zeros_like(G)
+    h = 1e-6
+    for k in range(r):
+        for p in range(m):
+            Gp, Gm = G.copy(), G.copy()
+            Gp[k, p] += h
+            Gm[k, p] -= h
+            num[k, p] = (dense_loss(F, W, Gp) - dense_loss(F, W, Gm)) / (2 * h)
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-6)
+
+
+def test_curvature_bound_dominates_hessian():
+    """The step size's curvature bound is >= the loss's curvature along every g_k."""
+    rng = np.random.default_rng(3)
+    n, c, m, r = 6, 2, 9, 3
+    X = sp.random(n, c * m, density=0.6, format="csr", random_state=2) - 0.3 * sp.random(
+        n, c * m, density=0.6, format="csr", random_state=5)
+    F = dense_pefs(X, c)
+    W = rng.uniform(size=(n, r))
+    G = rng.standard_normal((r, m))
+    L = lowrank_curvature(np, W, G @ G.T)
+    h = 1e-4
+    for k in range(r):
+        for _ in range(5):
+            d = rng.standard_normal(m)
+            d /= np.linalg.norm(d)
+            Gp, Gm = G.copy(), G.copy()
+            Gp[k] += h * d
+            Gm[k] -= h * d
+            curv = (dense_loss(F, W, Gp) - 2 * dense_loss(F, W, G) + dense_loss(F, W, Gm)) / h**2
+            assert curv <= L[k] * (1 + 1e-6)
+
+
+def test_fit_matches_dense_loss_and_reported_error():
+    X, _, _ = make_planted_lowrank(n_examples=40, n_params=60, n_components=3,
+                                   support_size=12, random_state=0, dtype=np.float64)
+    est = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=30, tol=0)
+    W = est.fit_transform(X)
+    F = dense_pefs(X, 3)
+    loss = dense_loss(F, W, est.components_)
+    assert est.loss_curve_[-1] == pytest.approx(loss, rel=1e-6, abs=1e-9)
+    assert est.reconstruction_err_ == pytest.approx(np.sqrt(max(loss, 0)), rel=1e-5, abs=1e-6)
+    assert est.loss(X, W) == pytest.approx(loss, rel=1e-6, abs=1e-9)
+
+
+def test_loss_decreases_monotonically_on_planted_data():
+    X, _, _ = make_planted_lowrank(random_state=5, dtype=np.float64)
+    est = LowRankNPEFF(n_components=8, n_classes=3, random_state=5, max_iter=150, tol=0)
+    est.fit(X)
+    lc = np.asarray(est.loss_curve_)
+    # the adaptive step may overshoot once before halving; allow no sustained increase
+    assert lc[-1] < 1e-3 * lc[0]
+    assert (np.diff(lc) <= 1e-9 * lc[0]).mean() > 0.9
+
+
+def test_reference_schedule_is_available_and_descends():
+    X, _, _ = make_planted_lowrank(n_examples=100, n_params=300, n_components=4,
+                                   support_size=30, random_state=0)
+    est = LowRankNPEFF(n_components=4, n_classes=3, init="random", learning_rate=1e-3,
+                       w_solver="mu", max_iter=50, tol=0, random_state=0)
+    est.fit(X)
+    assert est.loss_curve_[-1] < est.loss_curve_[0]
+
+
+def test_transform_reproduces_training_coefficients():
+    X, _, _ = make_planted_lowrank(random_state=1)
+    est = LowRankNPEFF(n_components=8, n_classes=3, random_state=1)
+    W = est.fit_transform(X)
+    W2 = est.transform(X)
+    np.testing.assert_allclose(W2, W, atol=1e-3 * W.max())
+
+
+def test_partitions_equal_single_partition():
+    X, _, _ = make_planted_lowrank(n_examples=200, n_params=2000, random_state=2)
+    kw = dict(n_components=8, n_classes=3, random_state=2, max_iter=40, tol=0,
+              block_size=256)
+    est1 = LowRankNPEFF(**kw, backend=NumpyBackend(n_partitions=1))
+    W1 = est1.fit_transform(X.astype(np.float64))
+    est3 = LowRankNPEFF(**kw, backend=NumpyBackend(n_partitions=3))
+    W3 = est3.fit_transform(X.astype(np.float64))
+    np.testing.assert_allclose(W3, W1, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(est3.components_, est1.components_, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(est3.transform(X.astype(np.float64)),
+                               est1.transform(X.astype(np.float64)), rtol=1e-5, atol=1e-7)
+
+
+def test_scipy_and_torch_kernels_agree():
+    X, _, _ = make_planted_lowrank(n_examples=100, n_params=500, random_state=3,
+                                   dtype=np.float64)
+    kw = dict(n_components=8, n_classes=3, random_state=3, max_iter=20, tol=0)
+    a = LowRankNPEFF(**kw, backend=NumpyBackend(use_torch=False)).fit_transform(X)
+    b = LowRankNPEFF(**kw, backend=NumpyBackend(use_torch=True)).fit_transform(X)
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_partial_fit_streaming_within_5_percent_of_full_fit():
+    X, _, _ = make_planted_lowrank(n_examples=600, random_state=4)
+    full = LowRankNPEFF(n_components=8, n_classes=3, random_state=4).fit(X)
+    full_loss = full.loss(X)
+    stream = LowRankNPEFF(n_components=8, n_classes=3, random_state=4)
+    rng = np.random.default_rng(0)
+    for _epoch in range(8):
+        order = rng.permutation(X.shape[0])
+        for s in range(0, X.shape[0], 100):
+            stream.partial_fit(X[order[s:s + 100]])
+    stream_loss = stream.loss(X)
+    total = float(X.shape[0])  # sum_i ||F_i||^2 for normalized PEFs
+    # within 5% of the full fit's loss, measured relative to the data's energy when the
+    # full fit is (numerically) exact
+    assert stream_loss <= full_loss * 1.05 + 0.05 * 1e-2 * total
+    assert stream.n_steps_ == 48
+
+
+def test_determinism_and_pickle(tmp_path):
+    X, _, _ = make_planted_lowrank(n_examples=100, n_params=400, random_state=0)
+    a = LowRankNPEFF(n_components=5, n_classes=3, random_state=7, max_iter=20)
+    b = LowRankNPEFF(n_components=5, n_classes=3, random_state=7, max_iter=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Wa, Wb = a.fit_transform(X), b.fit_transform(X)
+    np.testing.assert_array_equal(Wa, Wb)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    c = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(c.transform(X), a.transform(X))
+    joblib.dump(a, tmp_path / "est.joblib")
+    d = joblib.load(tmp_path / "est.joblib")
+    np.testing.assert_array_equal(d.transform(X), a.transform(X))
+
+
+def test_dtypes_dense_input_and_inputs_not_modified():
+    X, _, _ = make_planted_lowrank(n_examples=60, n_params=90, n_components=3,
+                                   support_size=20, random_state=0)
+    before = (X.data.copy(), X.indices.copy(), X.indptr.copy())
+    est = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=10, tol=0)
+    W32 = est.fit_transform(X)
+    for arr, old in zip((X.data, X.indices, X.indptr), before, strict=True):
+        np.testing.assert_array_equal(arr, old)
+    assert W32.dtype == np.float32
+    X64 = X.astype(np.float64)
+    W64 = est.fit_transform(X64)
+    assert W64.dtype == np.float64 and est.components_.dtype == np.float64
+    Wd = est.fit_transform(X64.toarray())
+    np.testing.assert_allclose(Wd, W64, rtol=1e-10)
+    np.testing.assert_allclose(est.fit_transform(X64.tocsc()), W64, rtol=1e-10)
+
+
+def test_empty_rows_get_zero_coefficients():
+    X, _, _ = make_planted_lowrank(n_examples=80, n_params=200, n_components=4,
+                                   support_size=30, random_state=1)
+    X = X.tolil()
+    X[[3, 17]] = 0
+    X = X.tocsr()
+    est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0)
+    W = est.fit_transform(X)
+    assert np.isfinite(W).all()
+    np.testing.assert_array_equal(W[[3, 17]], 0)
+    Wt = est.transform(X)
+    np.testing.assert_array_equal(Wt[[3, 17]], 0)
+
+
+def test_pruned_columns_map_back_to_parameters():
+    X, _, G = make_planted_lowrank(n_examples=100, n_params=500, n_components=4,
+                                   support_size=20, random_state=2)
+    est = LowRankNPEFF(n_components=4, n_classes=3, random_state=2).fit(X)
+    support = np.flatnonzero(np.abs(G).sum(axis=0))
+    np.testing.assert_array_equal(est.kept_columns_, support)
+    assert est.components_.shape == (4, 500)
+    assert not est.components_[:, np.setdiff1d(np.arange(500), support)].any()
+
+
+def test_int32_block_boundary_uses_same_blocks():
+    """Blocks are cut so each holds < max_block_nnz values (int32 on huge inputs)."""
+    X, _, _ = make_planted_lowrank(n_examples=50, n_params=300, random_state=0,
+                                   dtype=np.float64)
+    A = sp.csr_matrix(X.toarray().reshape(150, 300))
+    cap = 400
+    blocks = ColumnBlocks(A, NumpyBackend(), block_size=4096, max_block_nnz=cap)
+    assert len(blocks.blocks) > 1
+    # a block holds at most `cap` values unless it is one column (never cut)
+    assert all(b.nnz <= cap or b.stop - b.start == 1 for b in blocks.blocks)
+    assert sum(b.nnz for b in blocks.blocks) == A.nnz
+    G = np.random.default_rng(0).standard_normal((300, 5))
+    np.testing.assert_allclose(blocks.matmul(blocks.split_factor(G)), A @ G, rtol=1e-12)
+    # int64 input indices give the same result
+    A64 = A.copy()
+    A64.indices = A64.indices.astype(np.int64)
+    A64.indptr = A64.indptr.astype(np.int64)
+    b64 = ColumnBlocks(A64, NumpyBackend(), max_block_nnz=cap)
+    np.testing.assert_allclose(b64.matmul(b64.split_factor(G)), A @ G, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(n_components=0), "n_components"),
+        (dict(n_classes=0), "n_classes"),
+        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(learning_rate="fast"), "learning_rate"),
+        (dict(init="svd"), "init"),
+        (dict(tol=-1), "tol"),
+        (dict(max_iter=1.5), "max_iter"),
+        (dict(w_solver="x"), "w_solver"),
+    ],
+)
+def test_bad_parameters(params, match):
+    X = sp.random(5, 6, density=0.5, format="csr", random_state=0)
+    with pytest.raises(ValueError, match=match):
+        LowRankNPEFF(**params).fit(X)
+
+
+def test_bad_input():
+    X = sp.random(5, 7, density=0.5, format="csr", random_state=0)
+    with pytest.raises(ValueError, match="n_classes"):
+        LowRankNPEFF(n_classes=3).fit(X)
+    Xd = X.toarray()
+    Xd[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        LowRankNPEFF(n_classes=7).fit(Xd)
+    est = LowRankNPEFF(n_components=2, n_classes=7, max_iter=5).fit(X)
+    with pytest.raises(ValueError, match="features"):
+        est.transform(sp.random(3, 14, density=0.5, format="csr"))
+    with pytest.raises(ValueError):
+        LowRankNPEFF().fit(np.array([["a", "b"]]))
