@@ -337,10 +337,13 @@ class LowRankNPEFF(_BaseNPEFF):
             return loss
 
         losses, n_iter = self._run_loop(step, self.max_iter + n_g_only, label="fit")
-        # final coefficients for the final components
-        W, P, Q = state["W"], state["P"], state["Q"]
+        # Final coefficients for the final components, solved exactly as transform does
+        # (the W problem is convex): fit_transform(X) and fit(X).transform(X) agree, and
+        # the loss can only fall.
+        P, Q = state["P"], state["Q"]
         N = lowrank_sq_proj(xp, P, c)
-        W = self._w_step(xp, W, N, Q * Q)
+        QQ = Q * Q
+        W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
         final = lowrank_loss(xp, prob.const, W, N, Q)
         Ft = blocks.gather_factor(parts)
         # fold the scale of each g_k into W: W_ik g g^T = (W_ik |g|^2) (g/|g|)(g/|g|)^T
@@ -353,6 +356,7 @@ class LowRankNPEFF(_BaseNPEFF):
         self.n_components_ = r
         self.loss_curve_ = losses + [final]
         self.n_iter_ = n_iter
+        self.n_steps_ = 0
         self.reconstruction_err_ = float(np.sqrt(max(final, 0.0)))
         return np.asarray(W, dtype=prob.dtype)
 
