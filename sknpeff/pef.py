@@ -72,12 +72,15 @@ class PEFResult:
         The model's logits.
     predictions : ndarray of shape (n_examples,)
         ``argmax`` of the logits.
+    metadata : dict
+        ``kind``, ``n_classes`` and ``layout`` (a :class:`~sknpeff.layout.ParameterLayout`)
+        of the columns, and for stores loaded from disk the extra saved metadata.
     """
 
     pefs: sp.csr_matrix
     norms: np.ndarray
-    logits: np.ndarray
-    predictions: np.ndarray
+    logits: np.ndarray | None
+    predictions: np.ndarray | None
     metadata: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -1278,6 +1281,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                     norms=norms.astype(np.float64),
                     logits=logits.astype(self.dtype),
                     predictions=logits.argmax(axis=1).astype(np.int64),
+                    metadata=self._metadata(),
                 )
                 progress.update(B)
         finally:
@@ -1292,7 +1296,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 stacklevel=2,
             )
 
-    def compute(self, X, out: str | None = None) -> PEFResult:
+    def compute(self, X, out: str | None = None, *, overwrite: bool = False) -> PEFResult:
         """PEFs, their norms, the logits and the predictions in one pass.
 
         Parameters
@@ -1301,6 +1305,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         out : str or path, default=None
             If given, stream the results to this directory (see :mod:`sknpeff.io`)
             instead of holding them in memory, and return them memory-mapped.
+        overwrite : bool, default=False
+            Replace an existing store at ``out``.
 
         Returns
         -------
@@ -1314,13 +1320,17 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
             with PEFWriter(out, n_cols=self.n_features_out_, kind=self.kind,
                            layout=self.layout_, n_classes=self.n_classes_,
-                           dtype=self.dtype) as w:
+                           dtype=self.dtype, overwrite=overwrite) as w:
                 for res in self.iter_compute(X):
                     w.append(res)
             return load_pefs(out)
         parts = list(self.iter_compute(X))
-        return _concat_results(parts, self.n_features_out_, self.dtype,
-                               self.n_outputs_)
+        res = _concat_results(parts, self.n_features_out_, self.dtype, self.n_outputs_)
+        res.metadata = self._metadata()
+        return res
+
+    def _metadata(self) -> dict:
+        return {"kind": self.kind, "n_classes": self.n_classes_, "layout": self.layout_}
 
     def transform(self, X):
         """Sparse PEF matrix of ``X`` (see DESIGN.md, "Data layouts").

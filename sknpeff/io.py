@@ -1,0 +1,373 @@
+"""Saving and loading PEF matrices in a memory-mappable form.
+
+A PEF store is a directory::
+
+    meta.json        format, version, shape, nnz, kind, n_classes, parameter layout, ...
+    data.npy         CSR values (float32/float64)
+    indices.npy      CSR column indices (int32, or int64 when needed)
+    indptr.npy       CSR row pointers (same dtype as indices)
+    norms.npy        Frobenius norms before normalization (float64)
+    logits.npy       optional, (n_examples, n_outputs)
+    predictions.npy  optional, (n_examples,)
+
+Every array is a plain ``.npy`` file, so :func:`load_pefs` opens them with
+``np.load(mmap_mode="r")``: a store larger than RAM can be sliced row block by row
+block (:func:`iter_row_batches`) and fed to ``partial_fit``. :class:`PEFWriter` appends
+batches as they are computed (e.g. from :meth:`PEFTransformer.iter_compute`) without
+holding the whole matrix in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .layout import ParameterLayout
+from .pef import PEFResult
+
+__all__ = ["PEFWriter", "save_pefs", "load_pefs", "iter_row_batches"]
+
+FORMAT = "sknpeff-pefs"
+VERSION = 1
+_HEADER_BYTES = 128
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class _NpyAppender:
+    """A ``.npy`` file that grows along its first axis; the header is fixed-size."""
+
+    def __init__(self, path: Path, dtype, tail_shape: tuple[int, ...] = ()):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.tail = tuple(int(t) for t in tail_shape)
+        self.n = 0
+        self.f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._write_header()
+
+    def _write_header(self):
+        descr = np.lib.format.dtype_to_descr(self.dtype)
+        d = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {(self.n,) + self.tail}, }}"
+        body_len = _HEADER_BYTES - 10
+        if len(d) + 1 > body_len:  # pragma: no cover - shapes are short
+            raise ValueError("npy header too long")
+        header = (d + " " * (body_len - len(d) - 1) + "\n").encode("latin1")
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY" + bytes([1, 0]) + body_len.to_bytes(2, "little") + header)
+        self.f.seek(0, os.SEEK_END)
+
+    def append(self, arr) -> None:
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        if arr.shape[1:] != self.tail:
+            raise ValueError(
+                f"{self.path.name}: expected rows of shape {self.tail}, got {arr.shape[1:]}."
+            )
+        self.f.write(arr.tobytes())
+        self.n += arr.shape[0]
+
+    def close(self) -> None:
+        if self.f.closed:
+            return
+        self._write_header()
+        self.f.close()
+
+
+def _prepare_dir(path: Path, overwrite: bool) -> None:
+    if path.exists():
+        if not overwrite and any(path.iterdir()):
+            raise FileExistsError(
+                f"{path} exists and is not empty; pass overwrite=True to replace it."
+            )
+        if overwrite and (path / "meta.json").exists():
+            shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+class PEFWriter:
+    """Append PEF batches to a memory-mappable store on disk.
+
+    Parameters
+    ----------
+    path : str or path
+        Directory to create.
+    n_cols : int
+        Width of the PEF rows (``PEFTransformer.n_features_out_``).
+    kind : {"diagonal", "low_rank"}, default=None
+    layout : ParameterLayout, default=None
+        Parameter layout of the columns (stored as JSON).
+    n_classes : int, default=None
+        Number of class slots (low rank).
+    dtype : str, default="float32"
+        dtype of the stored values.
+    metadata : dict, default=None
+        Extra JSON-serialisable metadata.
+    overwrite : bool, default=False
+        Replace an existing store.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from sknpeff.pef import PEFTransformer
+    >>> from sknpeff.io import PEFWriter, load_pefs
+    >>> model = torch.nn.Linear(4, 3).eval()
+    >>> X = torch.randn(10, 4)
+    >>> pef = PEFTransformer(model, n_values=5).fit(X)
+    >>> path = os.path.join(tempfile.mkdtemp(), "pefs")
+    >>> with PEFWriter(path, n_cols=pef.n_features_out_, kind=pef.kind,
+    ...                layout=pef.layout_) as w:
+    ...     for batch in pef.iter_compute(X):
+    ...         w.append(batch)
+    >>> load_pefs(path).pefs.shape
+    (10, 15)
+    """
+
+    def __init__(self, path, *, n_cols: int, kind: str | None = None,
+                 layout: ParameterLayout | None = None, n_classes: int | None = None,
+                 dtype="float32", metadata: Mapping | None = None, overwrite: bool = False):
+        self.path = Path(path)
+        self.n_cols = int(n_cols)
+        if self.n_cols < 0:
+            raise ValueError("n_cols must be >= 0.")
+        self.kind = kind
+        self.layout = layout
+        self.n_classes = n_classes
+        self.dtype = np.dtype(dtype)
+        self.metadata = dict(metadata or {})
+        _prepare_dir(self.path, overwrite)
+        self.index_dtype = np.int32 if self.n_cols <= _INT32_MAX else np.int64
+        self._data = _NpyAppender(self.path / "data.npy", self.dtype)
+        self._indices = _NpyAppender(self.path / "indices.npy", self.index_dtype)
+        self._indptr = _NpyAppender(self.path / "indptr.npy", np.int64)
+        self._indptr.append(np.zeros(1, np.int64))
+        self._norms = _NpyAppender(self.path / "norms.npy", np.float64)
+        self._logits: _NpyAppender | None = None
+        self._preds: _NpyAppender | None = None
+        self.n_rows = 0
+        self.nnz = 0
+        self.closed = False
+
+    def append(self, pefs, norms=None, logits=None, predictions=None) -> None:
+        """Append a batch of rows.
+
+        Parameters
+        ----------
+        pefs : PEFResult or sparse matrix
+            A :class:`~sknpeff.pef.PEFResult` (its norms, logits and predictions are
+            taken too) or a sparse matrix of shape ``(n_batch, n_cols)``.
+        norms, logits, predictions : arrays, optional
+            Per-row extras when ``pefs`` is a matrix. Either always or never give
+            logits/predictions.
+        """
+        if self.closed:
+            raise ValueError("the writer is closed.")
+        if isinstance(pefs, PEFResult):
+            norms, logits, predictions = pefs.norms, pefs.logits, pefs.predictions
+            pefs = pefs.pefs
+        X = sp.csr_matrix(pefs)
+        if X.shape[1] != self.n_cols:
+            raise ValueError(f"expected {self.n_cols} columns, got {X.shape[1]}.")
+        n = X.shape[0]
+        if not X.has_sorted_indices:
+            X = X.sorted_indices()
+        norms = np.full(n, np.nan) if norms is None else np.asarray(norms, np.float64)
+        if norms.shape != (n,):
+            raise ValueError(f"norms must have shape ({n},).")
+        if logits is not None:
+            logits = np.asarray(logits)
+            if self._logits is None:
+                if self.n_rows:
+                    raise ValueError("logits must be given for every batch or never.")
+                self._logits = _NpyAppender(self.path / "logits.npy", logits.dtype,
+                                            logits.shape[1:])
+            self._logits.append(logits)
+        elif self._logits is not None:
+            raise ValueError("logits must be given for every batch or never.")
+        if predictions is not None:
+            if self._preds is None:
+                if self.n_rows:
+                    raise ValueError("predictions must be given for every batch or never.")
+                self._preds = _NpyAppender(self.path / "predictions.npy", np.int64)
+            self._preds.append(np.asarray(predictions, np.int64))
+        elif self._preds is not None:
+            raise ValueError("predictions must be given for every batch or never.")
+        self._data.append(X.data)
+        self._indices.append(X.indices)
+        self._indptr.append(X.indptr[1:].astype(np.int64) + self.nnz)
+        self._norms.append(norms)
+        self.n_rows += n
+        self.nnz += X.nnz
+
+    def close(self) -> None:
+        """Finish the files and write ``meta.json``."""
+        if self.closed:
+            return
+        for a in (self._data, self._indices, self._indptr, self._norms, self._logits,
+                  self._preds):
+            if a is not None:
+                a.close()
+        idx_dtype = np.int64 if (self.nnz > _INT32_MAX or self.n_cols > _INT32_MAX) \
+            else np.int32
+        # indptr and indices share one dtype (scipy would otherwise copy on every use)
+        _convert_npy(self.path / "indptr.npy", idx_dtype)
+        if idx_dtype != self.index_dtype:
+            _convert_npy(self.path / "indices.npy", idx_dtype)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "shape": [self.n_rows, self.n_cols],
+            "nnz": self.nnz,
+            "dtype": self.dtype.str,
+            "index_dtype": np.dtype(idx_dtype).str,
+            "kind": self.kind,
+            "n_classes": None if self.n_classes is None else int(self.n_classes),
+            "layout": None if self.layout is None else self.layout.to_dict(),
+            "has_logits": self._logits is not None,
+            "has_predictions": self._preds is not None,
+            "metadata": self.metadata,
+        }
+        with open(self.path / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+        self.closed = True
+
+    def __enter__(self) -> PEFWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def _convert_npy(path: Path, dtype, chunk: int = 1 << 24) -> None:
+    src = np.load(path, mmap_mode="r")
+    if src.dtype == np.dtype(dtype):
+        return
+    tmp = path.with_suffix(".tmp.npy")
+    out = _NpyAppender(tmp, dtype, src.shape[1:])
+    for s in range(0, src.shape[0], chunk):
+        out.append(np.asarray(src[s : s + chunk]).astype(dtype))
+    out.close()
+    del src
+    os.replace(tmp, path)
+
+
+def save_pefs(path, pefs, norms=None, *, logits=None, predictions=None,
+              kind: str | None = None, n_classes: int | None = None,
+              layout: ParameterLayout | None = None, metadata: Mapping | None = None,
+              overwrite: bool = False) -> None:
+    """Save PEFs (a :class:`~sknpeff.pef.PEFResult` or a sparse matrix) to ``path``.
+
+    Parameters
+    ----------
+    path : str or path
+        Directory to create.
+    pefs : PEFResult or sparse matrix
+    norms, logits, predictions : arrays, optional
+        Taken from ``pefs`` when it is a :class:`~sknpeff.pef.PEFResult`.
+    kind, n_classes, layout, metadata : optional
+        Stored in ``meta.json``. Taken from ``pefs.metadata`` when present.
+    overwrite : bool, default=False
+    """
+    if isinstance(pefs, PEFResult):
+        md = pefs.metadata or {}
+        kind = md.get("kind", kind) if kind is None else kind
+        n_classes = md.get("n_classes", n_classes) if n_classes is None else n_classes
+        layout = md.get("layout", layout) if layout is None else layout
+        mat = pefs.pefs
+    else:
+        mat = pefs
+    with PEFWriter(path, n_cols=mat.shape[1], kind=kind, layout=layout, n_classes=n_classes,
+                   dtype=mat.dtype, metadata=metadata, overwrite=overwrite) as w:
+        if isinstance(pefs, PEFResult):
+            w.append(pefs)
+        else:
+            w.append(mat, norms=norms, logits=logits, predictions=predictions)
+
+
+def _csr_no_copy(data, indices, indptr, shape) -> sp.csr_matrix:
+    m = sp.csr_matrix(tuple(shape), dtype=data.dtype)
+    m.data, m.indices, m.indptr = data, indices, indptr
+    return m
+
+
+def load_pefs(path, *, mmap: bool = True) -> PEFResult:
+    """Load a store written by :class:`PEFWriter` / :func:`save_pefs`.
+
+    Parameters
+    ----------
+    path : str or path
+    mmap : bool, default=True
+        Memory-map the arrays (read-only) instead of reading them into memory.
+
+    Returns
+    -------
+    result : PEFResult
+        ``pefs`` (CSR whose arrays are memory maps when ``mmap``), ``norms``, ``logits``
+        and ``predictions`` (``None`` when not stored) and ``metadata`` with ``kind``,
+        ``n_classes``, ``layout`` (a :class:`~sknpeff.layout.ParameterLayout` or
+        ``None``) and the user ``metadata``.
+    """
+    path = Path(path)
+    try:
+        with open(path / "meta.json") as f:
+            meta = json.load(f)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path} is not a PEF store (no meta.json).") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a PEF store (format {meta.get('format')!r}).")
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: store version {meta['version']} is newer than supported.")
+    mode = "r" if mmap else None
+
+    def load(name):
+        return np.load(path / name, mmap_mode=mode, allow_pickle=False)
+
+    data, indices, indptr = load("data.npy"), load("indices.npy"), load("indptr.npy")
+    shape = tuple(meta["shape"])
+    if indptr.shape != (shape[0] + 1,) or data.shape != (meta["nnz"],) or \
+            indices.shape != (meta["nnz"],):
+        raise ValueError(f"{path}: array sizes do not match meta.json.")
+    pefs = _csr_no_copy(data, indices, indptr, shape)
+    layout = ParameterLayout.from_dict(meta["layout"]) if meta.get("layout") else None
+    return PEFResult(
+        pefs=pefs,
+        norms=load("norms.npy"),
+        logits=load("logits.npy") if meta.get("has_logits") else None,
+        predictions=load("predictions.npy") if meta.get("has_predictions") else None,
+        metadata={"kind": meta.get("kind"), "n_classes": meta.get("n_classes"),
+                  "layout": layout, "metadata": meta.get("metadata", {}), "path": str(path)},
+    )
+
+
+def iter_row_batches(pefs: Any, batch_size: int) -> Iterator[sp.csr_matrix]:
+    """Yield consecutive row blocks of a (memory-mapped) CSR matrix as in-memory CSR.
+
+    Parameters
+    ----------
+    pefs : PEFResult, sparse matrix, or path of a store
+    batch_size : int
+
+    Yields
+    ------
+    block : scipy.sparse.csr_matrix of at most ``batch_size`` rows
+        Only that block is read from disk, so ``partial_fit`` can stream a store larger
+        than RAM.
+    """
+    if isinstance(pefs, (str, os.PathLike)):
+        pefs = load_pefs(pefs)
+    if isinstance(pefs, PEFResult):
+        pefs = pefs.pefs
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1.")
+    X = pefs if sp.issparse(pefs) and pefs.format == "csr" else sp.csr_matrix(pefs)
+    indptr = np.asarray(X.indptr)
+    for s in range(0, X.shape[0], batch_size):
+        e = min(X.shape[0], s + batch_size)
+        a, b = int(indptr[s]), int(indptr[e])
+        sub_ptr = (indptr[s : e + 1] - a).astype(X.indices.dtype)
+        yield _csr_no_copy(np.array(X.data[a:b]), np.array(X.indices[a:b]), sub_ptr,
+                           (e - s, X.shape[1]))
