@@ -21,7 +21,7 @@ def is_cupy_array(x: Any) -> bool:
 
 
 def get_backend(backend: str | Backend = "auto", *, X: Any = None,
-                devices: Any = None) -> Backend:
+                devices: Any = None, distributed: bool = False) -> Backend:
     """Resolve an estimator's ``backend`` parameter.
 
     Parameters
@@ -33,6 +33,9 @@ def get_backend(backend: str | Backend = "auto", *, X: Any = None,
         The input, to detect CuPy arrays.
     devices : list of int, optional
         GPU ids for the CuPy backend.
+    distributed : bool, default=False
+        Spread the columns over the ranks of the initialized ``torch.distributed``
+        process group (see :mod:`sknpeff.backends._distributed`).
 
     Returns
     -------
@@ -40,6 +43,11 @@ def get_backend(backend: str | Backend = "auto", *, X: Any = None,
     """
     if isinstance(backend, Backend):
         return backend
+    if distributed:
+        from ._distributed import DistributedBackend
+
+        local = get_backend(backend, X=X, devices=devices)
+        return DistributedBackend(local)
     if backend not in ("auto", "numpy", "cupy"):
         raise ValueError(
             f"backend must be 'auto', 'numpy', 'cupy' or a Backend instance, got {backend!r}."

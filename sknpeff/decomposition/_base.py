@@ -165,7 +165,8 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         return X
 
     def _get_backend(self, X: Any = None) -> Backend:
-        return get_backend(self.backend, X=X, devices=self.devices)
+        return get_backend(self.backend, X=X, devices=self.devices,
+                           distributed=getattr(self, "distributed", False))
 
     def _prepare(self, X: sp.csr_matrix, *, fitting: bool, keep_host: bool = False) -> Problem:
         """Reshape, prune (when fitting) and block the input.

@@ -88,6 +88,10 @@ class LowRankNPEFF(_BaseNPEFF):
         Array backend (see :func:`sknpeff.backends.get_backend`).
     devices : list of int, optional
         GPU ids for the CuPy backend.
+    distributed : bool, default=False
+        Run as one rank of a ``torch.distributed`` job (launched with ``torchrun``):
+        every rank passes the same X, owns a contiguous range of column blocks, and
+        all ranks end with identical ``W`` and ``components_``.
     block_size : int, default=4096
         Parameters per column block (cache block on CPU, shard unit on devices).
     verbose : int, default=0
@@ -131,8 +135,8 @@ class LowRankNPEFF(_BaseNPEFF):
                  ortho_strength: float = 0.0, max_iter: int = 500, n_iter_g_only: int = 0,
                  tol: float = 1e-5, transform_max_iter: int = 200,
                  random_state: Any = None, min_nnz_per_column: int = 1,
-                 backend: Any = "auto", devices: Any = None, block_size: int = 4096,
-                 verbose: int = 0) -> None:
+                 backend: Any = "auto", devices: Any = None, distributed: bool = False,
+                 block_size: int = 4096, verbose: int = 0) -> None:
         self.n_components = n_components
         self.n_classes = n_classes
         self.init = init
@@ -147,6 +151,7 @@ class LowRankNPEFF(_BaseNPEFF):
         self.min_nnz_per_column = min_nnz_per_column
         self.backend = backend
         self.devices = devices
+        self.distributed = distributed
         self.block_size = block_size
         self.verbose = verbose
 
@@ -348,6 +353,7 @@ class LowRankNPEFF(_BaseNPEFF):
         Ft = blocks.gather_factor(parts)
         # fold the scale of each g_k into W: W_ik g g^T = (W_ik |g|^2) (g/|g|)(g/|g|)^T
         norms = np.sqrt(np.maximum(np.einsum("ij,ij->j", Ft, Ft, dtype=np.float64), 0.0))
+        norms[frozen_mask] = 1.0  # frozen components are returned bit for bit
         safe = np.where(norms > 0, norms, 1.0)
         Ft = (Ft / safe).astype(prob.dtype)
         W = be.to_numpy(W) * (norms ** 2).astype(prob.dtype)
@@ -359,6 +365,51 @@ class LowRankNPEFF(_BaseNPEFF):
         self.n_steps_ = 0
         self.reconstruction_err_ = float(np.sqrt(max(final, 0.0)))
         return np.asarray(W, dtype=prob.dtype)
+
+    # ------------------------------------------------------------- expansion
+    def _fit_with_frozen(self, X: Any, frozen_components: np.ndarray) -> np.ndarray:
+        """Fit ``n_components`` components of which the first ``r0`` are given and frozen.
+
+        Used by :class:`~sknpeff.ComponentExpander`. ``frozen_components`` (r0, n_params)
+        are copied into the first rows of G and never updated; the other rows start from
+        the data-seeded (or random) init; W over all components is learned.
+
+        Returns
+        -------
+        W : ndarray of shape (n_examples, n_components)
+        """
+        self._check_params()
+        X = self._validate_lrm(X, reset=True)
+        frozen_components = np.asarray(frozen_components)
+        r0 = frozen_components.shape[0]
+        if frozen_components.ndim != 2 or frozen_components.shape[1] != X.shape[1] // \
+                self.n_classes:
+            raise ValueError("frozen_components must have shape (r0, n_params), got "
+                             f"{frozen_components.shape}.")
+        if not 0 < r0 < self.n_components:
+            raise ValueError(f"need 0 < r0 < n_components, got r0={r0}, "
+                             f"n_components={self.n_components}.")
+        prob = self._prepare(X, fitting=True, keep_host=True)
+        self.n_classes_ = int(self.n_classes)
+        # frozen components keep their parameters even where X has no nonzeros
+        support = np.flatnonzero(np.any(frozen_components != 0, axis=0))
+        extra = np.setdiff1d(support, self.kept_columns_)
+        if extra.size:
+            prob = self._prepare_with_kept(X, np.union1d(self.kept_columns_, support))
+        rng = check_random_state(self.random_state)
+        A_host = prob.extras.pop("A_host")
+        Ft0 = self._init_factor(A_host, rng)
+        del A_host
+        Ft0[:, :r0] = frozen_components[:, self.kept_columns_].T
+        W0 = None
+        if self.init == "random":
+            W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
+        frozen = np.arange(self.n_components) < r0
+        return self._fit_loop(prob, Ft0, W0, frozen=frozen)
+
+    def _prepare_with_kept(self, X: sp.csr_matrix, kept: np.ndarray) -> Problem:
+        self.kept_columns_ = np.asarray(kept, dtype=np.int64)
+        return self._prepare(X, fitting=False, keep_host=True)
 
     # -------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:
