@@ -7,6 +7,7 @@ through a backend object. Nothing else in the package branches on the backend.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -16,11 +17,17 @@ import numpy as np
 class Backend(ABC):
     """Interface of an array backend.
 
-    A backend owns one or more *partitions* (one per device; simulated partitions on
-    CPU). Each partition holds a contiguous range of the column blocks of the sparse
-    input and the matching rows of the transposed factor. Products whose result is
-    small (``A @ Gt``: rows x components, ``Gt.T @ Gt``: components x components) are
-    computed per partition and summed with :meth:`allreduce`.
+    A backend spreads the column blocks of the sparse input over *partitions* (one per
+    device; simulated partitions on CPU; one or more per rank of a distributed job).
+    Each partition holds a contiguous range of column blocks and the matching rows of
+    the transposed factor. Products whose result is small (``A @ Gt``: rows x
+    components, ``Gt.T @ Gt``: components x components) are computed per partition and
+    summed with :meth:`allreduce`.
+
+    :meth:`n_partitions` counts the partitions of the whole job;
+    :meth:`local_partitions` lists (by global id) those this process holds. Every
+    ``partition`` argument of the methods below is a *local* index: position ``i`` in
+    :meth:`local_partitions`, i.e. the ``i``-th device of this process.
     """
 
     #: short name used in ``repr`` and error messages
@@ -46,8 +53,42 @@ class Backend(ABC):
         """Sparse @ dense. Writes into ``out`` (adding to it when ``accumulate``)."""
 
     def n_partitions(self) -> int:
-        """Number of column partitions (devices) this backend spreads a matrix over."""
+        """Number of column partitions of the whole job (all processes)."""
         return 1
+
+    def local_partitions(self) -> list[int]:
+        """Global ids of the partitions held by this process (default: all of them)."""
+        return list(range(self.n_partitions()))
+
+    def device(self, partition: int) -> contextlib.AbstractContextManager:
+        """Context in which work on local ``partition`` runs (its device made current).
+
+        CPU backends need none; the CuPy backend makes the partition's GPU current.
+        """
+        return contextlib.nullcontext()
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any, partition: int = 0) -> Any:
+        """A zero-filled dense array on local ``partition``'s device."""
+        with self.device(partition):
+            return self.move(self.xp.zeros(shape, dtype=dtype), partition)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any, partition: int = 0) -> Any:
+        """An uninitialized dense array on local ``partition``'s device."""
+        with self.device(partition):
+            return self.move(self.xp.empty(shape, dtype=dtype), partition)
+
+    def gather_rows(self, local: np.ndarray) -> np.ndarray:
+        """Concatenate, in process order, every process's rows of a host array.
+
+        ``local`` holds this process's rows (its partitions' rows of a factor, in
+        order). One process holds all partitions, so the default returns ``local``;
+        the distributed backend all-gathers.
+        """
+        return local
+
+    def is_root(self) -> bool:
+        """True on the process that should print, save or log (rank 0)."""
+        return True
 
     def allreduce(self, parts: list[Any]) -> Any:
         """Sum per-partition partial results; every partition receives the total.
@@ -66,3 +107,4 @@ class Backend(ABC):
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Wait for queued device work (for timing); no-op on CPU."""
+

@@ -9,7 +9,12 @@ computed block by block over contiguous ranges of columns:
   product;
 * on several devices, each device owns a contiguous range of blocks (a *partition*) and
   its slice of ``Ft``; the small results (``rows x r`` and ``r x r``) are all-reduced;
-* across processes, each rank owns a partition in the same way.
+* across processes, each rank owns a partition in the same way, and builds only the
+  blocks of its own partitions (:meth:`Backend.local_partitions`).
+
+Blocks are always built on the host, one partition at a time from the columns of that
+partition only, and then handed to the backend (which copies them to the partition's
+device): an input larger than one device is split before anything is moved.
 
 Every block keeps the CSR matrix of its columns (``A_b``, for ``A_b @ Ft_b``) and the CSR
 matrix of their transpose (``At_b``, for ``At_b @ R``, a gather): transposed products
@@ -40,6 +45,7 @@ class Block:
 
     start: int
     stop: int
+    #: local index of the block's partition (position in the list of factor parts)
     partition: int
     #: the block's columns relative to its partition's first column
     local_start: int
@@ -49,6 +55,8 @@ class Block:
     #: backend sparse matrix, (stop - start) x rows
     At: Any
     nnz: int
+    #: global id of the block's partition (equals ``partition`` in one process)
+    global_partition: int = -1
 
 
 def plan_blocks(col_nnz: np.ndarray, block_size: int, max_block_nnz: int) -> list[tuple[int, int]]:
@@ -73,7 +81,11 @@ def plan_blocks(col_nnz: np.ndarray, block_size: int, max_block_nnz: int) -> lis
 
 def plan_partitions(bounds: list[tuple[int, int]], block_nnz: np.ndarray,
                     n_partitions: int) -> np.ndarray:
-    """Assign contiguous runs of blocks to partitions, balancing nonzeros."""
+    """Assign contiguous runs of blocks to partitions, balancing nonzeros.
+
+    Returns the partition of each block: non-decreasing, and using every partition
+    ``0 .. min(n_partitions, n_blocks) - 1``.
+    """
     n_blocks = len(bounds)
     if n_blocks == 0:
         return np.zeros(0, dtype=np.int64)
@@ -89,6 +101,62 @@ def plan_partitions(bounds: list[tuple[int, int]], block_nnz: np.ndarray,
     return part
 
 
+def partition_ranges(bounds: list[tuple[int, int]], part: np.ndarray, n_partitions: int,
+                     n_cols: int) -> list[tuple[int, int]]:
+    """Column range ``[start, stop)`` of each of ``n_partitions`` partitions.
+
+    Partitions without blocks (more partitions than blocks) get an empty range at the
+    end of the previous one, so the ranges tile ``[0, n_cols)`` in order.
+    """
+    ranges = []
+    prev = 0
+    for p in range(n_partitions):
+        ids = np.flatnonzero(part == p)
+        if ids.size:
+            ranges.append((bounds[ids[0]][0], bounds[ids[-1]][1]))
+        else:
+            ranges.append((prev, prev))
+        prev = ranges[-1][1]
+    if bounds and prev != n_cols:  # pragma: no cover - plan_blocks covers every column
+        raise AssertionError("partitions do not cover all columns")
+    return ranges
+
+
+def column_nnz(X: sp.spmatrix, chunk: int = 1 << 24) -> np.ndarray:
+    """Stored entries per column of ``X`` without converting it (bounded temporaries)."""
+    n_cols = int(X.shape[1])
+    if X.format == "csc":
+        return np.diff(np.asarray(X.indptr, dtype=np.int64))
+    if X.format == "coo":
+        idx = X.col
+    else:
+        if X.format != "csr":
+            X = sp.csr_matrix(X)
+        idx = X.indices
+    counts = np.zeros(n_cols, dtype=np.int64)
+    for s in range(0, len(idx), chunk):
+        counts += np.bincount(idx[s:s + chunk], minlength=n_cols)
+    return counts
+
+
+def columns_csc(X: sp.spmatrix, start: int, stop: int) -> sp.csc_matrix:
+    """Host CSC copy of the columns ``[start, stop)`` of ``X`` (sorted indices).
+
+    Only those columns are copied; for the whole range of a CSC input, no copy.
+    """
+    n_cols = int(X.shape[1])
+    if start == 0 and stop == n_cols:
+        csc = sp.csc_matrix(X)
+    elif X.format == "csc":
+        csc = X[:, start:stop]
+    else:
+        csr = X if X.format == "csr" else sp.csr_matrix(X)
+        csc = csr[:, start:stop].tocsc()
+    if not csc.has_sorted_indices:
+        csc = csc.sorted_indices()  # a copy: the caller's arrays are never touched
+    return csc
+
+
 class ColumnBlocks:
     """A sparse matrix split into column blocks, spread over a backend's partitions.
 
@@ -96,14 +164,43 @@ class ColumnBlocks:
     ----------
     X : scipy.sparse matrix of shape (n_rows, n_cols)
         The matrix. It is not modified; the blocks hold copies of its values (so the
-        caller may drop its own copy once this is built).
+        caller may drop its own copy once this is built). In a distributed job every
+        process passes the same matrix (a memory map is fine) and only the columns of
+        its own partitions are read into blocks.
     backend : Backend
-        Supplies the sparse matrix type, products and all-reduce.
+        Supplies the sparse matrix type, products, placement and all-reduce.
     block_size : int, default=4096
         Columns per block. About 4096 keeps a block's slice of a float32 factor with
-        64 components (1 MiB) in a 2-core machine's L2/L3 cache.
+        64 components (1 MiB) in a 2-core machine's L2/L3 cache. Blocks are cut smaller
+        when there would otherwise be fewer blocks than partitions.
     max_block_nnz : int, default=2**31 - 1
         Nonzeros per block at most (blocks then need only int32 indices).
+
+    Attributes
+    ----------
+    n_partitions : int
+        Number of partitions held by this process (the length of the factor part lists
+        the methods take and return).
+    n_global_partitions : int
+        Number of partitions of the whole job.
+    local_partitions : list of int
+        Global ids of this process's partitions.
+    partition_ranges : list of (int, int)
+        Column range of each local partition (aligned with the factor parts).
+    global_partition_ranges : list of (int, int)
+        Column range of every partition of the job; they tile ``[0, n_cols)``.
+    blocks : list of Block
+        This process's blocks, in column order.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> from sknpeff.backends import ColumnBlocks, NumpyBackend
+    >>> A = sp.random(30, 100, density=0.1, format="csr", random_state=0)
+    >>> blocks = ColumnBlocks(A, NumpyBackend(n_partitions=2), block_size=16)
+    >>> F = np.ones((100, 3))
+    >>> np.allclose(blocks.matmul(blocks.split_factor(F)), A @ F)
+    True
     """
 
     def __init__(self, X: sp.spmatrix, backend: Backend, block_size: int = 4096,
@@ -112,43 +209,64 @@ class ColumnBlocks:
             raise ValueError(f"block_size must be >= 1, got {block_size!r}.")
         if max_block_nnz < 1:
             raise ValueError(f"max_block_nnz must be >= 1, got {max_block_nnz!r}.")
+        if max_block_nnz > INT32_MAX_NNZ:
+            raise ValueError(f"max_block_nnz must be <= 2**31 - 1 (int32 block indices), "
+                             f"got {max_block_nnz!r}.")
+        if not sp.issparse(X):
+            X = sp.csr_matrix(X)
         self.backend = backend
         self.n_rows, self.n_cols = (int(s) for s in X.shape)
         self.dtype = X.dtype
-        csc = sp.csc_matrix(X)  # one copy (no copy if X is already CSC)
-        csc.sort_indices()
-        col_nnz = np.diff(csc.indptr)
-        self.nnz = int(csc.indptr[-1])
+        col_nnz = column_nnz(X)
+        self.nnz = int(col_nnz.sum())
+        n_global = int(backend.n_partitions())
         bounds = plan_blocks(col_nnz, block_size, max_block_nnz)
-        block_nnz = np.array([csc.indptr[e] - csc.indptr[s] for s, e in bounds], dtype=np.int64)
-        part = plan_partitions(bounds, block_nnz, backend.n_partitions())
-        self.n_partitions = int(part.max()) + 1 if len(part) else 1
-        self.partition_ranges: list[tuple[int, int]] = []
-        for p in range(self.n_partitions):
-            ids = np.flatnonzero(part == p)
-            self.partition_ranges.append((bounds[ids[0]][0], bounds[ids[-1]][1]))
-        if not bounds:
-            self.partition_ranges = [(0, self.n_cols)]
+        if 0 < len(bounds) < n_global:  # smaller blocks, so that no partition is empty
+            bounds = plan_blocks(col_nnz, -(-self.n_cols // n_global), max_block_nnz)
+        cum = np.concatenate([[0], np.cumsum(col_nnz, dtype=np.int64)])
+        block_nnz = np.array([cum[e] - cum[s] for s, e in bounds], dtype=np.int64)
+        part = plan_partitions(bounds, block_nnz, n_global)
+        self.n_global_partitions = n_global
+        self.global_partition_ranges = partition_ranges(bounds, part, n_global, self.n_cols)
+        self.local_partitions = [int(g) for g in backend.local_partitions()]
+        self.partition_ranges = [self.global_partition_ranges[g]
+                                 for g in self.local_partitions]
+        self.n_partitions = len(self.local_partitions)
         self.blocks: list[Block] = []
-        for (s, e), p, nnz in zip(bounds, part, block_nnz, strict=True):
-            p = int(p)
-            lo, hi = csc.indptr[s], csc.indptr[e]
-            indptr = (csc.indptr[s:e + 1] - lo).astype(np.int32)
+        for i, g in enumerate(self.local_partitions):
+            ids = np.flatnonzero(part == g)
+            if ids.size:
+                self._build_partition(X, i, g, [bounds[k] for k in ids])
+
+    def _build_partition(self, X: sp.spmatrix, i: int, g: int,
+                         bounds: list[tuple[int, int]]) -> None:
+        """Build, on the host, the blocks of local partition ``i`` and hand them over."""
+        be = self.backend
+        p0, p1 = self.partition_ranges[i]
+        csc = columns_csc(X, p0, p1)
+        for s, e in bounds:
+            ls, le = s - p0, e - p0
+            lo, hi = int(csc.indptr[ls]), int(csc.indptr[le])
+            if hi - lo > INT32_MAX_NNZ:  # pragma: no cover - plan_blocks prevents it
+                raise AssertionError("a column block exceeds the int32 index range")
+            indptr = (np.asarray(csc.indptr[ls:le + 1]) - lo).astype(np.int32)
             indices = csc.indices[lo:hi]
             if indices.dtype != np.int32:  # only when the whole matrix needs int64
                 indices = indices.astype(np.int32)
             data = csc.data[lo:hi]
-            at = backend.csr(indptr, indices, data, (e - s, self.n_rows), partition=p)
+            at = be.csr(indptr, indices, data, (e - s, self.n_rows), partition=i)
             # A_b: the same block as CSR of shape (rows, e - s)
             a_host = sp.csc_matrix((data, indices, indptr), shape=(self.n_rows, e - s)).tocsr()
-            a = backend.csr(a_host.indptr.astype(np.int32), a_host.indices.astype(np.int32),
-                            a_host.data, a_host.shape, partition=p)
-            p0 = self.partition_ranges[p][0]
-            self.blocks.append(Block(s, e, p, s - p0, e - p0, a, at, int(nnz)))
+            a = be.csr(a_host.indptr.astype(np.int32), a_host.indices.astype(np.int32),
+                       a_host.data, a_host.shape, partition=i)
+            self.blocks.append(Block(s, e, i, ls, le, a, at, hi - lo, global_partition=g))
 
     # ------------------------------------------------------------------ factors
     def split_factor(self, Ft: np.ndarray, dtype: Any = None) -> list[Any]:
-        """Split a host factor of shape (n_cols, r) into per-partition device arrays."""
+        """Split a host factor of shape (n_cols, r) into this process's partitions.
+
+        Returns one device array per local partition (rows of its column range).
+        """
         Ft = np.asarray(Ft)
         if Ft.shape[0] != self.n_cols:
             raise ValueError(f"factor has {Ft.shape[0]} rows, expected {self.n_cols}")
@@ -158,58 +276,81 @@ class ColumnBlocks:
                 for p, (s, e) in enumerate(self.partition_ranges)]
 
     def gather_factor(self, parts: list[Any]) -> np.ndarray:
-        """Concatenate per-partition factors back into one host array (n_cols, r)."""
-        return np.concatenate([self.backend.to_numpy(p) for p in parts], axis=0)
+        """The whole factor (n_cols, r) on the host, from every process's partitions.
+
+        In a distributed job every process receives the same full array.
+        """
+        local = np.concatenate([np.asarray(self.backend.to_numpy(p)) for p in parts], axis=0)
+        full = self.backend.gather_rows(local)
+        if full.shape[0] != self.n_cols:
+            raise ValueError(f"gathered factor has {full.shape[0]} rows, expected "
+                             f"{self.n_cols}")
+        return full
+
+    def _replicate(self, x: Any) -> list[Any]:
+        """``x`` (on local partition 0) on every local partition."""
+        return [x if p == 0 else self.backend.move(x, p) for p in range(self.n_partitions)]
 
     # ----------------------------------------------------------------- products
     def matmul(self, parts: list[Any]) -> Any:
         """``A @ Ft`` (n_rows x r), summed over partitions."""
-        xp = self.backend.xp
+        be = self.backend
         r = parts[0].shape[1]
-        outs = [xp.zeros((self.n_rows, r), dtype=parts[0].dtype) for _ in parts]
-        outs = [self.backend.move(o, p) for p, o in enumerate(outs)]
+        outs = [be.zeros((self.n_rows, r), parts[0].dtype, p) for p in range(len(parts))]
         for b in self.blocks:
-            self.backend.spmm(b.A, parts[b.partition][b.local_start:b.local_stop],
-                              out=outs[b.partition], accumulate=True)
-        return self.backend.allreduce(outs)
+            with be.device(b.partition):
+                be.spmm(b.A, parts[b.partition][b.local_start:b.local_stop],
+                        out=outs[b.partition], accumulate=True)
+        return be.allreduce(outs)
 
     def rmatmul(self, R: Any) -> list[Any]:
         """``A.T @ R`` as per-partition arrays of shape (n_cols_p, r)."""
-        xp = self.backend.xp
-        Rs = [self.backend.move(R, p) for p in range(self.n_partitions)]
-        outs = []
-        for p, (s, e) in enumerate(self.partition_ranges):
-            outs.append(self.backend.move(xp.empty((e - s, R.shape[1]), dtype=R.dtype), p))
+        be = self.backend
+        Rs = self._replicate(R)
+        outs = [be.empty((e - s, R.shape[1]), R.dtype, p)
+                for p, (s, e) in enumerate(self.partition_ranges)]
         for b in self.blocks:
-            out = outs[b.partition][b.local_start:b.local_stop]
-            self.backend.spmm(b.At, Rs[b.partition], out=out)
+            with be.device(b.partition):
+                out = outs[b.partition][b.local_start:b.local_stop]
+                be.spmm(b.At, Rs[b.partition], out=out)
         return outs
 
     def gram(self, parts: list[Any]) -> Any:
         """``Ft.T @ Ft`` (r x r), summed over partitions."""
-        return self.backend.allreduce([p.T @ p for p in parts])
+        grams = []
+        for p, x in enumerate(parts):
+            with self.backend.device(p):
+                grams.append(x.T @ x)
+        return self.backend.allreduce(grams)
 
-    def sweep(self, parts: list[Any], R: Any,
-              update: Callable[[Any, Any], None]) -> tuple[Any, Any]:
+    def sweep(self, parts: list[Any], R: Any, update: Callable[..., None],
+              consts: tuple = ()) -> tuple[Any, Any]:
         """Update the factor block by block and return the products of the new factor.
 
-        For each block ``b``: ``T = At_b @ R``; ``update(Ft_b, T)`` changes the block's
-        rows of the factor in place; then ``A_b @ Ft_b`` and ``Ft_b.T @ Ft_b`` of the
-        *updated* rows are accumulated. One pass over the factor, each slice touched
-        while in cache. Returns ``(A @ Ft_new, Ft_new.T @ Ft_new)``, all-reduced.
+        For each block ``b``: ``T = At_b @ R``; ``update(Ft_b, T, *consts)`` changes the
+        block's rows of the factor in place; then ``A_b @ Ft_b`` and ``Ft_b.T @ Ft_b``
+        of the *updated* rows are accumulated. One pass over the factor, each slice
+        touched while in cache. Returns ``(A @ Ft_new, Ft_new.T @ Ft_new)``,
+        all-reduced.
+
+        ``consts`` are small replicated arrays the update reads (on local partition 0);
+        they are passed to ``update`` as copies on the block's own device. Pass device
+        arrays through ``consts`` rather than capturing them in ``update``: on several
+        GPUs a captured array lives on the first device only.
         """
-        xp = self.backend.xp
+        be = self.backend
         r = parts[0].shape[1]
-        Rs = [self.backend.move(R, p) for p in range(self.n_partitions)]
-        P = [self.backend.move(xp.zeros((self.n_rows, r), dtype=parts[0].dtype), p)
-             for p in range(self.n_partitions)]
-        Q = [self.backend.move(xp.zeros((r, r), dtype=parts[0].dtype), p)
-             for p in range(self.n_partitions)]
+        dtype = parts[0].dtype
+        Rs = self._replicate(R)
+        cs = [self._replicate(c) for c in consts]
+        P = [be.zeros((self.n_rows, r), dtype, p) for p in range(self.n_partitions)]
+        Q = [be.zeros((r, r), dtype, p) for p in range(self.n_partitions)]
         for b in self.blocks:
             p = b.partition
-            Fb = parts[p][b.local_start:b.local_stop]
-            T = self.backend.spmm(b.At, Rs[p])
-            update(Fb, T)
-            self.backend.spmm(b.A, Fb, out=P[p], accumulate=True)
-            Q[p] += Fb.T @ Fb
-        return self.backend.allreduce(P), self.backend.allreduce(Q)
+            with be.device(p):
+                Fb = parts[p][b.local_start:b.local_stop]
+                T = be.spmm(b.At, Rs[p])
+                update(Fb, T, *(c[p] for c in cs))
+                be.spmm(b.A, Fb, out=P[p], accumulate=True)
+                Q[p] += Fb.T @ Fb
+        return be.allreduce(P), be.allreduce(Q)
