@@ -35,19 +35,22 @@ def get_backend(backend: str | Backend = "auto", *, X: Any = None,
         GPU ids for the CuPy backend.
     distributed : bool, default=False
         Spread the columns over the ranks of the initialized ``torch.distributed``
-        process group (see :mod:`sknpeff.backends._distributed`).
+        process group (see :mod:`sknpeff.backends._distributed`); a :class:`Backend`
+        instance is then the rank's local backend.
 
     Returns
     -------
     Backend
     """
-    if isinstance(backend, Backend):
-        return backend
     if distributed:
         from ._distributed import DistributedBackend
 
+        if isinstance(backend, DistributedBackend):
+            return backend
         local = get_backend(backend, X=X, devices=devices)
         return DistributedBackend(local)
+    if isinstance(backend, Backend):
+        return backend
     if backend not in ("auto", "numpy", "cupy"):
         raise ValueError(
             f"backend must be 'auto', 'numpy', 'cupy' or a Backend instance, got {backend!r}."

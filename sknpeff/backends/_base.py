@@ -108,3 +108,48 @@ class Backend(ABC):
     def synchronize(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Wait for queued device work (for timing); no-op on CPU."""
 
+
+
+def resolve_devices(devices: Any, n_available: int) -> list[int]:
+    """Validate a ``devices`` parameter against the number of visible devices.
+
+    Parameters
+    ----------
+    devices : None, int or sequence of int
+        ``None`` means device 0 only; an int means that one device.
+    n_available : int
+        Number of visible devices.
+
+    Returns
+    -------
+    list of int
+        Distinct device ids, in the given order (partition ``i`` lives on entry ``i``).
+
+    Raises
+    ------
+    ValueError
+        On an empty list, repeated ids, non-integers or ids out of range.
+    """
+    if n_available < 1:
+        raise ValueError("no device is visible.")
+    if devices is None:
+        return [0]
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        devices = [devices]
+    try:
+        devs = list(devices)
+    except TypeError:
+        raise ValueError(f"devices must be None, an int or a list of ints, got {devices!r}.")\
+            from None
+    if not devs:
+        raise ValueError("devices must name at least one device.")
+    out = []
+    for d in devs:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            raise ValueError(f"devices must be integers, got {d!r}.")
+        if not 0 <= int(d) < n_available:
+            raise ValueError(f"device {int(d)} does not exist: {n_available} visible.")
+        out.append(int(d))
+    if len(set(out)) != len(out):
+        raise ValueError(f"devices must be distinct, got {out}.")
+    return out
