@@ -1,5 +1,6 @@
 """NPEFF decompositions: :class:`DiagonalNPEFF` and :class:`LowRankNPEFF`."""
 
+from ._diagonal import DiagonalNPEFF
 from ._low_rank import LowRankNPEFF
 
-__all__ = ["LowRankNPEFF"]
+__all__ = ["DiagonalNPEFF", "LowRankNPEFF"]

@@ -177,7 +177,11 @@ def diag_mu_update(xp: Any, F: Any, T: Any, G: Any, eps: float = EPS) -> None:
     """One Lee-Seung multiplicative step ``F <- F * T / (F @ G + eps)``, in place.
 
     The reference D-NPEFF update (method doc section 2), the same for ``W`` and ``Ft``.
-    Parameters as in :func:`diag_hals_update`.
+    Parameters as in :func:`diag_hals_update`. Multiplicative steps shrink unneeded
+    entries geometrically; positive entries are kept at or above ``sqrt(tiny)`` of the
+    dtype (1e-19 for float32) so that neither they nor their products with data become
+    subnormal numbers, whose arithmetic is one to two orders of magnitude slower on
+    x86 CPUs. Exact zeros stay zero.
     """
     if F.shape[0] == 0:
         return
@@ -185,6 +189,8 @@ def diag_mu_update(xp: Any, F: Any, T: Any, G: Any, eps: float = EPS) -> None:
     denom += eps
     F *= T
     F /= denom
+    floor = float(xp.finfo(F.dtype).tiny) ** 0.5
+    xp.copyto(F, floor, where=(F > 0) & (F < floor))
 
 
 #: solver name -> in-place update of rows given (T, G)

@@ -1,0 +1,536 @@
+"""D-NPEFF: non-negative factorization of sparse diagonal per-example Fishers.
+
+``DiagonalNPEFF`` factors the sparse D-PEF matrix ``X`` (examples x parameters) into
+non-negative coefficients ``W`` and non-negative pseudo-Fisher diagonals ``H``
+(method doc section 2). The factor is kept transposed (``Ft = H.T``, kept parameters x
+components) and split into column blocks (:class:`sknpeff.backends.ColumnBlocks`), so each
+iteration streams the factor once, block by block, while the block's rows are in cache.
+The update rules themselves live in :mod:`sknpeff.decomposition._updates`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.utils import check_random_state
+
+from ._base import Problem, _BaseNPEFF, _check_choice
+from ._updates import DIAG_UPDATES, diag_loss, diag_solve_w, sum_f64
+
+__all__ = ["DiagonalNPEFF"]
+
+#: extra random directions of the randomized range finder used by the NNDSVD init
+_OVERSAMPLE = 10
+#: power iterations of the randomized range finder
+_POWER_ITERS = 3
+#: W-only iterations per batch of partial_fit
+_PARTIAL_W_ITER = 100
+#: partial_fit weights batch ``s`` of ``t`` by ``s ** _FORGET_POWER`` (see partial_fit)
+_FORGET_POWER = 1.0
+
+
+def _check_non_negative(X: sp.csr_matrix, whom: str) -> None:
+    if X.nnz and np.min(X.data) < 0:
+        raise ValueError(
+            f"Negative values in data passed to {whom}: X must be non-negative "
+            "(D-PEFs are per-parameter Fisher diagonals, sums of squared gradients)."
+        )
+
+
+class DiagonalNPEFF(_BaseNPEFF):
+    """Diagonal NPEFF: non-negative factorization of sparse diagonal PEFs.
+
+    Finds non-negative coefficients ``W`` (n_examples, n_components) and non-negative
+    pseudo-Fisher diagonals ``H`` (n_components, n_params) minimizing the Frobenius
+    objective ``||X - W H||_F^2`` over sparse D-PEFs ``X`` (Matena & Raffel, *NPEFF*,
+    D-NPEFF). Parameters (columns) with fewer than ``min_nnz_per_column`` stored values are
+    pruned before fitting; their component entries are zero.
+
+    Parameters
+    ----------
+    n_components : int, default=32
+        Number of components ``r``.
+    init : {"auto", "nndsvda", "nndsvd", "random"}, default="auto"
+        Initialization of ``W`` and ``H``.
+
+        - ``"auto"``: ``"nndsvda"``.
+        - ``"nndsvd"``: non-negative double SVD (Boutsidis & Gallopoulos 2008) of the
+          pruned sparse matrix, from a randomized truncated SVD computed with the same
+          blocked sparse products as the iterations (no dense copy of ``X``). Components
+          beyond the rank of ``X`` start random.
+        - ``"nndsvda"``: ``"nndsvd"`` with its zeros replaced by the mean of ``X`` (lets
+          multiplicative updates move every entry).
+        - ``"random"``: the reference initialization, ``W`` and ``H`` uniform on
+          ``[0, 2 sqrt(mean(X) / r)]`` (so ``W H`` matches ``X`` on average).
+    solver : {"cd", "mu"}, default="cd"
+        ``"cd"``: HALS, exact coordinate descent over one component at a time (much
+        faster convergence). ``"mu"``: Lee-Seung multiplicative updates (the reference).
+    max_iter : int, default=200
+        Maximum number of iterations (one iteration = a W step then an H step). Also the
+        maximum number of W steps of :meth:`transform`.
+    tol : float, default=1e-4
+        Fit stops when the loss decreased by less than ``tol`` times the first loss over
+        the last 10 iterations. :meth:`transform` stops a row of ``W`` when its relative
+        change falls to ``tol``. ``0`` runs ``max_iter`` iterations.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the initialization.
+    min_nnz_per_column : int, default=1
+        Parameters with fewer stored nonzeros than this over the training examples are
+        pruned (:meth:`partial_fit` keeps every column).
+    backend : {"auto", "numpy", "cupy"} or Backend, default="auto"
+        Array backend (see :func:`sknpeff.backends.get_backend`).
+    devices : list of int, default=None
+        GPU ids for the CuPy backend.
+    block_size : int, default=4096
+        Parameters per column block (a block's slice of the factor should fit in cache).
+    verbose : int, default=0
+        Print the loss every 10 iterations.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features_in_)
+        Non-negative pseudo-Fisher diagonals in the full parameter space (zeros on pruned
+        parameters); same dtype as the training ``X``.
+    kept_columns_ : ndarray of int64
+        Indices of the parameters kept after pruning.
+    n_components_ : int
+        Number of components.
+    reconstruction_err_ : float
+        Frobenius norm ``||X - W H||_F`` of the training residual at the end of the fit
+        (pruned columns included), as :class:`sklearn.decomposition.NMF` reports it. For
+        :meth:`partial_fit`, that of the last batch before its H step.
+    loss_curve_ : list of float
+        ``||X - W H||_F^2`` (not halved) over the kept columns after each iteration.
+        :meth:`partial_fit` appends one value per batch.
+    n_iter_ : int
+        Number of iterations run (:meth:`partial_fit`: number of batches seen).
+    n_steps_ : int
+        Number of :meth:`partial_fit` batches seen (only after :meth:`partial_fit`).
+    n_features_in_ : int
+        Number of parameters of the input.
+    feature_names_in_ : ndarray of str
+        Names of features seen during fit (only when ``X`` has string column names).
+
+    See Also
+    --------
+    sklearn.decomposition.NMF : Dense/sparse NMF with the same objective.
+    sknpeff.decomposition.LowRankNPEFF : NPEFF on low-rank (exact) PEFs.
+
+    Notes
+    -----
+    One iteration computes the W step from ``X @ Ft`` and ``Ft.T @ Ft``, then sweeps the
+    column blocks: for each block ``T = X_b.T @ W``, the block's rows of ``Ft`` are updated
+    in place, and ``X_b @ Ft_b`` and ``Ft_b.T @ Ft_b`` of the new rows are accumulated for
+    the next W step. The loss is evaluated from the same small products,
+    ``||X||^2 - 2 sum(W * (X @ Ft)) + sum((W.T W) * (Ft.T Ft))``, in float64.
+
+    Examples
+    --------
+    >>> from sknpeff.datasets import make_planted_diagonal
+    >>> from sknpeff.decomposition import DiagonalNPEFF
+    >>> X, W_true, H_true = make_planted_diagonal(n_examples=200, n_params=1000,
+    ...                                           n_components=5, support_size=100,
+    ...                                           random_state=0)
+    >>> est = DiagonalNPEFF(n_components=5, random_state=0)
+    >>> W = est.fit_transform(X)
+    >>> W.shape, est.components_.shape
+    ((200, 5), (5, 1000))
+    >>> bool(est.reconstruction_err_ < 1e-2)
+    True
+    """
+
+    def __init__(
+        self,
+        n_components: int = 32,
+        *,
+        init: str = "auto",
+        solver: str = "cd",
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        random_state: Any = None,
+        min_nnz_per_column: int = 1,
+        backend: Any = "auto",
+        devices: Any = None,
+        block_size: int = 4096,
+        verbose: int = 0,
+    ) -> None:
+        self.n_components = n_components
+        self.init = init
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.min_nnz_per_column = min_nnz_per_column
+        self.backend = backend
+        self.devices = devices
+        self.block_size = block_size
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ plumbing
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        return tags
+
+    def _check_params(self) -> None:
+        self._check_common_params()
+        _check_choice("init", self.init, ("auto", "nndsvda", "nndsvd", "random"))
+        _check_choice("solver", self.solver, ("cd", "mu"))
+
+    def _loss_constant(self, A: sp.csr_matrix) -> float:
+        data = A.data
+        return float(np.dot(data.astype(np.float64, copy=False),
+                            data.astype(np.float64, copy=False)))
+
+    def _validated(self, X: Any, *, reset: bool, whom: str) -> sp.csr_matrix:
+        X = self._validate_input(X, reset=reset)
+        _check_non_negative(X, f"{type(self).__name__}.{whom} (input X)")
+        return X
+
+    def _problem(self, X: sp.csr_matrix, *, fitting: bool) -> Problem:
+        """``_prepare`` plus the sum of the kept values (for the initial scales)."""
+        prob = self._prepare(X, fitting=fitting, keep_host=True)
+        A = prob.extras.pop("A_host")
+        prob.extras["sum"] = sum_f64(np, A.data)
+        return prob
+
+    def _update(self) -> Any:
+        return DIAG_UPDATES[self.solver]
+
+    def _factor_from_components(self, dtype: Any) -> np.ndarray:
+        """The kept-column factor ``Ft`` (m', r), C-ordered, in ``dtype``."""
+        return np.ascontiguousarray(self.components_[:, self.kept_columns_].T, dtype=dtype)
+
+    # -------------------------------------------------------------- initialization
+    def _initialize(self, prob: Problem, rng: np.random.RandomState
+                    ) -> tuple[Any, list[Any]]:
+        """Initial ``W`` (n, r) on the backend and ``Ft`` split into partitions."""
+        blocks = prob.blocks
+        xp = blocks.backend.xp
+        n, m = prob.n_samples, blocks.n_cols
+        r = self.n_components
+        dtype = np.dtype(prob.dtype)
+        mean = _mean_of(prob)
+        init = "nndsvda" if self.init == "auto" else self.init
+        if init == "random":
+            avg = np.sqrt(mean / r)
+            Ft = (2.0 * avg) * rng.uniform(size=(m, r))
+            W = (2.0 * avg) * rng.uniform(size=(n, r))
+            return (blocks.backend.asarray(W.astype(dtype)),
+                    blocks.split_factor(Ft.astype(dtype, copy=False), dtype=dtype))
+        W, parts = self._nndsvd(prob, rng)
+        fill = mean if init == "nndsvda" else 0.0
+        if fill > 0:
+            W[W == 0] = fill
+            for p in parts:
+                p[p == 0] = fill
+        return W.astype(dtype, copy=False), [xp.asarray(p, dtype=dtype) for p in parts]
+
+    def _nndsvd(self, prob: Problem, rng: np.random.RandomState) -> tuple[Any, list[Any]]:
+        """NNDSVD from a randomized truncated SVD through the blocked products."""
+        blocks = prob.blocks
+        backend = blocks.backend
+        xp = backend.xp
+        n, m = prob.n_samples, blocks.n_cols
+        r = self.n_components
+        dtype = np.dtype(prob.dtype)
+        k = min(r, n, m)
+        q = min(k + _OVERSAMPLE, n, m)
+        # random parts drawn first (same stream whatever k turns out to be)
+        omega = rng.standard_normal(size=(m, q)).astype(dtype)
+        W_rand = rng.uniform(size=(n, r))
+        F_rand = rng.uniform(size=(m, r))
+        parts = blocks.split_factor(omega, dtype=dtype)
+        del omega
+        Q = _orthonormal(xp, blocks.matmul(parts))
+        for _ in range(_POWER_ITERS):
+            Q = _orthonormal(xp, blocks.matmul(blocks.rmatmul(Q)))
+        Bt = blocks.rmatmul(Q)  # X.T @ Q, per partition (m_p, q)
+        Gm = _gram_f64(backend, Bt)  # Q.T X X.T Q = Ub S^2 Ub.T
+        evals, evecs = np.linalg.eigh(backend.to_numpy(Gm))
+        order = np.argsort(evals)[::-1][:k]
+        s = np.sqrt(np.clip(evals[order], 0.0, None))
+        Ub = evecs[:, order]
+        inv_s = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), 0.0)
+        U = backend.to_numpy(Q).astype(np.float64) @ Ub  # (n, k)
+        Vs = [backend.to_numpy(b).astype(np.float64) @ (Ub * inv_s) for b in Bt]  # (m_p, k)
+        # split each singular pair into its positive and negative parts (NNDSVD)
+        up, un = np.maximum(U, 0), np.maximum(-U, 0)
+        nup, nun = np.linalg.norm(up, axis=0), np.linalg.norm(un, axis=0)
+        vsq_p = backend.to_numpy(backend.allreduce(
+            [backend.asarray(np.sum(np.maximum(v, 0) ** 2, axis=0), partition=i)
+             for i, v in enumerate(Vs)]))
+        vsq_n = backend.to_numpy(backend.allreduce(
+            [backend.asarray(np.sum(np.maximum(-v, 0) ** 2, axis=0), partition=i)
+             for i, v in enumerate(Vs)]))
+        nvp, nvn = np.sqrt(vsq_p), np.sqrt(vsq_n)
+        pos = nup * nvp >= nun * nvn
+        sigma = np.where(pos, nup * nvp, nun * nvn)
+        nu = np.where(pos, nup, nun)
+        nv = np.where(pos, nvp, nvn)
+        ok = (nu > 0) & (nv > 0) & (s > 0)
+        cw = np.where(ok, np.sqrt(s * sigma) / np.where(nu > 0, nu, 1), 0.0)
+        ch = np.where(ok, np.sqrt(s * sigma) / np.where(nv > 0, nv, 1), 0.0)
+        W = np.empty((n, r), dtype=np.float64)
+        W[:, :k] = np.where(pos, up, un) * cw
+        mean_scale = np.sqrt(_mean_of(prob) / r)
+        W[:, k:] = mean_scale * W_rand[:, k:]
+        out_parts = []
+        for i, ((s0, e0), v) in enumerate(zip(blocks.partition_ranges, Vs, strict=True)):
+            F = np.empty((e0 - s0, r), dtype=dtype)
+            F[:, :k] = np.where(pos, np.maximum(v, 0), np.maximum(-v, 0)) * ch
+            F[:, k:] = mean_scale * F_rand[s0:e0, k:]
+            out_parts.append(backend.asarray(F, partition=i))
+        return backend.asarray(W.astype(dtype)), out_parts
+
+    # ------------------------------------------------------------------------ fit
+    def fit(self, X: Any, y: Any = None) -> DiagonalNPEFF:
+        """Learn the components from the D-PEFs ``X``.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_params)
+            Non-negative D-PEFs (CSR preferred; CSC, COO and dense are accepted).
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : DiagonalNPEFF
+            The fitted estimator.
+        """
+        self.fit_transform(X)
+        return self
+
+    def fit_transform(self, X: Any, y: Any = None) -> np.ndarray:
+        """Learn the components from ``X`` and return its coefficients.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_params)
+            Non-negative D-PEFs.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        W : ndarray of shape (n_examples, n_components)
+            Non-negative coefficients, same dtype as ``X``.
+        """
+        self._check_params()
+        X = self._validated(X, reset=True, whom="fit")
+        total_sq = sum_f64(np, np.square(X.data, dtype=np.float64))
+        prob = self._problem(X, fitting=True)
+        pruned_sq = max(0.0, total_sq - prob.const)
+        blocks = prob.blocks
+        backend = blocks.backend
+        xp = backend.xp
+        update = self._update()
+        rng = check_random_state(self.random_state)
+        W, parts = self._initialize(prob, rng)
+        XHt = blocks.matmul(parts)
+        HHt = blocks.gram(parts)
+        state = {"W": W, "XHt": XHt, "HHt": HHt, "fresh": True}
+
+        def step(it: int) -> float:
+            W = state["W"]
+            state["fresh"] = False  # products may go stale until the sweep returns
+            update(xp, W, state["XHt"], state["HHt"])
+            WtW = W.T @ W
+            XHt, HHt = blocks.sweep(parts, R=W, update=lambda Fb, T: update(xp, Fb, T, WtW))
+            state.update(XHt=XHt, HHt=HHt, WtW=WtW, fresh=True)
+            return diag_loss(xp, prob.const, W, XHt, WtW, HHt)
+
+        losses, n_iter = self._run_loop(step, self.max_iter, label="fit")
+        if state["fresh"]:
+            XHt, HHt = state["XHt"], state["HHt"]
+        else:
+            # interrupted inside an iteration: recompute the products of the factor as
+            # it is, so that every fitted attribute describes one state
+            XHt, HHt = blocks.matmul(parts), blocks.gram(parts)
+        # the returned coefficients are those of the final components, fitted exactly
+        # as transform(X) fits them (no sparse product needed: XHt and HHt are at hand)
+        W = self._solve_w(xp, XHt, HHt, _mean_of(prob), self.max_iter)
+        loss = diag_loss(xp, prob.const, W, XHt, W.T @ W, HHt)
+        Ft = blocks.gather_factor(parts)
+        self.components_ = self._full_components(Ft, self.n_features_in_)
+        self.n_components_ = self.components_.shape[0]
+        self.loss_curve_ = losses
+        self.n_iter_ = n_iter
+        self.reconstruction_err_ = float(np.sqrt(loss + pruned_sq))
+        for attr in ("n_steps_", "_stat_XtW", "_stat_WtW"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        return np.asarray(backend.to_numpy(W))
+
+    # ------------------------------------------------------------------ transform
+    def _frozen_products(self, X: sp.csr_matrix, backend: Any) -> tuple[Any, Any]:
+        """``X @ H.T`` and ``H @ H.T`` for the fitted components, computed once.
+
+        One sparse product over the full parameter space (``components_`` is zero on
+        pruned columns): no re-indexing or blocking of ``X`` is needed.
+        """
+        if not X.has_sorted_indices:
+            X = X.sorted_indices()  # a copy; the caller's matrix is left alone
+        a = backend.csr(X.indptr, X.indices, X.data, X.shape)
+        Ct = backend.asarray(np.ascontiguousarray(self.components_.T, dtype=X.dtype))
+        XHt = backend.spmm(a, Ct)
+        return XHt, Ct.T @ Ct
+
+    def _solve_w(self, xp: Any, XHt: Any, HHt: Any, mean: float, max_iter: int) -> Any:
+        """Coefficients with the components frozen (W steps only)."""
+        r = HHt.shape[0]
+        if self.solver == "mu":  # multiplicative steps cannot leave zero
+            W = xp.full((XHt.shape[0], r), np.sqrt(max(mean, 0.0) / r), dtype=XHt.dtype)
+        else:
+            W = xp.zeros((XHt.shape[0], r), dtype=XHt.dtype)
+        diag_solve_w(xp, W, XHt, HHt, self._update(), max_iter, float(self.tol))
+        return W
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Coefficients of new D-PEFs with the components frozen.
+
+        ``X @ H.T`` and ``H H.T`` are computed once; only the cheap W step is iterated
+        (at most ``max_iter`` times, each row until its relative change is below ``tol``).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_params)
+            Non-negative D-PEFs.
+
+        Returns
+        -------
+        W : ndarray of shape (n_examples, n_components)
+            Non-negative coefficients, same dtype as ``X``.
+        """
+        self._check_fitted()
+        X = self._validated(X, reset=False, whom="transform")
+        backend = self._get_backend(X)
+        XHt, HHt = self._frozen_products(X, backend)
+        mean = sum_f64(np, X.data) / max(1, X.shape[0] * len(self.kept_columns_))
+        W = self._solve_w(backend.xp, XHt, HHt, mean, self.max_iter)
+        return np.asarray(backend.to_numpy(W))
+
+    def inverse_transform(self, X: Any) -> np.ndarray:
+        """Map coefficients back to D-PEF space: ``X @ components_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_examples, n_components)
+            Coefficients (for example the output of :meth:`transform`).
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_examples, n_features_in_)
+            Dense reconstruction.
+        """
+        self._check_fitted()
+        W = np.asarray(X.toarray() if sp.issparse(X) else X)
+        if W.ndim != 2 or W.shape[1] != self.components_.shape[0]:
+            raise ValueError(
+                f"X must have shape (n_samples, {self.components_.shape[0]}), got {W.shape}."
+            )
+        return W @ self.components_
+
+    # ---------------------------------------------------------------- partial fit
+    def partial_fit(self, X: Any, y: Any = None) -> DiagonalNPEFF:
+        """Update the components with one mini-batch of D-PEFs (online NMF).
+
+        For data that does not fit in memory: call repeatedly on batches (several passes
+        over the data help). Each call fits the batch's coefficients with the components
+        frozen (like :meth:`transform`, at most 100 W steps), adds the batch's sufficient
+        statistics ``X.T @ W`` and ``W.T @ W`` to running sums, then takes one H step (the
+        solver's) on the quadratic those sums define. Older batches are forgotten
+        polynomially: after ``t`` batches, batch ``s`` weighs ``s / t``, so
+        statistics gathered with early, poor coefficients fade while the effective window
+        grows. The first call initializes the components from its batch (``init``) and
+        keeps every column (no pruning); a call after :meth:`fit` continues from the
+        fitted components with fresh statistics.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_params)
+            One batch of non-negative D-PEFs.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : DiagonalNPEFF
+            The updated estimator.
+        """
+        first = not hasattr(self, "components_")
+        if first:
+            self._check_params()
+        X = self._validated(X, reset=first, whom="partial_fit")
+        if first:
+            self.kept_columns_ = np.arange(X.shape[1], dtype=np.int64)
+            self.n_params_ = X.shape[1]
+            prob = self._problem(X, fitting=False)
+            rng = check_random_state(self.random_state)
+            _, parts = self._initialize(prob, rng)
+            self.components_ = self._full_components(prob.blocks.gather_factor(parts),
+                                                     X.shape[1])
+        else:
+            prob = self._problem(X, fitting=False)
+            parts = prob.blocks.split_factor(self._factor_from_components(X.dtype),
+                                             dtype=X.dtype)
+        blocks = prob.blocks
+        backend = blocks.backend
+        xp = backend.xp
+        XHt, HHt = blocks.matmul(parts), blocks.gram(parts)
+        W = self._solve_w(xp, XHt, HHt, _mean_of(prob), _PARTIAL_W_ITER)
+        WtW = W.T @ W
+        batch_loss = diag_loss(xp, prob.const, W, XHt, WtW, HHt)
+        t = getattr(self, "n_steps_", 0) + 1
+        rho = ((t - 1) / t) ** _FORGET_POWER
+        XtW = blocks.rmatmul(W)
+        if t == 1 or not hasattr(self, "_stat_XtW"):
+            stat_XtW, stat_WtW = XtW, WtW
+        else:
+            prev = blocks.split_factor(self._stat_XtW, dtype=X.dtype)
+            stat_XtW = [rho * a + b for a, b in zip(prev, XtW, strict=True)]
+            stat_WtW = rho * backend.asarray(self._stat_WtW, dtype=X.dtype) + WtW
+        update = self._update()
+        for b in blocks.blocks:
+            update(xp, parts[b.partition][b.local_start:b.local_stop],
+                   stat_XtW[b.partition][b.local_start:b.local_stop], stat_WtW)
+        self._stat_XtW = blocks.gather_factor(stat_XtW)
+        self._stat_WtW = np.asarray(backend.to_numpy(stat_WtW))
+        self.components_ = self._full_components(blocks.gather_factor(parts),
+                                                 self.n_features_in_).astype(
+            self.components_.dtype, copy=False)
+        self.n_components_ = self.components_.shape[0]
+        self.n_steps_ = t
+        self.n_iter_ = t
+        self.loss_curve_ = ([] if t == 1 else list(getattr(self, "loss_curve_", [])))
+        self.loss_curve_.append(batch_loss)
+        self.reconstruction_err_ = float(np.sqrt(batch_loss))
+        return self
+
+
+# ------------------------------------------------------------------------ helpers
+def _mean_of(prob: Problem) -> float:
+    """Mean of the pruned matrix ``A`` (n x m'), from the sum recorded by ``_problem``."""
+    return prob.extras["sum"] / max(1, prob.n_samples * prob.blocks.n_cols)
+
+
+def _orthonormal(xp: Any, Y: Any) -> Any:
+    """An orthonormal basis of the columns of ``Y`` (reduced QR)."""
+    Q, _ = xp.linalg.qr(Y)
+    return Q
+
+
+def _gram_f64(backend: Any, parts: list[Any], chunk: int = 1 << 16) -> Any:
+    """``sum_p parts[p].T @ parts[p]`` accumulated in float64, chunk by chunk."""
+    xp = backend.xp
+    outs = []
+    for i, p in enumerate(parts):
+        g = xp.zeros((p.shape[1], p.shape[1]), dtype=xp.float64)
+        for s in range(0, p.shape[0], chunk):
+            c = p[s:s + chunk].astype(xp.float64)
+            g += c.T @ c
+        outs.append(backend.move(g, i) if i else g)
+    return backend.allreduce(outs)
