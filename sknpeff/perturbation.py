@@ -429,7 +429,7 @@ class GuidedPerturber:
     # ------------------------------------------------------------------- diagonal
     def fit(self, X: Any, W: np.ndarray | None = None, *, pefs: Any = None,
             labels: Any = None, n_top: int = 128, n_fisher: int = 1024,
-            random_state: Any = None) -> GuidedPerturber:
+            dataset_fisher: Any = None, random_state: Any = None) -> GuidedPerturber:
         """Prepare data-dependent (diagonal) perturbations.
 
         Needed before :meth:`perturbation`, :meth:`perturbed` and :meth:`kl_divergence`
@@ -452,6 +452,9 @@ class GuidedPerturber:
             Top examples per component.
         n_fisher : int, default=1024
             Examples used for the dataset Fisher.
+        dataset_fisher : array-like of shape (n_params,), default=None
+            A precomputed non-negative dataset-level diagonal Fisher (then ``n_fisher`` is
+            unused).
         random_state : int, RandomState instance or None, default=None
             Seeds the choice of the Fisher and selection examples.
 
@@ -467,8 +470,16 @@ class GuidedPerturber:
         rng = check_random_state(random_state)
         self._cache = {}
         if self.kind_ == "diagonal":
-            fis = np.sort(rng.choice(n, size=min(n, n_fisher), replace=False))
-            self.dataset_fisher_ = self._dataset_fisher(_take(X, fis))
+            if dataset_fisher is None:
+                fis = np.sort(rng.choice(n, size=min(n, n_fisher), replace=False))
+                self.dataset_fisher_ = self._dataset_fisher(_take(X, fis))
+            else:
+                F = np.array(dataset_fisher, dtype=np.float64).ravel()
+                if F.shape != (self.layout_.n_params,) or not np.all(np.isfinite(F)) or \
+                        F.min(initial=0.0) < 0:
+                    raise ValueError("dataset_fisher must be a finite non-negative vector of "
+                                     f"length n_params={self.layout_.n_params}.")
+                self.dataset_fisher_ = F
             self._fit_data = {"X": X, "W": W, "labels": labels, "n_top": min(n_top, n),
                               "select": np.sort(rng.choice(n, size=min(n, 256),
                                                            replace=False))}

@@ -291,34 +291,40 @@ def _diagonal_available():
 @pytest.mark.skipif(not _diagonal_available(), reason="DiagonalNPEFF not available yet")
 def test_diagonal_perturbation_selective(gated):
     g = gated
-    pef = PEFTransformer(g["model"], kind="diagonal", n_values=400, batch_size=300).fit(g["X"])
-    res, res_h = pef.compute(g["X"]), pef.compute(g["Xh"])
-    est = DiagonalNPEFF(n_components=8, random_state=0).fit(res.pefs)
-    Wh = est.transform(res_h.pefs)
+    Xh = g["Xh"]
+    pef = PEFTransformer(g["model"], kind="diagonal", n_values=400, batch_size=300).fit(Xh)
+    res_h = pef.compute(Xh)
+    est = DiagonalNPEFF(n_components=8, random_state=0)
+    Wh = est.fit_transform(res_h.pefs)
     gp = GuidedPerturber(est, g["model"], layout=pef.layout_, batch_size=300)
     snap = snapshot(g["model"])
     with pytest.raises(ValueError, match="fit"):
         gp.perturbation(0)
-    out = gp.kl_ratios(g["Xh"], Wh, n_top=32, norms=res_h.norms, random_state=0)
+    gp.fit(Xh, Wh, n_top=32, n_fisher=200, random_state=0)
+    assert gp.dataset_fisher_.shape == (pef.n_params_,) and gp.dataset_fisher_.min() >= 0
+    out = gp.kl_ratios(Xh, Wh, n_top=32, norms=res_h.norms, random_state=0)
     assert_same_params(g["model"], snap)
     lo, hi = gp.kl_target
-    reached = [r.details[r.sign]["reached"] for r in out]
+    reached = np.array([r.details[r.sign]["reached"] for r in out])
     assert np.mean(reached) >= 0.75
     for r in out:
         if r.details[r.sign]["reached"]:
             assert lo <= r.top_kl <= hi * 1.0001
+        assert 0.035 <= r.details[r.sign]["lambda"] <= 0.965
     assert np.median(out.kl_ratio) > 3, out.kl_ratio
     assert np.mean(out.kl_ratio >= out.norm_ratio) >= 0.75
     # fitted path: perturbation / perturbed / kl_divergence
-    gp.fit(g["Xh"], Wh, n_top=32, random_state=0)
-    assert gp.dataset_fisher_.shape == (pef.n_params_,) and gp.dataset_fisher_.min() >= 0
-    d = gp.perturbation(0, sign=1)
+    d = gp.perturbation(0, sign=-1)
     assert d.shape == (pef.n_params_,) and np.any(d != 0)
     h = est.components_[0]
     assert np.all(d[h == 0] == 0)  # parameters the component does not use stay put
-    with gp.perturbed(0) as d2:
+    with gp.perturbed(0, sign=-1) as d2:
         np.testing.assert_array_equal(d, d2)
     assert_same_params(g["model"], snap)
+    top = np.argsort(-Wh[:, 0], kind="stable")[:32]
+    assert gp.kl_divergence(Xh[top], 0, sign=-1).mean() > 0
+    with pytest.raises(ValueError, match="dataset_fisher"):
+        gp.fit(Xh, Wh, dataset_fisher=-np.ones(pef.n_params_))
 
 
 # ------------------------------------------------------------------------- digits smoke
@@ -339,3 +345,41 @@ def test_digits_smoke():
     assert len(out) == 6 and np.all(np.isfinite(out.norm_ratio))
     assert np.nanmedian(out.kl_ratio) > 1.5, out.kl_ratio
     assert np.all(np.abs(out.accuracy_change) <= 1)
+
+
+# ------------------------------------------------------------------------- expansion
+def test_expansion_on_gated_experts_then_perturb(gated):
+    """A too-small decomposition misses experts; expanding on their examples finds them."""
+    from sknpeff.expansion import ComponentExpander
+
+    g = gated
+    pefs = g["pef"].compute(g["X"]).pefs
+    layout = g["pef"].layout_
+    blocks = [np.concatenate([np.arange(layout.n_params)[layout.slice(n)] for n in names])
+              for names in g["expert_params"].values()]
+
+    def shares(G):
+        return np.array([[np.sum(c[b] ** 2) for b in blocks] for c in G])
+
+    base = LowRankNPEFF(n_components=4, n_classes=g["pef"].n_classes_, random_state=0)
+    base.fit(pefs)
+    before = base.components_.copy()
+    covered = shares(before).max(axis=0) > 0.5
+    uncovered = np.flatnonzero(~covered)
+    assert uncovered.size >= 2
+    special = np.flatnonzero(g["concepts"][:, uncovered].any(axis=1))
+    exp = ComponentExpander(base, n_new_components=2, random_state=0).fit(pefs[special])
+    assert np.array_equal(exp.components_[:4].view(np.uint32), before.view(np.uint32))
+    assert np.array_equal(base.components_, before)
+    old, new = base.loss(pefs[special]), exp.estimator_.loss(pefs[special])
+    assert new < 0.99 * old, (new, old)
+    # each new component lives mostly in the block of one expert the base had missed
+    new_shares = shares(exp.components_[4:])
+    assert np.all(new_shares[:, uncovered].max(axis=1) > 0.6), new_shares
+    # the expander plugs into the perturber like any decomposition
+    Wh = exp.transform(g["res_h"].pefs)
+    gp = GuidedPerturber(exp, g["model"], layout=layout, batch_size=300)
+    out = gp.kl_ratios(g["Xh"], Wh, components=[4, 5], n_top=32, random_state=0,
+                       norms=g["res_h"].norms)
+    assert [r.component for r in out] == [4, 5]
+    assert np.all(out.kl_ratio > 3), out.kl_ratio
