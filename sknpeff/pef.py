@@ -389,13 +389,17 @@ class _Contrib:
         prod = self._product()  # (Bc, c, G, O, K)
         return prod.reshape(prod.shape[0], prod.shape[1], -1).transpose(0, 1)
 
-    def _product(self) -> torch.Tensor:
+    def _product_raw(self) -> torch.Tensor:
         # one bmm over (example, group) with the classes folded into the rows
         Bc, c, G, O, L = self.left.shape
         K = self.right.shape[-1]
         lhs = self.left.permute(0, 2, 1, 3, 4).reshape(Bc * G, c * O, L)
         rhs = self.right[:, 0].reshape(Bc * G, L, K)
-        return torch.bmm(lhs, rhs).view(Bc, G, c, O, K).permute(0, 2, 1, 3, 4)
+        return torch.bmm(lhs, rhs)  # (Bc*G, c*O, K)
+
+    def _product(self) -> torch.Tensor:
+        Bc, c, G, O, L = self.left.shape
+        return self._product_raw().view(Bc, G, c, O, -1).permute(0, 2, 1, 3, 4)
 
     def write(self, dest: torch.Tensor) -> None:
         """Store the block into ``dest`` of shape ``(Bc, c, numel)`` (a strided view)."""
@@ -410,14 +414,17 @@ class _Contrib:
         else:
             dest.copy_(self.block.transpose(0, 1))
 
-    def batch_sum(self, w: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over the examples, ``sum_b w[b] block[:, b]``, ``(c, numel)``."""
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """``sum_{j,b} w[j, b] block[j, b]`` (flat, ``numel``) for weights ``w`` ``(c, Bc)``."""
         if self.g is not None:
-            return torch.einsum("cbo,bi,b->coi", self.g, self.x, w).reshape(self.g.shape[0], -1)
+            h = torch.einsum("cbo,cb->bo", self.g, w)
+            return (h.T @ self.x).reshape(-1)
         if self.left is not None:
-            s = torch.einsum("bcgol,bglk,b->cgok", self.left, self.right[:, 0], w)
-            return s.reshape(s.shape[0], -1)
-        return torch.einsum("cbn,b->cn", self.block, w)
+            Bc, c, G, O, L = self.left.shape
+            h = torch.einsum("bcgol,cb->gobl", self.left, w).reshape(G, O, Bc * L)
+            r = self.right[:, 0].permute(1, 0, 2, 3).reshape(G, Bc * L, -1)
+            return torch.bmm(h, r).reshape(-1)
+        return torch.einsum("cbn,cb->n", self.block, w)
 
 
 def _conv_patches(mod, x):
@@ -802,9 +809,10 @@ class _Engine:
     def _verify(self, logits, gouts, cot_cb, B) -> list[int]:
         """Hooked parameters whose per-example gradients fail an exact check.
 
-        With random positive example weights ``w``, ``sum_b w_b a_bj`` computed from the
-        per-layer rules must equal the gradient of ``sum_b w_b <cot_bj, logits_b>``
-        obtained by ordinary back-propagation to the parameters. This catches parameters
+        With random positive weights ``w`` over (class slot, example), ``sum_jb w_jb a_bj``
+        computed from the per-layer rules must equal the gradient of
+        ``sum_jb w_jb <cot_bj, logits_b>`` obtained by one ordinary backward pass to the
+        parameters. This catches parameters
         used outside their module's ``forward`` and modules whose first input axis is
         not the batch axis.
         """
@@ -812,13 +820,15 @@ class _Engine:
         if not hooked:
             return []
         gen = torch.Generator(device="cpu").manual_seed(12345)
-        w = (0.5 + torch.rand(B, generator=gen, dtype=torch.float64)).to(
+        c = cot_cb.shape[0]
+        w = (0.5 + torch.rand(c, B, generator=gen, dtype=torch.float64)).to(
             device=cot_cb.device, dtype=cot_cb.dtype)
-        true = self._backward(logits, [self.params[i] for i in hooked],
-                              cot_cb * w[None, :, None])
+        # a single backward pass of one random mix of all (class, example) cotangents
+        true = torch.autograd.grad(logits, [self.params[i] for i in hooked],
+                                   grad_outputs=(cot_cb * w[:, :, None]).sum(0),
+                                   allow_unused=True, retain_graph=True)
         tol = 1e-3 if self.params[0].dtype in (torch.float32, torch.float16,
                                                torch.bfloat16) else 1e-8
-        c = cot_cb.shape[0]
         sums: dict[int, torch.Tensor] = {}
         step = max(1, min(B, self.chunk_elements // max(1, self.m * 4)))
         with torch.no_grad():
@@ -827,15 +837,15 @@ class _Engine:
                 contribs = self._chunk_contribs(gouts, {}, b0, b1)
                 for pid, cl in contribs.items():
                     for cb in cl:
-                        s = cb.batch_sum(w[b0:b1])
+                        s = cb.weighted_sum(w[:, b0:b1])
                         sums[pid] = s if pid not in sums else sums[pid] + s
         bad = []
         pairs = []
         for pid, t in zip(hooked, true, strict=True):
-            t = (torch.zeros((c, self.sizes[pid]), dtype=cot_cb.dtype, device=cot_cb.device)
-                 if t is None else t.detach().reshape(c, -1))
+            t = (torch.zeros(self.sizes[pid], dtype=cot_cb.dtype, device=cot_cb.device)
+                 if t is None else t.detach().reshape(-1))
             got = sums.get(pid)
-            got = torch.zeros_like(t) if got is None else got.reshape(c, -1)
+            got = torch.zeros_like(t) if got is None else got.reshape(-1)
             pairs.append((pid, t, got))
         # gradients that vanish in exact arithmetic (e.g. attention key biases) are
         # rounding noise: compare them against the scale of the whole gradient too
@@ -971,11 +981,19 @@ class _Engine:
                 torch.mul(g2[:, :, None], (x * x)[:, None, :],
                           out=sl.view(Bc, g2.shape[1], x.shape[1]))
                 continue
+            if len(cl) == 1 and cl[0].left is not None:
+                cb = cl[0]
+                Bc_, c, G, O, L = cb.left.shape
+                prod = cb._product_raw()  # (Bc*G, c*O, K), fresh and contiguous
+                prod.mul_(prod)
+                torch.sum(prod.view(Bc_, G, c, O, -1), dim=2,
+                          out=sl.view(Bc_, G, O, prod.shape[-1]))
+                continue
             blk = cl[0].materialize()
             for cb in cl[1:]:
                 blk = blk + cb.materialize()
-            torch.sum(blk * blk, dim=0, out=sl) if sl.is_contiguous() else sl.copy_(
-                (blk * blk).sum(0))
+            blk = blk * blk
+            torch.sum(blk, dim=0, out=sl)
         nrm = torch.linalg.vector_norm(f, dim=1, dtype=torch.float64)
         return fbuf, nrm
 

@@ -1,0 +1,243 @@
+"""Throughput of PEFTransformer against named peers, measured in the same run.
+
+Reproduce (2 CPU cores, torch 2.13 CPU; BackPACK rows need ``backpack-for-pytorch``,
+install it with ``pip install --no-deps backpack-for-pytorch einops unfoldNd`` so that it
+leaves torch alone)::
+
+    .venv/bin/python benchmarks/bench_pef.py            # full table (~2-3 minutes)
+    .venv/bin/python benchmarks/bench_pef.py --quick    # smaller sample sizes
+
+Peers (10 classes, batches of 32, K = --n-values kept entries, rows normalized):
+
+* ``loop+topk``: per example, one backward pass per class (``torch.autograd.grad`` of
+  ``log p_j``) gives ``a_ij = sqrt(p_j) grad log p_j``; Frobenius norm via the c x c Gram
+  matrix; ``torch.topk`` over the whole row.
+* ``backpack+select``: BackPACK's ``BatchDiagGGNExact`` (per-example exact GGN diagonal
+  = D-PEF for softmax cross-entropy) followed by the same exact selection as ours.
+
+Ratios are ours / peer examples per second, best of ``--repeats`` interleaved runs.
+Peak memory is the peak RSS of a fresh process computing PEFs of n examples (it must not
+grow with n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sknpeff.pef import PEFTransformer, _select_topk  # noqa: E402
+
+
+def make_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "mlp":  # 272,394 parameters
+        model = nn.Sequential(nn.Linear(784, 320), nn.ReLU(), nn.Linear(320, 64), nn.ReLU(),
+                              nn.Linear(64, 10))
+        shape = (784,)
+    else:  # 225,034 parameters
+        model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(128 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+        )
+        shape = (3, 32, 32)
+    return model.eval(), torch.randn(2048, *shape)
+
+
+# ------------------------------------------------------------------------------------------
+# peers
+# ------------------------------------------------------------------------------------------
+def loop_topk(model, X, k, kind):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(X.shape[0]):
+        logits = model(X[i : i + 1])
+        logp = torch.log_softmax(logits, 1)[0]
+        p = logp.exp().detach()
+        rows = []
+        for j in torch.argsort(p, descending=True).tolist():
+            g = torch.autograd.grad(logp[j], params, retain_graph=True)
+            rows.append(torch.sqrt(p[j]) * torch.cat([t.reshape(-1) for t in g]))
+        A = torch.stack(rows)
+        if kind == "low_rank":
+            S = A @ A.T
+            norm = torch.sqrt((S.double() ** 2).sum())
+            row = (A / torch.sqrt(norm)).reshape(-1)
+        else:
+            f = (A * A).sum(0)
+            norm = torch.linalg.vector_norm(f.double())
+            row = f / norm
+        vals, idx = torch.topk(row.abs(), k)
+        out.append((idx, row[idx], norm))
+    return out
+
+
+def backpack_select(model, X, k, batch_size=32):
+    from backpack import backpack, extend
+    from backpack.extensions import BatchDiagGGNExact
+
+    model = extend(copy.deepcopy(model))
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    params = [p for p in model.parameters()]
+    out = []
+    for s in range(0, X.shape[0], batch_size):
+        xb = X[s : s + batch_size]
+        logits = model(xb)
+        loss = loss_fn(logits, logits.argmax(1))
+        with backpack(BatchDiagGGNExact()):
+            loss.backward()
+        f = torch.cat([p.diag_ggn_exact_batch.reshape(xb.shape[0], -1) for p in params], 1)
+        norms = torch.linalg.vector_norm(f.double(), dim=1)
+        f = f / norms[:, None].float()
+        sel = _select_topk(f, k, signed=False)
+        out.append((sel, norms, f))
+        for p in params:
+            p.grad = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+def rate(fn, n) -> float:
+    t = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t)
+
+
+def peak_worker(args) -> None:
+    model, X = make_model(args.model)
+    X = X[: args.n] if args.n <= X.shape[0] else X.repeat(math.ceil(args.n / X.shape[0]),
+                                                          *([1] * (X.dim() - 1)))[: args.n]
+    tr = PEFTransformer(model, kind=args.kind, n_values=args.n_values).fit(X)
+    for _ in tr.iter_compute(X):  # streamed: results are not kept
+        pass
+    print(json.dumps({"maxrss_mb": _vm_hwm_mb()}))
+
+
+def _vm_hwm_mb() -> float:
+    """Peak resident set size of this process (VmHWM; ru_maxrss survives exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss(model, kind, n, k) -> float:
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--peak-worker", "--model", model,
+         "--kind", kind, "--n", str(n), "--n-values", str(k)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
+
+
+def bench_model(name, k, n_ours, n_loop, repeats, have_backpack) -> list[tuple]:
+    model, X = make_model(name)
+    m = sum(p.numel() for p in model.parameters())
+    Xo, Xl = X[:n_ours], X[:n_loop]
+    trs = {kind: PEFTransformer(model, kind=kind, n_values=k).fit(Xo)
+           for kind in ("low_rank", "diagonal")}
+    for tr in trs.values():  # warm-up
+        tr.compute(Xo[:32])
+    best: dict[str, float] = {}
+    for _ in range(repeats):  # interleaved, best of `repeats` (the machine is shared)
+        for kind, tr in trs.items():
+            r = rate(lambda tr=tr: tr.compute(Xo), n_ours)
+            best[f"ours-{kind}"] = max(best.get(f"ours-{kind}", 0.0), r)
+            r = rate(lambda kind=kind: loop_topk(model, Xl, k, kind), n_loop)
+            best[f"loop-{kind}"] = max(best.get(f"loop-{kind}", 0.0), r)
+        if have_backpack:
+            r = rate(lambda: backpack_select(model, Xo, k), n_ours)
+            best["backpack"] = max(best.get("backpack", 0.0), r)
+    rows = [(name, m, "low_rank", "loop+topk", best["loop-low_rank"], best["ours-low_rank"]),
+            (name, m, "diagonal", "loop+topk", best["loop-diagonal"], best["ours-diagonal"])]
+    if have_backpack:
+        rows.append((name, m, "diagonal", "backpack+select", best["backpack"],
+                     best["ours-diagonal"]))
+        # sanity: BackPACK's exact GGN diagonal is the D-PEF
+        res = trs["diagonal"].compute(Xo[:8])
+        bp = backpack_select(model, Xo[:8], k, batch_size=8)[0]
+        rel = float(abs((res.norms - bp[1].numpy()) / res.norms).max())
+        print(f"{name}: max relative difference of D-PEF norms vs BackPACK: {rel:.2e}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n-values", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--peak-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="low_rank", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=256, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_worker:
+        peak_worker(args)
+        return
+    k = args.n_values
+    n_ours = 128 if args.quick else 320
+    n_loop = 32 if args.quick else 64
+    try:
+        import backpack  # noqa: F401
+
+        have_backpack = True
+    except ImportError:
+        have_backpack = False
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={k}, "
+          f"batch_size=32, 10 classes")
+    rows = []
+    for name in ("mlp", "cnn"):
+        rows += bench_model(name, k, n_ours, n_loop, args.repeats, have_backpack)
+    print()
+    print(f"{'model':5} {'params':>8} {'kind':9} {'peer':16} {'peer ex/s':>10} "
+          f"{'ours ex/s':>10} {'ratio':>7}")
+    for name, m, kind, peer, rp, ro in rows:
+        print(f"{name:5} {m:8d} {kind:9} {peer:16} {rp:10.1f} {ro:10.1f} {ro / rp:6.1f}x")
+    if not have_backpack:
+        print("backpack+select rows skipped: backpack-for-pytorch is not installed")
+
+    # selection alone, one 10 x 272k row
+    row = torch.randn(1, 10 * 272394)
+    t_topk = min(_timeit(lambda: torch.topk(row.abs(), k)) for _ in range(3))
+    t_sel = min(_timeit(lambda: _select_topk(row, k, signed=True)) for _ in range(3))
+    print(f"\nselection of {k} of {row.shape[1]} values: torch.topk(|row|) "
+          f"{t_topk * 1e3:.2f} ms, exact block-threshold selection {t_sel * 1e3:.2f} ms "
+          f"({t_topk / t_sel:.1f}x)")
+
+    print("\npeak RSS of a fresh process streaming PEFs (MB):")
+    sizes = (64, 512) if args.quick else (128, 1024)
+    for name in ("mlp", "cnn"):
+        for kind in ("low_rank", "diagonal"):
+            peaks = [peak_rss(name, kind, n, k) for n in sizes]
+            print(f"  {name:4} {kind:9} " + "  ".join(
+                f"n={n}: {p:7.1f}" for n, p in zip(sizes, peaks, strict=True)))
+
+
+def _timeit(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()
