@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
 from ..backends import Backend, ColumnBlocks, get_backend
 
@@ -136,6 +137,46 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     return A, kept
 
 
+def single_threaded_blas():
+    """Context in which BLAS runs on one thread.
+
+    The dense products of an iteration are small per column block (a few thousand rows
+    times r x r) and gain little from BLAS threads, while idle OpenBLAS threads spinning
+    beside torch's OpenMP threads (the sparse kernels) slowed whole fits by 3-10x on a
+    loaded 2-core machine. Sparse products keep torch's threads.
+    """
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def row_sq_norms(A: sp.csr_matrix) -> np.ndarray:
+    """Squared L2 norm of every row of a CSR matrix, in float64, without copying A."""
+    n = A.shape[0]
+    out = np.zeros(n, dtype=np.float64)
+    indptr = A.indptr
+    r0 = 0
+    while r0 < n:
+        # rows [r0, r1) holding about _CHUNK_NNZ values
+        r1 = int(np.searchsorted(indptr, indptr[r0] + _CHUNK_NNZ, side="right"))
+        r1 = min(max(r1 - 1, r0 + 1), n)
+        lo, hi = indptr[r0], indptr[r1]
+        d = np.asarray(A.data[lo:hi], dtype=np.float64)
+        cs = np.concatenate([[0.0], np.cumsum(d * d)])
+        out[r0:r1] = cs[indptr[r0 + 1:r1 + 1] - lo] - cs[indptr[r0:r1] - lo]
+        r0 = r1
+    return np.maximum(out, 0.0)
+
+
+def sample_rows(A: sp.csr_matrix, n_rows: int, rng: np.random.RandomState | None
+                ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """At most ``n_rows`` random nonzero rows of ``A`` (sorted) and their L2 norms."""
+    norms = np.sqrt(row_sq_norms(A))
+    rows = np.flatnonzero(norms > 0)
+    if rows.size > n_rows:
+        rng = rng if rng is not None else np.random.RandomState(0)
+        rows = np.sort(rng.choice(rows, n_rows, replace=False))
+    return A[rows], norms[rows]
+
+
 class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Parameters, validation and the iteration loop shared by both estimators."""
 
@@ -168,12 +209,17 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         return get_backend(self.backend, X=X, devices=self.devices,
                            distributed=getattr(self, "distributed", False))
 
-    def _prepare(self, X: sp.csr_matrix, *, fitting: bool, keep_host: bool = False) -> Problem:
+    def _prepare(self, X: sp.csr_matrix, *, fitting: bool, keep_host: bool = False,
+                 pool_rows: int = 0, rng: np.random.RandomState | None = None) -> Problem:
         """Reshape, prune (when fitting) and block the input.
 
         When fitting, sets ``kept_columns_`` and ``n_params_``; otherwise uses the
-        fitted ``kept_columns_``. With ``keep_host`` the host CSR matrix ``A``
-        (rows x kept columns) is returned in ``extras["A_host"]`` (for initialization).
+        fitted ``kept_columns_``. ``extras`` of the result hold ``"sum"`` (sum of the
+        stored values), with ``pool_rows`` a random sample of at most that many nonzero
+        rows of ``A`` (``"pool"``, CSR, and their norms ``"pool_norms"``) for
+        data-seeded initialization, and with ``keep_host`` the whole host matrix ``A``
+        (``"A_host"``). Without ``keep_host`` the reshaped copy is dropped as soon as
+        its CSC copy exists, so the peak stays at input + CSC + blocks.
         """
         n_slots = self._n_slots()
         kept = None if fitting else self.kept_columns_
@@ -181,11 +227,19 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         if fitting:
             self.kept_columns_ = kept
             self.n_params_ = X.shape[1] // n_slots
-        blocks = ColumnBlocks(A, self._get_backend(X), block_size=self.block_size)
-        prob = Problem(blocks, X.shape[0], n_slots, X.dtype, self._loss_constant(A))
+        extras: dict = {"sum": float(np.sum(A.data, dtype=np.float64))}
+        if pool_rows:
+            extras["pool"], extras["pool_norms"] = sample_rows(A, pool_rows, rng)
+        const = self._loss_constant(A)
         if keep_host:
-            prob.extras["A_host"] = A
-        return prob
+            extras["A_host"] = A
+            csc = sp.csc_matrix(A)
+        else:
+            csc = A.tocsc()
+            del A
+        blocks = ColumnBlocks(csc, self._get_backend(X), block_size=self.block_size)
+        del csc
+        return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras)
 
     def _loss_constant(self, A: sp.csr_matrix) -> float:
         """Sum over examples of the squared Frobenius norm of each PEF."""

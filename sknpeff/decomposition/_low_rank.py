@@ -9,7 +9,14 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
-from ._base import Problem, _BaseNPEFF, _check_choice, _check_float, _check_int
+from ._base import (
+    Problem,
+    _BaseNPEFF,
+    _check_choice,
+    _check_float,
+    _check_int,
+    single_threaded_blas,
+)
 from ._updates import (
     hals_w_step,
     lowrank_curvature,
@@ -25,14 +32,20 @@ from ._updates import (
 _INIT_POOL = 4096
 
 
-def _slot_gram_sq(A: sp.csr_matrix, n_slots: int) -> float:
-    """``sum_i ||F_i||_F^2 = sum_i sum_jk (a_ij . a_ik)^2`` without forming any F_i."""
+def _slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk: int = 4096) -> float:
+    """``sum_i ||F_i||_F^2 = sum_i sum_jk (a_ij . a_ik)^2`` without forming any F_i.
+
+    Processed ``chunk`` examples at a time, so the temporaries stay small.
+    """
     total = 0.0
-    rows = [A[j::n_slots] for j in range(n_slots)]
-    for j in range(n_slots):
-        for k in range(j, n_slots):
-            s = np.asarray(rows[j].multiply(rows[k]).sum(axis=1), dtype=np.float64).ravel()
-            total += (1.0 if j == k else 2.0) * float(np.dot(s, s))
+    n = A.shape[0] // n_slots
+    for i0 in range(0, n, chunk):
+        sub = A[i0 * n_slots:min(n, i0 + chunk) * n_slots]
+        rows = [sub[j::n_slots] for j in range(n_slots)]
+        for j in range(n_slots):
+            for k in range(j, n_slots):
+                s = np.asarray(rows[j].multiply(rows[k]).sum(axis=1), dtype=np.float64)
+                total += (1.0 if j == k else 2.0) * float(np.dot(s.ravel(), s.ravel()))
     return total
 
 
@@ -211,30 +224,30 @@ class LowRankNPEFF(_BaseNPEFF):
         return xp.maximum(N, 0) / (d * QQ.shape[0])
 
     # ------------------------------------------------------------------- init
-    def _init_factor(self, A: sp.csr_matrix, rng: np.random.RandomState) -> np.ndarray:
-        """Transposed factor ``Ft`` (m', r) on the host."""
-        r, m = self.n_components, A.shape[1]
-        dtype = A.dtype
+    def _init_factor(self, prob: Problem, rng: np.random.RandomState) -> np.ndarray:
+        """Transposed factor ``Ft`` (m', r) on the host.
+
+        ``"data"``: each ``g_k`` is one row of ``A`` (an example's ``a_ij``) from the
+        random pool in ``prob.extras``, drawn k-means++-style.
+        """
+        r, m = self.n_components, prob.blocks.n_cols
+        dtype = prob.dtype
         if self.init == "random":
             sigma = np.sqrt(2.0 / (r * max(m, 1)))
             return (rng.standard_normal((m, r)) * sigma).astype(dtype)
-        norms = np.sqrt(np.asarray(A.multiply(A).sum(axis=1), dtype=np.float64).ravel())
-        candidates = np.flatnonzero(norms > 0)
-        if candidates.size > _INIT_POOL:
-            candidates = np.sort(rng.choice(candidates, _INIT_POOL, replace=False))
+        pool, norms = prob.extras.pop("pool"), prob.extras.pop("pool_norms")
         Ft = np.zeros((m, r), dtype=np.float64)
-        n_seeded = min(r, candidates.size)
-        if n_seeded:
-            pool = A[candidates].astype(np.float64)
-            pool = sp.diags(1.0 / norms[candidates]) @ pool  # unit rows
-            max_cos = np.zeros(candidates.size)
-            chosen = []
-            for k in range(n_seeded):
+        n_seeded = 0
+        if pool.shape[0]:
+            pool = sp.diags(1.0 / norms) @ pool.astype(np.float64)  # unit rows
+            max_cos = np.zeros(pool.shape[0])
+            chosen: list[int] = []
+            for k in range(min(r, pool.shape[0])):
                 weight = (1.0 - max_cos) ** 2
                 weight[chosen] = 0.0
                 if weight.sum() <= 1e-12:
                     break
-                pick = int(rng.choice(candidates.size, p=weight / weight.sum()))
+                pick = int(rng.choice(pool.shape[0], p=weight / weight.sum()))
                 chosen.append(pick)
                 row = pool[pick]
                 Ft[row.indices, k] = row.data
@@ -244,6 +257,10 @@ class LowRankNPEFF(_BaseNPEFF):
             extra = rng.standard_normal((m, r - n_seeded))
             Ft[:, n_seeded:] = extra / np.maximum(np.linalg.norm(extra, axis=0), 1e-30)
         return Ft.astype(dtype)
+
+    def _pool_kw(self, rng: np.random.RandomState) -> dict:
+        """``_prepare`` arguments that sample the rows the data-seeded init draws from."""
+        return {} if self.init == "random" else {"pool_rows": _INIT_POOL, "rng": rng}
 
     # -------------------------------------------------------------------- fit
     def fit(self, X: Any, y: Any = None) -> LowRankNPEFF:
@@ -277,15 +294,17 @@ class LowRankNPEFF(_BaseNPEFF):
         W : ndarray of shape (n_examples, n_components)
             Non-negative coefficients.
         """
+        with single_threaded_blas():
+            return self._fit_transform(X)
+
+    def _fit_transform(self, X: Any) -> np.ndarray:
         self._check_params()
         X = self._validate_lrm(X, reset=True)
         t0 = time.perf_counter()
-        prob = self._prepare(X, fitting=True, keep_host=True)
-        self.n_classes_ = int(self.n_classes)
         rng = check_random_state(self.random_state)
-        A_host = prob.extras.pop("A_host")
-        Ft0 = self._init_factor(A_host, rng)
-        del A_host
+        prob = self._prepare(X, fitting=True, **self._pool_kw(rng))
+        self.n_classes_ = int(self.n_classes)
+        Ft0 = self._init_factor(prob, rng)
         W0 = None
         if self.init == "random":
             W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
@@ -389,27 +408,21 @@ class LowRankNPEFF(_BaseNPEFF):
         if not 0 < r0 < self.n_components:
             raise ValueError(f"need 0 < r0 < n_components, got r0={r0}, "
                              f"n_components={self.n_components}.")
-        prob = self._prepare(X, fitting=True, keep_host=True)
+        rng = check_random_state(self.random_state)
+        prob = self._prepare(X, fitting=True, **self._pool_kw(rng))
         self.n_classes_ = int(self.n_classes)
         # frozen components keep their parameters even where X has no nonzeros
         support = np.flatnonzero(np.any(frozen_components != 0, axis=0))
-        extra = np.setdiff1d(support, self.kept_columns_)
-        if extra.size:
-            prob = self._prepare_with_kept(X, np.union1d(self.kept_columns_, support))
-        rng = check_random_state(self.random_state)
-        A_host = prob.extras.pop("A_host")
-        Ft0 = self._init_factor(A_host, rng)
-        del A_host
+        if np.setdiff1d(support, self.kept_columns_).size:
+            self.kept_columns_ = np.union1d(self.kept_columns_, support).astype(np.int64)
+            prob = self._prepare(X, fitting=False, **self._pool_kw(rng))
+        Ft0 = self._init_factor(prob, rng)
         Ft0[:, :r0] = frozen_components[:, self.kept_columns_].T
         W0 = None
         if self.init == "random":
             W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
         frozen = np.arange(self.n_components) < r0
         return self._fit_loop(prob, Ft0, W0, frozen=frozen)
-
-    def _prepare_with_kept(self, X: sp.csr_matrix, kept: np.ndarray) -> Problem:
-        self.kept_columns_ = np.asarray(kept, dtype=np.int64)
-        return self._prepare(X, fitting=False, keep_host=True)
 
     # -------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:
@@ -427,6 +440,10 @@ class LowRankNPEFF(_BaseNPEFF):
         -------
         W : ndarray of shape (n_examples, n_components)
         """
+        with single_threaded_blas():
+            return self._transform(X)
+
+    def _transform(self, X: Any) -> np.ndarray:
         self._check_fitted()
         X = self._validate_lrm(X, reset=False)
         prob = self._prepare(X, fitting=False)
@@ -459,6 +476,10 @@ class LowRankNPEFF(_BaseNPEFF):
         -------
         self : LowRankNPEFF
         """
+        with single_threaded_blas():
+            return self._partial_fit(X)
+
+    def _partial_fit(self, X: Any) -> LowRankNPEFF:
         first = not hasattr(self, "components_")
         if first:
             self._check_params()
@@ -468,9 +489,9 @@ class LowRankNPEFF(_BaseNPEFF):
             self.kept_columns_ = np.arange(m, dtype=np.int64)
             self.n_classes_ = int(self.n_classes)
             self.n_params_ = m
-            prob = self._prepare(X, fitting=False, keep_host=True)
             rng = check_random_state(self.random_state)
-            self._Ft = self._init_factor(prob.extras.pop("A_host"), rng)
+            prob = self._prepare(X, fitting=False, **self._pool_kw(rng))
+            self._Ft = self._init_factor(prob, rng)
             self.n_steps_ = 0
             self.loss_curve_ = []
         else:
