@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.special
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
@@ -694,10 +695,11 @@ class GuidedPerturber:
         with torch.no_grad():
             for batch in _iter_batches(X, int(self.batch_size)):
                 logits = _as_logits(fwd(self.model, self._to_device(batch)))
-                out.append(torch.log_softmax(logits.double(), dim=1).cpu().numpy())
+                out.append(logits.detach().to("cpu", torch.float64).numpy())
         if not out:
             return np.zeros((0, 0))
-        return np.concatenate(out, axis=0)
+        # (torch's CPU log_softmax has a large per-call overhead on tiny float64 batches)
+        return scipy.special.log_softmax(np.concatenate(out, axis=0), axis=1)
 
     def kl_divergence(self, X: Any, component: int, sign: int = 1) -> np.ndarray:
         """Per-example ``KL(p_theta(.|x) || p_{theta+delta}(.|x))``.
