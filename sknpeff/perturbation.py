@@ -199,6 +199,18 @@ def _unwrap(estimator: Any) -> Any:
     return estimator
 
 
+def _pipeline_layout(estimator: Any) -> ParameterLayout | None:
+    """The ``layout_`` of a fitted Pipeline's PEFTransformer step, if any."""
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline):
+        for _, step in estimator.steps[:-1]:
+            layout = getattr(step, "layout_", None)
+            if isinstance(layout, ParameterLayout):
+                return layout
+    return None
+
+
 def _estimator_kind(estimator: Any) -> str:
     from .decomposition import DiagonalNPEFF, LowRankNPEFF
 
@@ -248,7 +260,9 @@ class GuidedPerturber:
     estimator : LowRankNPEFF, DiagonalNPEFF, ComponentExpander or Pipeline
         A fitted decomposition (a Pipeline's last step, or a ComponentExpander's expanded
         estimator, is used). Its ``components_`` are full-width ``(r, n_params)`` and
-        refer to ``layout``. It is never modified.
+        refer to ``layout``. It is never modified. With a Pipeline
+        (``PEFTransformer`` then a decomposition), ``layout`` defaults to the
+        transformer's ``layout_`` and ``W`` defaults to ``pipeline.transform(X)``.
     model : torch.nn.Module
         The model whose PEFs were decomposed. Its parameters are changed only inside
         :meth:`perturbed` (and restored bit for bit on exit).
@@ -360,6 +374,8 @@ class GuidedPerturber:
             raise ValueError("forward must be None or a callable forward(model, batch).")
         layout = self.layout
         if layout is None:
+            layout = _pipeline_layout(self.estimator)
+        if layout is None:
             layout = ParameterLayout.from_model(self.model)
         elif not isinstance(layout, ParameterLayout):
             raise ValueError("layout must be None or a ParameterLayout (e.g. the layout_ of "
@@ -465,7 +481,7 @@ class GuidedPerturber:
         """
         self._validate()
         n = _n_rows(X)
-        W = self._resolve_W(W, pefs, n)
+        W = self._resolve_W(W, pefs, n, X)
         n_top = _check_pos_int("n_top", n_top)
         n_fisher = _check_pos_int("n_fisher", n_fisher)
         rng = check_random_state(random_state)
@@ -724,14 +740,18 @@ class GuidedPerturber:
             lp1 = self._log_probs(X)
         return _kl(lp0, lp1)
 
-    def _resolve_W(self, W: Any, pefs: Any, n: int) -> np.ndarray:
+    def _resolve_W(self, W: Any, pefs: Any, n: int, X: Any = None) -> np.ndarray:
         r = self._components().shape[0]
         if W is None:
-            if pefs is None:
+            from sklearn.pipeline import Pipeline
+
+            if pefs is not None:
+                W = _unwrap(self.estimator).transform(getattr(pefs, "pefs", pefs))
+            elif isinstance(self.estimator, Pipeline) and X is not None:
+                W = self.estimator.transform(X)  # PEFTransformer + decomposition
+            else:
                 raise ValueError("pass W (coefficients of X, e.g. estimator.transform of its "
                                  "PEFs) or pefs (the PEFs of X).")
-            mats = getattr(pefs, "pefs", pefs)
-            W = self.estimator.transform(mats)
         W = np.asarray(W, dtype=np.float64)
         if W.ndim != 2 or W.shape != (n, r):
             raise ValueError(f"W must have shape (n_examples, n_components) = ({n}, {r}), got "
@@ -753,7 +773,8 @@ class GuidedPerturber:
         component : int
             Component index.
         W : ndarray of shape (n_examples, n_components), default=None
-            Coefficients of ``X`` (e.g. ``estimator.transform`` of its PEFs).
+            Coefficients of ``X`` (e.g. ``estimator.transform`` of its PEFs; for a Pipeline
+            estimator, ``pipeline.transform(X)`` when neither ``W`` nor ``pefs`` is given).
         pefs : sparse matrix or PEFResult, default=None
             PEFs of ``X``; ``W = estimator.transform(pefs)`` when ``W`` is omitted. A
             :class:`~sknpeff.pef.PEFResult` also supplies ``norms`` when they are omitted.
@@ -801,7 +822,7 @@ class GuidedPerturber:
         n = _n_rows(X)
         if n < 2:
             raise ValueError("X must hold at least 2 examples.")
-        W = self._resolve_W(W, pefs, n)
+        W = self._resolve_W(W, pefs, n, X)
         r = W.shape[1]
         comps = list(range(r)) if components is None else [
             self._component_index(c) for c in components]

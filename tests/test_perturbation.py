@@ -392,3 +392,27 @@ def test_expansion_on_gated_experts_then_perturb(gated):
                        norms=g["res_h"].norms)
     assert [r.component for r in out] == [4, 5]
     assert np.all(out.kl_ratio > 3), out.kl_ratio
+
+
+@pytest.mark.filterwarnings("ignore:.*zero PEF:UserWarning")  # examples with no bit on
+def test_pipeline_with_params_subset(gated):
+    """A Pipeline supplies the layout (a params subset here) and W = pipe.transform(X)."""
+    from sklearn.pipeline import make_pipeline
+
+    g = gated
+    names = [n for names in g["expert_params"].values() for n in names]
+    pipe = make_pipeline(
+        PEFTransformer(g["model"], kind="low_rank", n_values=300, params=names, batch_size=300),
+        LowRankNPEFF(n_components=6, n_classes=3, random_state=0, max_iter=100))
+    pipe.fit(g["X"])
+    with pytest.raises(ValueError, match="layout"):  # default layout: every parameter
+        GuidedPerturber(pipe[-1], g["model"])
+    gp = GuidedPerturber(pipe, g["model"], batch_size=300)
+    assert gp.layout_ == pipe[0].layout_ and "base.bias" not in gp.layout_
+    snap = snapshot(g["model"])
+    with gp.perturbed(0):
+        assert torch.equal(g["model"].base.bias, snap["base.bias"])  # outside the subset
+    a = gp.kl_ratio(g["Xh"], 0, n_top=32, random_state=0)
+    b = gp.kl_ratio(g["Xh"], 0, W=pipe.transform(g["Xh"]), n_top=32, random_state=0)
+    assert a.kl_ratio == b.kl_ratio and a.kl_ratio > 1
+    assert_same_params(g["model"], snap)
