@@ -1,8 +1,9 @@
 """One rank of the distributed test (launched by tests/test_distributed.py via torchrun).
 
 Usage: ``torchrun --standalone --nproc_per_node=2 tests/_distributed_worker.py OUT_DIR``.
-Each rank fits LowRankNPEFF(distributed=True) on the same planted data and saves its
-``W`` and ``components_`` to ``OUT_DIR/rank<r>.npz``.
+Each rank fits LowRankNPEFF(distributed=True) on the same planted data (once with one
+partition per rank, once with two) and saves ``W`` and ``components_`` to
+``OUT_DIR/rank<r>.npz``.
 """
 
 import sys
@@ -11,6 +12,7 @@ import warnings
 import numpy as np
 import torch.distributed as dist
 
+from sknpeff.backends import NumpyBackend
 from sknpeff.datasets import make_planted_lowrank
 from sknpeff.decomposition import LowRankNPEFF
 
@@ -29,9 +31,11 @@ def main(out_dir: str) -> None:
         est = LowRankNPEFF(**PARAMS, distributed=True)
         W = est.fit_transform(X)
         W_t = est.transform(X)
-    blocks_cols = est._Ft.shape[0]
+        # two partitions per rank (as two GPUs per rank would be): 4 in all
+        est2 = LowRankNPEFF(**PARAMS, backend=NumpyBackend(n_partitions=2), distributed=True)
+        W2 = est2.fit_transform(X)
     np.savez(f"{out_dir}/rank{rank}.npz", W=W, components=est.components_, W_t=W_t,
-             n_iter=est.n_iter_, n_cols=blocks_cols)
+             W2=W2, components2=est2.components_)
     dist.barrier()
     dist.destroy_process_group()
 

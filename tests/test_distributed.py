@@ -52,7 +52,7 @@ def test_two_ranks_equal_single_process(tmp_path):
     r0 = np.load(tmp_path / "rank0.npz")
     r1 = np.load(tmp_path / "rank1.npz")
     # every rank ends with identical W and components_ (bit for bit)
-    for key in ("W", "components", "W_t"):
+    for key in ("W", "components", "W_t", "W2", "components2"):
         np.testing.assert_array_equal(r0[key], r1[key])
     X, _, _ = make_planted_lowrank(**DATA)
     # the same column partitions in one process: the same sums in the same order
@@ -66,6 +66,10 @@ def test_two_ranks_equal_single_process(tmp_path):
     np.testing.assert_allclose(r0["W"], W1, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(r0["components"], ref.components_, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(r0["W_t"], ref.transform(X), rtol=1e-5, atol=1e-7)
+    # two partitions per rank = four partitions in one process
+    ref4 = LowRankNPEFF(**PARAMS, backend=NumpyBackend(n_partitions=4))
+    np.testing.assert_allclose(r0["W2"], ref4.fit_transform(X), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(r0["components2"], ref4.components_, rtol=1e-10, atol=1e-12)
     assert elapsed < 60, f"two-rank run took {elapsed:.1f} s"
 
 
