@@ -1,0 +1,498 @@
+"""Tests for sknpeff.decomposition.DiagonalNPEFF (D-NPEFF) and its update rules."""
+
+import pickle
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+
+import sknpeff.decomposition._diagonal as diag_mod
+import sknpeff.decomposition._updates as upd
+from sknpeff.backends import NumpyBackend
+from sknpeff.datasets import make_planted_diagonal
+from sknpeff.decomposition import DiagonalNPEFF
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+def _planted(seed=0, n=400, m=2000, r=8, support=200, dtype=np.float32):
+    return make_planted_diagonal(n_examples=n, n_params=m, n_components=r,
+                                 support_size=support, random_state=seed, dtype=dtype)
+
+
+def _noisy(seed=0, n=400, m=2000, r=8, dtype=np.float64):
+    """Planted data plus sparse non-negative noise: the best loss is clearly above 0."""
+    X, W, H = _planted(seed, n, m, r, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    N = sp.random(n, m, density=0.02, random_state=seed,
+                  data_rvs=lambda k: rng.uniform(0, 0.05, k))
+    return sp.csr_matrix(X + N, dtype=dtype)
+
+
+def _matched_cos(H_est, H_true):
+    A = H_est / np.maximum(np.linalg.norm(H_est, axis=1, keepdims=True), 1e-30)
+    B = H_true / np.linalg.norm(H_true, axis=1, keepdims=True)
+    C = np.abs(A @ B.T)
+    rows, cols = linear_sum_assignment(-C)
+    return C[rows, cols]
+
+
+def _dense_loss(X, W, H):
+    D = X.toarray().astype(np.float64) - W.astype(np.float64) @ H.astype(np.float64)
+    return float(np.sum(D * D))
+
+
+# ---------------------------------------------------------------------- recovery
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_planted_recovery_default_settings(seed):
+    X, _, H = _planted(seed)
+    est = DiagonalNPEFF(n_components=H.shape[0], random_state=seed)
+    W = est.fit_transform(X)
+    assert _matched_cos(est.components_, H).min() >= 0.98
+    assert est.n_iter_ < 60  # HALS converges in tens of iterations
+    assert W.min() >= 0 and est.components_.min() >= 0
+    assert est.reconstruction_err_ < 0.05 * np.sqrt(X.multiply(X).sum())
+
+
+@pytest.mark.parametrize("init", ["random", "nndsvd", "nndsvda"])
+def test_planted_recovery_other_inits(init):
+    X, _, H = _planted(1)
+    est = DiagonalNPEFF(n_components=H.shape[0], init=init, random_state=0).fit(X)
+    assert _matched_cos(est.components_, H).min() >= 0.98
+
+
+def test_planted_recovery_mu():
+    X, _, H = _planted(2)
+    est = DiagonalNPEFF(n_components=H.shape[0], solver="mu", max_iter=300,
+                        random_state=0).fit(X)
+    assert _matched_cos(est.components_, H).min() >= 0.98
+    # HALS reaches a lower loss in fewer iterations than multiplicative updates
+    cd = DiagonalNPEFF(n_components=H.shape[0], random_state=0, max_iter=20, tol=0).fit(X)
+    mu = DiagonalNPEFF(n_components=H.shape[0], solver="mu", random_state=0, max_iter=20,
+                       tol=0).fit(X)
+    assert cd.loss_curve_[-1] < 0.1 * mu.loss_curve_[-1]
+
+
+# -------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+def test_reconstruction_err_matches_dense_formula(solver):
+    X = _noisy(0)
+    est = DiagonalNPEFF(n_components=6, solver=solver, max_iter=15, tol=0, random_state=0)
+    W = est.fit_transform(X)
+    dense = _dense_loss(X, W, est.components_)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(dense, rel=1e-9, abs=1e-9)
+    curve = np.asarray(est.loss_curve_)
+    assert len(curve) == est.n_iter_ == 15
+    assert np.all(np.diff(curve) <= 1e-9 * curve[0])  # both solvers are monotone
+
+
+def test_reconstruction_err_includes_pruned_columns():
+    X = _noisy(1)
+    est = DiagonalNPEFF(n_components=6, min_nnz_per_column=12, random_state=0)
+    W = est.fit_transform(X)
+    counts = np.diff(X.tocsc().indptr)
+    np.testing.assert_array_equal(est.kept_columns_, np.flatnonzero(counts >= 12))
+    assert 0 < len(est.kept_columns_) < X.shape[1]
+    pruned = np.setdiff1d(np.arange(X.shape[1]), est.kept_columns_)
+    assert np.all(est.components_[:, pruned] == 0)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(
+        _dense_loss(X, W, est.components_), rel=1e-9)
+
+
+def test_diag_loss_formula():
+    rng = np.random.default_rng(0)
+    X = sp.random(30, 50, density=0.3, random_state=0, format="csr")
+    W, Ft = rng.random((30, 4)), rng.random((50, 4))
+    got = upd.diag_loss(np, float(X.multiply(X).sum()), W, X @ Ft, W.T @ W, Ft.T @ Ft)
+    assert got == pytest.approx(_dense_loss(X, W, Ft.T), rel=1e-12)
+
+
+@pytest.mark.parametrize("update", [upd.diag_hals_update, upd.diag_mu_update])
+def test_row_updates_decrease_quadratic(update):
+    # min 1/2 tr(F G F^T) - tr(F^T T), F >= 0
+    rng = np.random.default_rng(1)
+    B = rng.random((20, 5))
+    G, T = B.T @ B, rng.random((40, 5))
+    F = rng.random((40, 5))
+
+    def obj(F):
+        return 0.5 * np.sum((F @ G) * F) - np.sum(F * T)
+
+    prev = obj(F)
+    for _ in range(5):
+        update(np, F, T, G)
+        assert F.min() >= 0 and obj(F) <= prev + 1e-12
+        prev = obj(F)
+
+
+def test_hals_update_matches_coordinate_formula():
+    rng = np.random.default_rng(2)
+    B = rng.random((20, 4))
+    G, T = B.T @ B, rng.random((7, 4)) - 0.3
+    G[2, :] = G[:, 2] = 0  # a dead component is left alone
+    F = rng.random((7, 4))
+    ref = F.copy()
+    for k in range(4):
+        if G[k, k] > 0:
+            ref[:, k] = np.maximum(0, ref[:, k] + (T[:, k] - ref @ G[:, k]) / G[k, k])
+    upd.diag_hals_update(np, F, T, G)
+    np.testing.assert_allclose(F, ref, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------- transform
+def test_transform_consistent_with_fit_transform():
+    X = _noisy(2, dtype=np.float32)
+    est = DiagonalNPEFF(n_components=8, random_state=0)
+    W = est.fit_transform(X)
+    np.testing.assert_allclose(est.transform(X), W, rtol=1e-3, atol=1e-5)
+
+
+def test_transform_heldout_recovers_planted_coefficients():
+    X, W_true, H = _planted(3, n=600)
+    est = DiagonalNPEFF(n_components=8, random_state=0).fit(X[:400])
+    W = est.transform(X[400:])
+    # match components, then compare coefficients up to the per-component scale
+    A = est.components_ / np.linalg.norm(est.components_, axis=1, keepdims=True)
+    Hn = H / np.linalg.norm(H, axis=1, keepdims=True)
+    rows, cols = linear_sum_assignment(-np.abs(A @ Hn.T))
+    scale = np.linalg.norm(est.components_, axis=1)[rows] / np.linalg.norm(H, axis=1)[cols]
+    np.testing.assert_allclose(W[:, rows] * scale, W_true[400:, cols], atol=2e-3)
+
+
+def test_transform_uses_one_sparse_product(monkeypatch):
+    X = _noisy(0)
+    est = DiagonalNPEFF(n_components=6, random_state=0, max_iter=50).fit(X)
+    calls = []
+    orig = NumpyBackend.spmm
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(NumpyBackend, "spmm", counting)
+    est.transform(X)
+    assert len(calls) == 1  # X @ H.T once; the W steps use only small dense products
+
+
+def test_inverse_transform():
+    X = _noisy(0)
+    est = DiagonalNPEFF(n_components=6, random_state=0)
+    W = est.fit_transform(X)
+    np.testing.assert_allclose(est.inverse_transform(W), W @ est.components_)
+    with pytest.raises(ValueError, match="shape"):
+        est.inverse_transform(W[:, :3])
+
+
+def test_feature_names_out():
+    X = _noisy(0)
+    est = DiagonalNPEFF(n_components=3, random_state=0, max_iter=5).fit(X)
+    assert list(est.get_feature_names_out()) == [f"diagonalnpeff{i}" for i in range(3)]
+
+
+# -------------------------------------------------------------------- partitions
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+@pytest.mark.parametrize("init", ["auto", "random"])
+def test_partitions_give_same_fit(solver, init):
+    X = _noisy(4)
+    kw = dict(n_components=6, solver=solver, init=init, random_state=0, max_iter=20,
+              block_size=512)
+    one = DiagonalNPEFF(**kw)
+    W1 = one.fit_transform(X)
+    three = DiagonalNPEFF(backend=NumpyBackend(n_partitions=3), **kw)
+    W3 = three.fit_transform(X)
+    np.testing.assert_allclose(three.components_, one.components_, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(W3, W1, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(three.loss_curve_, one.loss_curve_, rtol=1e-5)
+
+
+def test_block_size_does_not_change_fit():
+    X = _noisy(5, n=200, m=1000)
+    a = DiagonalNPEFF(n_components=5, random_state=0, max_iter=10, block_size=97).fit(X)
+    b = DiagonalNPEFF(n_components=5, random_state=0, max_iter=10).fit(X)
+    np.testing.assert_allclose(a.components_, b.components_, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------- partial_fit
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+def test_partial_fit_streaming_close_to_full_fit(solver):
+    X = _noisy(6)
+    r = 8
+    kw = dict(n_components=r, solver=solver, random_state=0)
+    full = DiagonalNPEFF(max_iter=500 if solver == "mu" else 200, **kw)
+    W_full = full.fit_transform(X)
+    loss_full = _dense_loss(X, W_full, full.components_)
+    est = DiagonalNPEFF(**kw)
+    rng = np.random.default_rng(0)
+    for _ in range(4):  # epochs over mini-batches of 80 examples
+        perm = rng.permutation(X.shape[0])
+        for s in range(0, X.shape[0], 80):
+            est.partial_fit(X[perm[s:s + 80]])
+    assert est.n_steps_ == 4 * 5 and len(est.loss_curve_) == est.n_steps_
+    loss_stream = _dense_loss(X, est.transform(X), est.components_)
+    assert loss_stream <= 1.05 * loss_full
+    assert est.components_.shape == (r, X.shape[1]) and est.components_.min() >= 0
+
+
+def test_partial_fit_after_fit_continues():
+    X = _noisy(7)
+    est = DiagonalNPEFF(n_components=6, random_state=0).fit(X)
+    before = _dense_loss(X, est.transform(X), est.components_)
+    for s in range(0, X.shape[0], 100):
+        est.partial_fit(X[s:s + 100])
+    after = _dense_loss(X, est.transform(X), est.components_)
+    assert after <= 1.05 * before
+    with pytest.raises(ValueError, match="features"):
+        est.partial_fit(X[:10, :-1])
+
+
+# ---------------------------------------------------------- determinism, pickling
+def test_deterministic_under_random_state():
+    X = _noisy(8)
+    a = DiagonalNPEFF(n_components=5, random_state=42, init="random", max_iter=20).fit(X)
+    b = DiagonalNPEFF(n_components=5, random_state=42, init="random", max_iter=20).fit(X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    c = DiagonalNPEFF(n_components=5, random_state=43, init="random", max_iter=20).fit(X)
+    assert not np.array_equal(a.components_, c.components_)
+    d = DiagonalNPEFF(n_components=5, random_state=np.random.RandomState(42), init="random",
+                      max_iter=20).fit(X)
+    np.testing.assert_array_equal(a.components_, d.components_)
+
+
+def test_pickle_and_joblib_round_trip(tmp_path):
+    X = _noisy(9)
+    est = DiagonalNPEFF(n_components=5, random_state=0).fit(X)
+    W = est.transform(X)
+    est2 = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(est2.transform(X), W)
+    joblib.dump(est, tmp_path / "est.joblib")
+    est3 = joblib.load(tmp_path / "est.joblib")
+    np.testing.assert_array_equal(est3.transform(X), W)
+    np.testing.assert_array_equal(est3.kept_columns_, est.kept_columns_)
+
+
+# ------------------------------------------------------------------------ dtypes
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_preserved(dtype):
+    X = _noisy(0, dtype=dtype)
+    est = DiagonalNPEFF(n_components=4, random_state=0, max_iter=10)
+    W = est.fit_transform(X)
+    assert W.dtype == dtype and est.components_.dtype == dtype
+    assert est.transform(X).dtype == dtype
+    other = np.float64 if dtype == np.float32 else np.float32
+    assert est.transform(X.astype(other)).dtype == other
+
+
+def test_int_input_is_converted():
+    X = sp.csr_matrix(np.random.default_rng(0).integers(0, 3, size=(30, 40)))
+    W = DiagonalNPEFF(n_components=3, random_state=0, max_iter=10).fit_transform(X)
+    assert W.dtype in (np.float32, np.float64) and np.all(np.isfinite(W))
+
+
+# -------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+def test_empty_rows_get_zero_coefficients(solver):
+    X = _noisy(1).tolil()
+    X[[0, 5, 17], :] = 0
+    X = X.tocsr()
+    est = DiagonalNPEFF(n_components=5, solver=solver, random_state=0, max_iter=30)
+    W = est.fit_transform(X)
+    assert np.all(np.isfinite(W)) and np.all(np.isfinite(est.components_))
+    assert np.all(W[[0, 5, 17]] == 0)
+    Wt = est.transform(sp.csr_matrix((3, X.shape[1])))
+    assert np.all(Wt == 0)
+
+
+def test_all_zero_input():
+    X = sp.csr_matrix((20, 30))
+    for init in ("auto", "random"):
+        est = DiagonalNPEFF(n_components=3, init=init, random_state=0, max_iter=5)
+        W = est.fit_transform(X)
+        assert np.all(W == 0) and np.all(np.isfinite(est.components_))
+        assert est.reconstruction_err_ == 0
+
+
+def test_more_components_than_rank():
+    X = _noisy(0)[:6, :]
+    est = DiagonalNPEFF(n_components=10, random_state=0, max_iter=20)
+    W = est.fit_transform(X)
+    assert W.shape == (6, 10) and np.all(np.isfinite(W))
+    assert est.reconstruction_err_ ** 2 == pytest.approx(_dense_loss(X, W, est.components_),
+                                                          rel=1e-9, abs=1e-12)
+
+
+def test_max_iter_zero():
+    X = _noisy(0)
+    est = DiagonalNPEFF(n_components=4, random_state=0, max_iter=0)
+    W = est.fit_transform(X)
+    assert est.n_iter_ == 0 and est.loss_curve_ == []
+    assert est.reconstruction_err_ ** 2 == pytest.approx(_dense_loss(X, W, est.components_),
+                                                          rel=1e-9)
+
+
+def test_convergence_warning_and_early_stop():
+    X = _noisy(0)
+    with pytest.warns(ConvergenceWarning):
+        DiagonalNPEFF(n_components=4, random_state=0, max_iter=3).fit(X)
+    est = DiagonalNPEFF(n_components=4, random_state=0, tol=1e-3, max_iter=500).fit(X)
+    assert est.n_iter_ < 500
+
+
+def test_verbose_prints(capsys):
+    DiagonalNPEFF(n_components=3, random_state=0, max_iter=12, verbose=1).fit(_noisy(0))
+    out = capsys.readouterr().out
+    assert "DiagonalNPEFF" in out and "loss" in out
+
+
+def test_keyboard_interrupt_keeps_consistent_state(monkeypatch):
+    X = _noisy(3)
+    calls = {"n": 0}
+    hals = upd.DIAG_UPDATES["cd"]
+
+    def interrupting(xp, F, T, G):
+        calls["n"] += 1
+        if calls["n"] == 40:  # in the middle of the third iteration's block sweep
+            raise KeyboardInterrupt
+        hals(xp, F, T, G)
+
+    monkeypatch.setitem(upd.DIAG_UPDATES, "cd", interrupting)
+    est = DiagonalNPEFF(n_components=5, random_state=0, block_size=128, max_iter=100)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        W = est.fit_transform(X)
+    monkeypatch.setitem(upd.DIAG_UPDATES, "cd", hals)
+    assert 0 < est.n_iter_ < 100 and len(est.loss_curve_) == est.n_iter_
+    assert est.reconstruction_err_ ** 2 == pytest.approx(_dense_loss(X, W, est.components_),
+                                                          rel=1e-9)
+    np.testing.assert_allclose(est.transform(X), W, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------- bad inputs
+def test_negative_values_rejected():
+    X = _noisy(0).tolil()
+    X[3, 4] = -1.0
+    with pytest.raises(ValueError, match=r"X must be non-negative"):
+        DiagonalNPEFF(n_components=3).fit(X.tocsr())
+    est = DiagonalNPEFF(n_components=3, max_iter=5, random_state=0).fit(_noisy(0))
+    with pytest.raises(ValueError, match=r"X must be non-negative"):
+        est.transform(X.tocsr())
+    with pytest.raises(ValueError, match=r"X must be non-negative"):
+        est.partial_fit(X.tocsr())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf_rejected(bad):
+    X = _noisy(0).toarray()
+    X[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        DiagonalNPEFF(n_components=3).fit(X)
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        DiagonalNPEFF(n_components=3).fit(sp.csr_matrix(X))
+
+
+def test_wrong_n_features_in_transform():
+    X = _noisy(0)
+    est = DiagonalNPEFF(n_components=3, max_iter=5, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="features"):
+        est.transform(X[:, :-1])
+
+
+def test_not_fitted():
+    with pytest.raises(NotFittedError):
+        DiagonalNPEFF().transform(_noisy(0))
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(n_components=0), "n_components"),
+    (dict(solver="als"), "solver"),
+    (dict(init="nndsvdar"), "init"),
+    (dict(max_iter=-1), "max_iter"),
+    (dict(tol=-1.0), "tol"),
+    (dict(min_nnz_per_column=0), "min_nnz_per_column"),
+    (dict(block_size=0), "block_size"),
+    (dict(backend="tpu"), "backend"),
+])
+def test_bad_params(params, match):
+    with pytest.raises(ValueError, match=match):
+        DiagonalNPEFF(**params).fit(_noisy(0))
+
+
+def test_dense_csr_csc_coo_give_same_fit():
+    X = _noisy(0)
+    kw = dict(n_components=4, random_state=0, max_iter=15)
+    ref = DiagonalNPEFF(**kw).fit(X).components_
+    for Xf in (X.toarray(), X.tocsc(), X.tocoo()):
+        np.testing.assert_allclose(DiagonalNPEFF(**kw).fit(Xf).components_, ref,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_input_not_modified():
+    X = _noisy(0, dtype=np.float32)
+    X.indices = X.indices.astype(np.int64)
+    X.indptr = X.indptr.astype(np.int64)
+    assert X.indices.dtype == np.int64
+    inputs = [X, X.tocsc(), X.toarray()]
+    snapshots = [(x.data.copy(), x.indices.copy(), x.indptr.copy()) if sp.issparse(x)
+                 else x.copy() for x in inputs]
+    est = DiagonalNPEFF(n_components=4, random_state=0, max_iter=10, min_nnz_per_column=2)
+    for x in inputs:
+        est.fit(x)
+        est.transform(x)
+        est.partial_fit(x)
+    for x, snap in zip(inputs, snapshots):
+        if sp.issparse(x):
+            np.testing.assert_array_equal(x.data, snap[0])
+            np.testing.assert_array_equal(x.indices, snap[1])
+            np.testing.assert_array_equal(x.indptr, snap[2])
+        else:
+            np.testing.assert_array_equal(x, snap)
+
+
+def test_int64_indices_same_as_int32():
+    X = _noisy(0, dtype=np.float32)
+    X64 = X.copy()
+    X64.indices, X64.indptr = X.indices.astype(np.int64), X.indptr.astype(np.int64)
+    assert X64.indices.dtype == np.int64
+    kw = dict(n_components=4, random_state=0, max_iter=15)
+    a = DiagonalNPEFF(**kw)
+    Wa = a.fit_transform(X)
+    b = DiagonalNPEFF(**kw)
+    Wb = b.fit_transform(X64)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    np.testing.assert_array_equal(Wa, Wb)
+    np.testing.assert_array_equal(a.transform(X64), a.transform(X))
+
+
+def test_unsorted_indices():
+    X = _noisy(0)
+    Xu = X.copy()
+    for i in range(Xu.shape[0]):  # reverse every row's entries
+        s, e = Xu.indptr[i], Xu.indptr[i + 1]
+        Xu.indices[s:e] = Xu.indices[s:e][::-1].copy()
+        Xu.data[s:e] = Xu.data[s:e][::-1].copy()
+    Xu.has_sorted_indices = False
+    kw = dict(n_components=4, random_state=0, max_iter=15)
+    a, b = DiagonalNPEFF(**kw).fit(X), DiagonalNPEFF(**kw).fit(Xu)
+    np.testing.assert_allclose(a.components_, b.components_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(a.transform(Xu), a.transform(X), rtol=1e-10, atol=1e-12)
+
+
+def test_sklearn_pipeline_and_clone():
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MaxAbsScaler
+
+    X = _noisy(0)
+    est = DiagonalNPEFF(n_components=4, random_state=0, max_iter=10)
+    assert clone(est).get_params() == est.get_params()
+    W = make_pipeline(MaxAbsScaler(), est).fit_transform(X)
+    assert W.shape == (X.shape[0], 4)
+
+
+def test_module_constants_sane():
+    assert diag_mod._PARTIAL_W_ITER >= 10 and diag_mod._FORGET_POWER > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean fit raises no warning
+        DiagonalNPEFF(n_components=4, random_state=0).fit(_planted(0)[0])
