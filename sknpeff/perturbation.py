@@ -793,6 +793,17 @@ class GuidedPerturber:
         Returns
         -------
         result : KLRatioResult
+
+        Notes
+        -----
+        The baseline set is drawn from all examples (it may contain top examples, as a
+        random sample of the data set would). For a diagonal decomposition, ``delta`` is
+        searched for each sign (see the module docstring); among the values of ``lambda``
+        that bring the top examples' mean KL into ``kl_target``, the one with the best
+        KL ratio on a *selection set* of up to 256 examples is kept. The selection set is
+        disjoint from the baseline set when ``X`` has at least 32 examples outside it;
+        otherwise (``n_baseline >= n_examples``) it is a random subset of ``X`` and the
+        reported ratio is slightly optimistic.
         """
         return self.kl_ratios(X, W, components=[component], pefs=pefs, n_top=n_top,
                               n_baseline=n_baseline, random_state=random_state,
