@@ -129,3 +129,16 @@ def test_diagonal_expansion():
     old = ((Xs - base.transform(X[special]) @ before) ** 2).sum()
     new = ((Xs - exp.transform(X[special]) @ exp.components_) ** 2).sum()
     assert new < old
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_frozen_components_that_do_not_survive_the_dtype_are_refused(planted):
+    X, _, _, _, special = planted
+    X64 = X.astype(np.float64)
+    base64 = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, max_iter=30).fit(X64)
+    with pytest.raises(ValueError, match="float64"):
+        ComponentExpander(base64, 1, max_iter=5).fit(X[special])  # float32 PEFs
+    # float32 frozen components in float64 PEFs are exact
+    base32 = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, max_iter=30).fit(X)
+    exp = ComponentExpander(base32, 1, max_iter=5).fit(X64[special])
+    assert np.array_equal(exp.components_[:4], base32.components_.astype(np.float64))
