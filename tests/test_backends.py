@@ -442,3 +442,57 @@ def test_resolve_devices():
 def test_local_partitions_default_is_all():
     assert NumpyBackend(n_partitions=3).local_partitions() == [0, 1, 2]
     assert NumpyBackend().is_root()
+
+
+# ------------------------------------------------- CuPy glue on a fake CuPy (CPU)
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    try:
+        import _fake_cupy
+    finally:
+        sys.path.pop(0)
+    _fake_cupy.install(monkeypatch)
+    yield _fake_cupy
+    sys.modules.pop("sknpeff.backends._cupy", None)
+
+
+@pytest.mark.parametrize("devices", [[0], [1, 0]])
+@pytest.mark.parametrize("use_nccl", [True, False])
+def test_cupy_glue_on_fake_cupy(fake_cupy, devices, use_nccl):
+    from sknpeff.backends._cupy import CupyBackend
+
+    be = CupyBackend(devices=devices, use_nccl=use_nccl)
+    assert be.n_partitions() == len(devices)
+    assert (be._comms is not None) == (use_nccl and len(devices) > 1)
+    A = _matrix()
+    blocks = ColumnBlocks(A, be, block_size=37, max_block_nnz=60)
+    for b in blocks.blocks:
+        assert b.A.data.device.id == devices[b.partition] == b.At.indices.device.id
+    rng = np.random.default_rng(0)
+    F, R = rng.standard_normal((500, 4)), rng.standard_normal((60, 4))
+    parts = blocks.split_factor(F)
+    assert [p.device.id for p in parts] == devices
+    P = blocks.matmul(parts)
+    assert P.device.id == devices[0]
+    np.testing.assert_allclose(be.to_numpy(P), A @ F, rtol=1e-12)
+    np.testing.assert_allclose(be.to_numpy(blocks.gram(parts)), F.T @ F, rtol=1e-12)
+    np.testing.assert_allclose(blocks.gather_factor(blocks.rmatmul(be.asarray(R))),
+                               A.T @ R, rtol=1e-12, atol=1e-12)
+    step = be.asarray(np.full(4, 0.5))
+    P, Q = blocks.sweep(parts, be.asarray(R), lambda Fb, T, s: Fb.__isub__(s * T),
+                        consts=(step,))
+    F_new = F - 0.5 * (A.T @ R)
+    np.testing.assert_allclose(be.to_numpy(P), A @ F_new, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(be.to_numpy(Q), F_new.T @ F_new, rtol=1e-12)
+    assert fake_cupy.FakeState.cross_device_reads == []
+
+
+def test_lowrank_on_fake_cupy_two_devices(fake_cupy):
+    from sknpeff.backends._cupy import CupyBackend
+
+    W_ref, ref = _fit(NumpyBackend(n_partitions=2))
+    W, est = _fit(CupyBackend(devices=[0, 1]))
+    assert isinstance(W, np.ndarray) and not isinstance(W, fake_cupy.ndarray)
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(est.components_, ref.components_, rtol=1e-10, atol=1e-12)
