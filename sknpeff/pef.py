@@ -214,6 +214,22 @@ class _ForwardWrapper(nn.Module):
 # exact top-K selection
 # ---------------------------------------------------------------------------------------------
 _BLOCK = 128
+_SUB = 1 << 18  # elements per cache-resident step of _block_max_abs
+
+
+def _block_max_abs(blocks: torch.Tensor) -> torch.Tensor:
+    """``blocks.abs().amax(1)`` in one pass over memory (abs of L2-sized pieces)."""
+    n = blocks.shape[0]
+    out = torch.empty(n, dtype=blocks.dtype, device=blocks.device)
+    per = _SUB // blocks.shape[1]
+    if blocks.device.type != "cpu" or n <= per:
+        return torch.amax(blocks.abs(), dim=1)
+    tmp = torch.empty((per, blocks.shape[1]), dtype=blocks.dtype, device=blocks.device)
+    for s in range(0, n, per):
+        e = min(n, s + per)
+        t = torch.abs(blocks[s:e], out=tmp[: e - s])
+        torch.amax(t, dim=1, out=out[s:e])
+    return out
 
 
 def _select_topk(
@@ -277,9 +293,7 @@ def _select_topk(
         t = torch.clamp(t, min=tiny)
     nb = Np // _BLOCK
     blocks = values.reshape(R * nb, _BLOCK)
-    bmag = torch.amax(blocks, dim=1)
-    if signed:
-        bmag = torch.maximum(bmag, torch.amin(blocks, dim=1).neg_())
+    bmag = _block_max_abs(blocks) if signed else torch.amax(blocks, dim=1)
     bflat = torch.nonzero((bmag.view(R, nb) >= t[:, None]).view(-1)).squeeze(1)
     cand = blocks.index_select(0, bflat)  # (n_blocks, _BLOCK)
     if signed:
@@ -566,7 +580,6 @@ class _Engine:
         self.no_expand: set[int] = set()
         self.expanded: set[int] = set()
         self.batch_hint: int | None = None
-        self.buffer_use: dict[str, tuple] = {}
         self.recording = False
         self.handles: list = []
         self.verified = False
@@ -645,21 +658,12 @@ class _Engine:
         self.handles = []
 
     # -- helpers -------------------------------------------------------------------------------
-    def _buf(self, name: str, numel: int, dtype, zero: bool = False,
-             tag: Any = None) -> torch.Tensor:
-        """A reusable flat work buffer (avoids re-faulting large fresh allocations).
-
-        With ``zero=True`` the buffer is zeroed when (re)allocated or when its use changes
-        size, so padding columns that are never written stay zero.
-        """
+    def _buf(self, name: str, numel: int, dtype) -> torch.Tensor:
+        """A reusable flat work buffer (avoids re-faulting large fresh allocations)."""
         b = self.buffers.get(name)
-        key = (name, numel, tag)
         if b is None or b.numel() < numel or b.dtype != dtype:
-            b = (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=self.device)
+            b = torch.empty(numel, dtype=dtype, device=self.device)
             self.buffers[name] = b
-        elif zero and self.buffer_use.get(name) != key:
-            b[:numel].zero_()
-        self.buffer_use[name] = key
         return b[:numel]
 
     def to_device(self, batch):
@@ -753,7 +757,7 @@ class _Engine:
                 out[i].append(gi.reshape(c, -1))
         return {i: torch.stack(v) for i, v in out.items()}
 
-    def _backward(self, logits, inputs, cot_cb):
+    def _backward(self, logits, inputs, cot_cb, stack: bool = True):
         """Gradients of ``<cot_cb[j], logits>`` w.r.t. ``inputs``, stacked over ``j``."""
         mode = getattr(self.est, "_backward_mode", "auto")
         if mode == "auto":
@@ -771,22 +775,34 @@ class _Engine:
         per = [torch.autograd.grad(logits, inputs, grad_outputs=cot_cb[j],
                                    allow_unused=True, retain_graph=True)
                for j in range(cot_cb.shape[0])]
+        if not stack:
+            return [None if per[0][t] is None else [pj[t] for pj in per]
+                    for t in range(len(inputs))]
         return [None if per[0][t] is None else torch.stack([pj[t] for pj in per])
                 for t in range(len(inputs))]
 
     def _layer_grads(self, logits, cot_cb):
+        """Per-class cotangents at every recorded layer output.
+
+        Each entry is a ``(c, B, ...)`` tensor or a list of ``c`` tensors ``(B, ...)``
+        (stacked per row chunk, in the layout the per-layer rules want).
+        """
         outs = [r.out for r in self.records]
         if not outs:
             return []
-        return self._backward(logits, outs, cot_cb)
+        return self._backward(logits, outs, cot_cb, stack=False)
 
     def _chunk_contribs(self, gouts, fb, b0, b1) -> dict[int, list[_Contrib]]:
         contribs: dict[int, list[_Contrib]] = {}
         for rec, g in zip(self.records, gouts, strict=True):
             if g is None:
                 continue
-            for pid, cb in _module_contribs(rec.module, rec.x[b0:b1], g[:, b0:b1],
-                                            self.pid_of):
+            if isinstance(g, list):
+                # (Bc, c, ...) contiguous, seen as (c, Bc, ...)
+                gc = torch.stack([t[b0:b1] for t in g], dim=1).transpose(0, 1)
+            else:
+                gc = g[:, b0:b1]
+            for pid, cb in _module_contribs(rec.module, rec.x[b0:b1], gc, self.pid_of):
                 if pid in self.fallback:
                     continue
                 contribs.setdefault(pid, []).append(cb)
@@ -914,6 +930,7 @@ class _Engine:
                     np.zeros(B), logits_np)
         width = c_eff * self.m if self.kind == "low_rank" else self.m
         step = max(1, min(B, self.chunk_elements // max(1, width)))
+        step = -(-B // -(-B // step))  # equal chunks
         parts = []
         norms = []
         with torch.no_grad():
@@ -942,7 +959,8 @@ class _Engine:
 
     def _assemble_lrm(self, contribs, Bc, c, dtype):
         Np = _padded(c * self.m)
-        Abuf = self._buf("A", Bc * Np, dtype, zero=True, tag=(Bc, Np)).view(Bc, Np)
+        Abuf = self._buf("A", Bc * Np, dtype).view(Bc, Np)
+        Abuf[:, c * self.m :].zero_()
         A = Abuf[:, : c * self.m].view(Bc, c, self.m)
         S = torch.zeros((Bc, c, c), dtype=dtype, device=self.device)
         for pid in range(len(self.params)):
@@ -966,7 +984,8 @@ class _Engine:
 
     def _assemble_diag(self, contribs, Bc, dtype):
         Np = _padded(self.m)
-        fbuf = self._buf("A", Bc * Np, dtype, zero=True, tag=(Bc, Np)).view(Bc, Np)
+        fbuf = self._buf("A", Bc * Np, dtype).view(Bc, Np)
+        fbuf[:, self.m :].zero_()
         f = fbuf[:, : self.m]
         for pid in range(len(self.params)):
             o, n = self.offsets[pid], self.sizes[pid]
