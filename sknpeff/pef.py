@@ -1117,7 +1117,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     >>> pef = PEFTransformer(model, kind="low_rank", n_values=16).fit(X)
     >>> res = pef.compute(X)
     >>> res.pefs.shape, res.norms.shape
-    ((10, 183), (10,))
+    ((10, 201), (10,))
     """
 
     def __init__(
