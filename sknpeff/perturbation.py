@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import scipy.special
 import torch
 from sklearn.utils import check_random_state
@@ -53,6 +52,8 @@ _LAMBDA_RANGE = (0.035, 0.965)
 _LOG_DELTA_RANGE = (-6.0, 2.0)
 #: bisection steps on log Delta per value of lambda
 _BISECT_STEPS = 14
+#: parameters per chunk when streaming the components (bounds float64 temporaries)
+_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,27 +414,55 @@ class GuidedPerturber:
         return self._params()[0].device
 
     # ------------------------------------------------------------------- low rank
+    def _gram(self, G: np.ndarray) -> np.ndarray:
+        """``G G^T`` in float64 (cached for the current components array)."""
+        cached = self._cache.get("gram")
+        if cached is not None and cached[0] is G:
+            return cached[1]
+        r, m = G.shape
+        M = np.zeros((r, r))
+        for s in range(0, m, _CHUNK):
+            B = G[:, s:s + _CHUNK].astype(np.float64)
+            M += B @ B.T
+        self._cache["gram"] = (G, M)
+        return M
+
     def _low_rank_direction(self, j: int) -> np.ndarray:
-        """Unit ``g_j`` with its part in the span of the dissimilar components removed."""
-        G = self._components().astype(np.float64)
-        g = G[j]
-        gn = np.linalg.norm(g)
-        if gn == 0:
+        """Unit ``g_j`` with its part in the span of the dissimilar components removed.
+
+        The projection onto the orthogonal complement of ``span{g_k : k in S}`` uses the
+        pseudo-inverse of their float64 Gram matrix (numerical range only, so dependent
+        components are fine) followed by refinement passes, streaming ``G`` in column
+        chunks: no ``(n_params, r)`` float64 copy is made, which matters at paper scale.
+        """
+        G = self._components()  # (r, m), not copied
+        r, m = G.shape
+        M = self._gram(G)
+        norms = np.sqrt(np.maximum(np.diag(M), 0.0))
+        if norms[j] == 0:
             raise ValueError(f"component {j} is zero: no perturbation direction.")
-        g = g / gn
-        norms = np.linalg.norm(G, axis=1)
-        cos = np.abs(G @ g) / np.where(norms > 0, norms, 1.0)
-        others = [k for k in range(G.shape[0])
-                  if k != j and norms[k] > 0 and cos[k] < self.max_cosine]
+        cos = np.abs(M[j]) / (np.where(norms > 0, norms, 1.0) * norms[j])
+        others = np.asarray([k for k in range(r)
+                             if k != j and norms[k] > 0 and cos[k] < self.max_cosine], np.int64)
+        g = G[j].astype(np.float64) / norms[j]
         d = g
-        if others:
-            # orthonormal basis of span{g_k : k in others} by pivoted QR (rank revealing)
-            Q, R, _ = scipy.linalg.qr(G[others].T, mode="economic", pivoting=True)
-            diag = np.abs(np.diag(R))
-            rank = int(np.sum(diag > diag[0] * 1e-10)) if diag.size and diag[0] > 0 else 0
-            Q = Q[:, :rank]
-            d = g - Q @ (Q.T @ g)
-            d = d - Q @ (Q.T @ d)  # second pass: orthogonal to float64 precision
+        if others.size:
+            w, V = np.linalg.eigh(M[np.ix_(others, others)])
+            keep = w > max(w.max(), 0.0) * 1e-13
+            pinv = (V[:, keep] / w[keep]) @ V[:, keep].T
+            GS = G[others]
+            d = g.copy()
+            scale = float(np.sqrt(np.sum(norms[others] ** 2)))
+            for _ in range(4):  # projection, then refinement until orthogonal to rounding
+                b = np.zeros(others.size)
+                for s in range(0, m, _CHUNK):
+                    b += GS[:, s:s + _CHUNK].astype(np.float64) @ d[s:s + _CHUNK]
+                dn = float(np.linalg.norm(d))
+                if np.abs(b).max() <= 1e-15 * scale * max(dn, 1e-300):
+                    break
+                c = pinv @ b
+                for s in range(0, m, _CHUNK):
+                    d[s:s + _CHUNK] -= GS[:, s:s + _CHUNK].astype(np.float64).T @ c
         dn = np.linalg.norm(d)
         if dn <= 1e-8:
             warnings.warn(
@@ -640,6 +669,14 @@ class GuidedPerturber:
             In the layout's flat order. Low rank: ``||delta|| = magnitude``, orthogonal to
             every other component with ``|cos| < max_cosine``. Diagonal: the searched
             Fisher-weighted blend (needs :meth:`fit`).
+
+        Notes
+        -----
+        Low rank: the projection is exact up to float64 rounding (a refinement pass
+        follows the first projection). Dissimilar components that are linearly
+        dependent (Gram eigenvalues below ``1e-13`` of the largest, i.e. singular values
+        within ~3e-7) are treated as spanning the smaller space. When ``g_j`` itself lies
+        in that span, a warning is raised and ``g_j`` is used unprojected.
         """
         j = self._component_index(component)
         sign = _check_sign(sign)

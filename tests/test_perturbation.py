@@ -137,9 +137,9 @@ def test_zero_norm_and_zero_kl_cases_do_not_crash(gated):
 
 
 # ------------------------------------------------------------------------- projection
-def fake_low_rank(G):
+def fake_low_rank(G, dtype=np.float32):
     est = LowRankNPEFF(n_components=G.shape[0], n_classes=1)
-    est.components_ = np.asarray(G, dtype=np.float32)
+    est.components_ = np.asarray(G, dtype=dtype)
     return est
 
 
@@ -418,3 +418,29 @@ def test_pipeline_with_params_subset(gated):
     b = gp.kl_ratio(g["Xh"], 0, W=pipe.transform(g["Xh"]), n_top=32, random_state=0)
     assert a.kl_ratio == b.kl_ratio and a.kl_ratio > 1
     assert_same_params(g["model"], snap)
+
+
+def test_projection_chunked_and_rank_deficient(monkeypatch):
+    import sknpeff.perturbation as mod
+
+    rng = np.random.default_rng(1)
+    model = torch.nn.Linear(9, 5)  # 50 parameters
+    G = rng.standard_normal((6, 50))
+    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    G[4] = (G[2] + G[3]) / 2  # dependent dissimilar components
+    G[5] = G[2]  # duplicate
+    est = fake_low_rank(G, dtype=np.float64)
+    Gf = est.components_
+    full = GuidedPerturber(est, model, max_cosine=0.9).perturbation(0)
+    monkeypatch.setattr(mod, "_CHUNK", 7)
+    d = GuidedPerturber(est, model, max_cosine=0.9).perturbation(0)
+    np.testing.assert_allclose(d, full, atol=1e-14)
+    assert np.abs(Gf[1:] @ d).max() < 1e-15
+    # reference: least-squares projection in float64
+    B = Gf[1:].T
+    ref = Gf[0] - B @ np.linalg.lstsq(B, Gf[0], rcond=None)[0]
+    np.testing.assert_allclose(d, 0.1 * ref / np.linalg.norm(ref), atol=1e-12)
+    # float32 rounding makes them dependent only up to ~1e-8: treated as dependent
+    d32 = GuidedPerturber(fake_low_rank(G), model, max_cosine=0.9).perturbation(0)
+    G32 = G.astype(np.float32).astype(np.float64)
+    assert np.abs(G32[1:] @ d32).max() < 1e-8 and np.abs(G32[1:4] @ d32).max() < 1e-8
