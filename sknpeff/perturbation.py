@@ -15,7 +15,13 @@ component's top examples much more than those of other examples (method doc sect
   Fisher weights, ``theta' = (w1 theta + w2 p) / (w1 + w2)``,
   ``w1 = (1 - lambda) max(F_dataset, floor)``, ``w2 = lambda h_j`` (both Fishers
   unit-normalized). ``Delta`` (log scale) and ``lambda`` in ``(0.035, 0.965)`` are searched
-  until the mean KL on the top examples falls in ``kl_target``.
+  until the mean KL on the top examples falls in ``kl_target``. Where the reference drew
+  ``(Delta, lambda)`` at random (log-uniform), this searches deterministically: ``lambda``
+  on ``n_lambda`` points evenly spaced in log-odds, and for each ``Delta`` by bisection on
+  its log over ``[1e-6, 1e2]`` (the top KL grows with ``Delta``), keeping the ``lambda``
+  whose perturbation is most selective on a held-apart selection set. ``sign=+1`` pushes
+  against the gradient of the loss of the top examples (labels, or the model's own
+  predictions), ``sign=-1`` along it.
 
 The selectivity of a component is its **KL ratio**: mean KL divergence between the
 original and perturbed predictive distributions over the component's top examples,
@@ -583,10 +589,13 @@ class GuidedPerturber:
 
     def _diagonal_search(self, j: int, sign: int, X_top: Any, X_sel: Any, fisher: np.ndarray,
                          labels_top: np.ndarray | None, lp_top: np.ndarray,
-                         lp_sel: np.ndarray) -> tuple[np.ndarray, dict]:
+                         lp_sel: np.ndarray,
+                         grad_sign: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """Search ``lambda`` and ``Delta`` (see the module docstring); returns delta, facts."""
+        if grad_sign is None:
+            grad_sign = self._loss_grad_sign(X_top, labels_top)
         h, Ff = self._diagonal_profile(j, fisher)
-        push = -float(sign) * self._loss_grad_sign(X_top, labels_top)
+        push = -float(sign) * grad_sign
         lo_t, hi_t = (float(v) for v in self.kl_target)
         mid_t = np.sqrt(lo_t * hi_t)
         lo_l, hi_l = (np.log(v / (1 - v)) for v in _LAMBDA_RANGE)
@@ -898,8 +907,7 @@ class GuidedPerturber:
         X_need = _take(X, need)
         lp0 = self._log_probs(X_need)
 
-        fisher = None
-        select = None
+        fisher = select = X_sel = lp_sel = None
         if self.kind_ == "diagonal":
             fisher = getattr(self, "dataset_fisher_", None)
             rest = np.setdiff1d(np.arange(n), base)
@@ -907,21 +915,23 @@ class GuidedPerturber:
             select = np.sort(rng.choice(pool, size=min(pool.size, 256), replace=False))
             if fisher is None:
                 fisher = self._dataset_fisher(_take(X, base[: min(base.size, 1024)]))
-            lp_sel = self._log_probs(_take(X, select))
+            X_sel = _take(X, select)
+            lp_sel = self._log_probs(X_sel)
 
         results = KLRatioResults()
         for j in comps:
             top = tops[j]
             per_sign = {}
+            X_top = _take(X, top)
+            lt = None if labels is None else labels[top]
+            gsign = None if self.kind_ == "low_rank" else self._loss_grad_sign(X_top, lt)
             for sign in (1, -1):
                 facts: dict = {}
                 if self.kind_ == "low_rank":
                     delta = self.perturbation(j, sign)
                 else:
-                    lt = None if labels is None else labels[top]
                     delta, facts = self._diagonal_search(
-                        j, sign, _take(X, top), _take(X, select), fisher, lt,
-                        lp0[pos[top]], lp_sel)
+                        j, sign, X_top, X_sel, fisher, lt, lp0[pos[top]], lp_sel, gsign)
                 with self._applied(delta):
                     lp1 = self._log_probs(X_need)
                 kl = _kl(lp0, lp1)
