@@ -1,0 +1,156 @@
+"""Tests for ``python -m sknpeff demo`` (sknpeff/__main__.py and sknpeff/_demo.py)."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sknpeff.__main__ import build_parser, main
+from sknpeff._demo import STAGES, YARDSTICK, format_summary, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+#: quick settings: the whole pipeline on a smaller problem (a few seconds)
+QUICK = ["--n-components", "8", "--epochs", "10", "--n-values", "1024"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("MPLBACKEND", "Agg")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _check_report(path: Path, n_components: int, k: int = 16) -> str:
+    assert path.is_file()
+    text = path.read_text(encoding="utf-8")
+    n_images = len(re.findall(r'<img src="data:image/png;base64,', text))
+    assert n_images == n_components * k  # top-k held-out digits per component
+    assert text.count('<section class="component"') == n_components
+    assert "KL ratio" in text and "PEF-norm ratio" in text
+    assert "Largest parameters by layer" in text
+    assert "conv1.weight" in text or "conv2.weight" in text or "fc.weight" in text
+    return text
+
+
+def test_demo_cli_end_to_end(tmp_path):
+    """The command line, in a fresh interpreter, with quick settings: exit code 0."""
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sknpeff", "demo", "--out", str(out), *QUICK],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _check_report(out / "index.html", 8)
+    stdout = proc.stdout
+    for i, (_, words) in enumerate(STAGES):
+        assert f"[{i + 1}/{len(STAGES)}] {words}" in stdout
+    assert "yardstick" in stdout
+    assert "median KL ratio" in stdout and "top-16 prediction purity" in stdout
+    assert "time per stage" in stdout
+    median_kl = float(re.search(r"median KL ratio \(top 16 vs all 450\)\s+([0-9.]+)",
+                                stdout).group(1))
+    assert median_kl > 2.0
+    assert str(out / "index.html") in stdout
+
+
+def test_demo_quick_run_numbers(tmp_path):
+    stream = io.StringIO()
+    result = run_demo(tmp_path / "r", n_components=8, epochs=10, n_values=1024,
+                      stream=stream)
+    _check_report(Path(result.report_path), 8)
+    s = result.summary
+    assert s["n_components"] == 8 and s["n_heldout"] == 450 and s["n_params"] == 3818
+    assert s["test_accuracy"] > 0.9
+    assert s["median_kl_ratio"] > 2.0
+    assert 0.6 <= s["prediction_purity"] <= 1.0
+    assert s["frac_kl_above_norm"] >= 0.75
+    assert result.kl_ratios.shape == result.norm_ratios.shape == (8,)
+    assert result.W_test.shape == (450, 8) and np.all(result.W_test >= 0)
+    assert set(result.timings) == {name for name, _ in STAGES}
+    assert all(t >= 0 for t in result.timings.values())
+    assert s["total_seconds"] >= sum(result.timings.values()) - 1e-6
+    assert result.table in stream.getvalue()
+
+
+def test_demo_quiet_prints_nothing(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "q"), "--quiet", *QUICK]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert (tmp_path / "q" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_demo_default_settings(tmp_path):
+    """The default run (32 components, K = 2048): the numbers the README promises."""
+    result = run_demo(tmp_path / "default", quiet=True)
+    _check_report(Path(result.report_path), 32)
+    s = result.summary
+    assert s["n_components"] == 32 and s["n_values"] == 2048
+    assert s["test_accuracy"] > 0.95
+    assert s["median_kl_ratio"] > 4.0
+    assert s["prediction_purity"] > 0.75
+    assert s["frac_kl_above_norm"] >= 0.9
+    assert s["total_seconds"] < 120
+
+
+def test_summary_table_has_yardstick():
+    summary = {"n_params": 3818, "test_accuracy": 0.978, "n_components": 32,
+               "n_values": 2048, "n_top": 16, "n_heldout": 450, "prediction_purity": 0.9,
+               "median_kl_ratio": 8.0, "frac_kl_above_norm": 1.0, "median_norm_ratio": 0.4,
+               "median_kl_ratio_top128": 3.0, "total_seconds": 12.0}
+    table = format_summary(summary, {name: 1.0 for name, _ in STAGES})
+    assert f"{YARDSTICK['median_kl_ratio']:.1f}" in table
+    assert "32/32" in table and "this run" in table and "yardstick" in table
+    assert "ceiling 3.52" in table
+
+
+def test_cli_help_and_no_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["demo", "--help"])
+    assert exc.value.code == 0
+    assert "--n-components" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--n-components", "0"],
+    ["demo", "--seed", "-1"],
+    ["demo", "--n-values", "many"],
+    ["demo", "--bogus"],
+])
+def test_cli_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["demo", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "must be a directory" in err and str(target) in err
+
+
+def test_cli_n_top_too_large(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "r"), "--n-top", "450", "--quiet",
+                 "--epochs", "1", "--n-components", "2", "--n-values", "64"]) == 2
+    assert "n_top must be smaller than the 450 held-out examples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_components": 0}, "n_components"),
+    ({"n_values": -5}, "n_values"),
+    ({"epochs": 1.5}, "epochs"),
+    ({"n_threads": 0}, "n_threads"),
+    ({"random_state": True}, "random_state"),
+])
+def test_run_demo_validation(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_demo(tmp_path / "r", quiet=True, **kwargs)
