@@ -11,12 +11,14 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -137,15 +139,36 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     return A, kept
 
 
-def single_threaded_blas():
-    """Context in which BLAS runs on one thread.
+#: below this many stored values a fit runs torch's sparse kernels on one thread
+SMALL_NNZ = 1 << 20
 
-    The dense products of an iteration are small per column block (a few thousand rows
-    times r x r) and gain little from BLAS threads, while idle OpenBLAS threads spinning
-    beside torch's OpenMP threads (the sparse kernels) slowed whole fits by 3-10x on a
-    loaded 2-core machine. Sparse products keep torch's threads.
+
+@contextmanager
+def compute_context(X: Any) -> Iterator[None]:
+    """Thread settings for one fit/transform call, restored on exit.
+
+    BLAS runs on one thread: the dense products of an iteration are small per column
+    block (a few thousand rows times r x r) and gain little from threads, while idle
+    OpenBLAS threads spinning beside torch's OpenMP threads (the sparse kernels) slowed
+    whole fits 3-10x on a loaded 2-core machine. For small inputs (fewer than
+    ``SMALL_NNZ`` values) torch's kernels run on one thread too: there, thread start-up
+    and spinning cost more than the work (a scikit-learn check on 40 x 10 data took 85 s
+    with two threads on a loaded machine, 2.7 s with one).
     """
-    return threadpool_limits(limits=1, user_api="blas")
+    if sp.issparse(X):
+        nnz = X.nnz
+    else:  # no NumPy dispatch: X may be any array-like (list, DataFrame, ...)
+        shape = getattr(X, "shape", None)
+        nnz = int(np.prod(shape)) if isinstance(shape, tuple) else SMALL_NNZ
+    with threadpool_limits(limits=1, user_api="blas"):
+        old = torch.get_num_threads()
+        if nnz < SMALL_NNZ and old > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != old:
+                torch.set_num_threads(old)
 
 
 def row_sq_norms(A: sp.csr_matrix) -> np.ndarray:

@@ -15,7 +15,7 @@ from ._base import (
     _check_choice,
     _check_float,
     _check_int,
-    single_threaded_blas,
+    compute_context,
 )
 from ._updates import (
     hals_w_step,
@@ -294,7 +294,7 @@ class LowRankNPEFF(_BaseNPEFF):
         W : ndarray of shape (n_examples, n_components)
             Non-negative coefficients.
         """
-        with single_threaded_blas():
+        with compute_context(X):
             return self._fit_transform(X)
 
     def _fit_transform(self, X: Any) -> np.ndarray:
@@ -440,7 +440,7 @@ class LowRankNPEFF(_BaseNPEFF):
         -------
         W : ndarray of shape (n_examples, n_components)
         """
-        with single_threaded_blas():
+        with compute_context(X):
             return self._transform(X)
 
     def _transform(self, X: Any) -> np.ndarray:
@@ -476,7 +476,7 @@ class LowRankNPEFF(_BaseNPEFF):
         -------
         self : LowRankNPEFF
         """
-        with single_threaded_blas():
+        with compute_context(X):
             return self._partial_fit(X)
 
     def _partial_fit(self, X: Any) -> LowRankNPEFF:
