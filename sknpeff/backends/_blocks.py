@@ -307,12 +307,14 @@ class ColumnBlocks:
         """``A.T @ R`` as per-partition arrays of shape (n_cols_p, r)."""
         be = self.backend
         Rs = self._replicate(R)
-        outs = [be.empty((e - s, R.shape[1]), R.dtype, p)
+        # one zero fill per partition, then each block accumulates into its rows
+        # (cheaper than a fill, or a temporary and a copy, per block)
+        outs = [be.zeros((e - s, R.shape[1]), R.dtype, p)
                 for p, (s, e) in enumerate(self.partition_ranges)]
         for b in self.blocks:
             with be.device(b.partition):
                 out = outs[b.partition][b.local_start:b.local_stop]
-                be.spmm(b.At, Rs[b.partition], out=out)
+                be.spmm(b.At, Rs[b.partition], out=out, accumulate=True)
         return outs
 
     def gram(self, parts: list[Any]) -> Any:

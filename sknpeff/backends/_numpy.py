@@ -96,8 +96,8 @@ class NumpyBackend(Backend):
         if not out.flags.c_contiguous:
             raise ValueError("spmm: out must be C-contiguous")
         ot = torch.from_numpy(out)
-        if accumulate:
-            ot.addmm_(a, bt)
-        else:
-            torch.mm(a, bt, out=ot)
+        if not accumulate:
+            # zero then accumulate: torch.mm(out=) computes into a temporary and copies
+            ot.zero_()
+        ot.addmm_(a, bt)
         return out
