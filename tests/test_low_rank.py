@@ -297,3 +297,77 @@ def test_bad_input():
         est.transform(sp.random(3, 14, density=0.5, format="csr"))
     with pytest.raises(ValueError):
         LowRankNPEFF().fit(np.array([["a", "b"]]))
+
+
+def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path):
+    X, _, _ = make_planted_lowrank(n_examples=120, n_params=400, n_components=4,
+                                   support_size=40, random_state=0, dtype=np.float64)
+    ckpt = tmp_path / "fit.npz"
+    kw = dict(n_components=4, n_classes=3, random_state=0, tol=0)
+    straight = LowRankNPEFF(max_iter=30, **kw)
+    W_straight = straight.fit_transform(X)
+    first = LowRankNPEFF(max_iter=20, checkpoint_path=ckpt, checkpoint_every=5, **kw)
+    first.fit(X)
+    assert ckpt.exists()
+    with np.load(ckpt) as f:
+        assert int(f["n_iter"]) == 20
+    resumed = LowRankNPEFF(max_iter=30, checkpoint_path=ckpt, checkpoint_every=5, **kw)
+    W_resumed = resumed.fit_transform(X)
+    assert resumed.n_iter_ == 30 and len(resumed.loss_curve_) == 31
+    np.testing.assert_allclose(resumed.loss_curve_, straight.loss_curve_, rtol=1e-7)
+    np.testing.assert_allclose(W_resumed, W_straight, rtol=1e-6, atol=1e-9)
+    # a checkpoint of other data is refused, not silently used
+    X2, _, _ = make_planted_lowrank(n_examples=120, n_params=400, n_components=4,
+                                    support_size=40, random_state=1, dtype=np.float64)
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        LowRankNPEFF(max_iter=30, checkpoint_path=ckpt, **kw).fit(X2)
+
+
+def _interrupt_on_call(monkeypatch, name, at):
+    """Make sknpeff.decomposition._low_rank.<name> raise KeyboardInterrupt (as Ctrl-C
+    would) on its `at`-th call."""
+    import sknpeff.decomposition._low_rank as lr
+
+    real = getattr(lr, name)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lr, name, wrapped)
+
+
+def test_ctrl_c_keeps_state_and_saves_checkpoint(tmp_path, monkeypatch):
+    X, _, _ = make_planted_lowrank(n_examples=120, n_params=400, n_components=4,
+                                   support_size=40, random_state=0)
+    ckpt = tmp_path / "fit.npz"
+    est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, tol=0, max_iter=50,
+                       checkpoint_path=ckpt)
+    _interrupt_on_call(monkeypatch, "lowrank_loss", 8)  # once per iteration
+    with pytest.warns(RuntimeWarning, match="interrupted after 7 iterations.*checkpoint"):
+        W = est.fit_transform(X)
+    assert est.n_iter_ == 7 and np.isfinite(W).all()
+    with np.load(ckpt) as f:
+        assert int(f["n_iter"]) == 7
+    monkeypatch.undo()
+    np.testing.assert_allclose(est.transform(X), W, rtol=1e-4, atol=1e-6)
+
+
+def test_ctrl_c_mid_sweep_leaves_consistent_state(monkeypatch):
+    X, _, _ = make_planted_lowrank(n_examples=60, n_params=300, n_components=4,
+                                   support_size=40, random_state=0, dtype=np.float64)
+    est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, tol=0, max_iter=50,
+                       block_size=16)
+    n_blocks = -(-np.count_nonzero(np.abs(X).sum(axis=0).reshape(3, 300).sum(0)) // 16)
+    assert n_blocks >= 4
+    # block updates are called once per column block: this call is inside the 3rd sweep
+    _interrupt_on_call(monkeypatch, "lowrank_g_update", 2 * n_blocks + n_blocks // 2)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        W = est.fit_transform(X)
+    monkeypatch.undo()
+    # coefficients and reported loss belong to the components actually returned
+    F = dense_pefs(X, 3)
+    assert est.loss_curve_[-1] == pytest.approx(dense_loss(F, W, est.components_), rel=1e-8)

@@ -280,23 +280,30 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
 
     # ---------------------------------------------------------------- fit loop
     def _run_loop(self, step: Callable[[int], float], max_iter: int, *, label: str,
-                  check_every: int = 10, on_interrupt: Callable[[], None] | None = None
-                  ) -> tuple[list[float], int]:
+                  check_every: int = 10, on_interrupt: Callable[[], None] | None = None,
+                  start: int = 0, losses: list[float] | None = None,
+                  checkpoint: Callable[[int, list[float]], None] | None = None,
+                  checkpoint_every: int = 0) -> tuple[list[float], int]:
         """Call ``step(it) -> loss`` until converged, ``max_iter`` or Ctrl-C.
 
         Stops when the loss fell by less than ``tol`` times the first loss over the last
         ``check_every`` iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt``
-        ends the loop with the state reached so far and a warning; the estimator stays
-        usable.
+        ends the loop with the state reached so far and a warning; ``on_interrupt`` then
+        lets the caller make that state consistent, and the estimator stays usable.
+        A resumed fit passes ``start`` (iterations already done) and their ``losses``;
+        ``checkpoint(n_done, losses)`` is called every ``checkpoint_every`` iterations
+        and after an interrupt.
         """
-        losses: list[float] = []
+        losses = list(losses or [])
         t0 = time.perf_counter()
-        n_iter = 0
+        n_iter = start
         try:
-            for it in range(max_iter):
+            for it in range(start, max_iter):
                 loss = float(step(it))
                 losses.append(loss)
                 n_iter = it + 1
+                if checkpoint is not None and checkpoint_every and n_iter % checkpoint_every == 0:
+                    checkpoint(n_iter, losses)
                 if self.verbose and (it % check_every == 0 or it == max_iter - 1):
                     print(f"[{type(self).__name__}] {label} iteration {it + 1:4d}  "
                           f"loss {loss:.6e}  ({time.perf_counter() - t0:.2f} s)")
@@ -308,11 +315,15 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                             print(f"[{type(self).__name__}] converged at iteration {it + 1}")
                         return losses, n_iter
         except KeyboardInterrupt:
-            warnings.warn(
-                f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
-                "fitted so far is kept.", RuntimeWarning, stacklevel=3)
             if on_interrupt is not None:
                 on_interrupt()
+            saved = ""
+            if checkpoint is not None:
+                checkpoint(n_iter, losses)
+                saved = " and saved to the checkpoint"
+            warnings.warn(
+                f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
+                f"fitted so far is kept{saved}.", RuntimeWarning, stacklevel=3)
             return losses, n_iter
         if max_iter > 0 and self.tol > 0:
             warnings.warn(

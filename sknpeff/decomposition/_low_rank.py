@@ -107,6 +107,13 @@ class LowRankNPEFF(_BaseNPEFF):
         all ranks end with identical ``W`` and ``components_``.
     block_size : int, default=4096
         Parameters per column block (cache block on CPU, shard unit on devices).
+    checkpoint_path : str or path-like, optional
+        Save the fit's state (components, coefficients, step size, loss curve) to this
+        ``.npz`` file every ``checkpoint_every`` iterations and when interrupted with
+        Ctrl-C. If the file exists when ``fit`` starts and was written for the same data
+        and parameters, the fit resumes from it (a file from other data is an error).
+    checkpoint_every : int, default=50
+        Iterations between checkpoints.
     verbose : int, default=0
         Print the loss every 10 iterations.
 
@@ -149,7 +156,8 @@ class LowRankNPEFF(_BaseNPEFF):
                  tol: float = 1e-5, transform_max_iter: int = 200,
                  random_state: Any = None, min_nnz_per_column: int = 1,
                  backend: Any = "auto", devices: Any = None, distributed: bool = False,
-                 block_size: int = 4096, verbose: int = 0) -> None:
+                 block_size: int = 4096, checkpoint_path: Any = None,
+                 checkpoint_every: int = 50, verbose: int = 0) -> None:
         self.n_components = n_components
         self.n_classes = n_classes
         self.init = init
@@ -166,6 +174,8 @@ class LowRankNPEFF(_BaseNPEFF):
         self.devices = devices
         self.distributed = distributed
         self.block_size = block_size
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
         self.verbose = verbose
 
     # ------------------------------------------------------------- validation
@@ -177,6 +187,7 @@ class LowRankNPEFF(_BaseNPEFF):
         _check_int("n_classes", self.n_classes, 1)
         _check_int("n_iter_g_only", self.n_iter_g_only, 0)
         _check_int("transform_max_iter", self.transform_max_iter, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
         _check_choice("init", self.init, ("auto", "data", "random"))
         _check_choice("w_solver", self.w_solver, ("cd", "mu"))
         _check_float("ortho_strength", self.ortho_strength, 0.0)
@@ -338,6 +349,21 @@ class LowRankNPEFF(_BaseNPEFF):
         auto = isinstance(self.learning_rate, str)
         state = {"W": W, "P": P, "Q": Q, "eta": 1.0, "prev": np.inf}
         n_g_only = int(self.n_iter_g_only)
+        fingerprint = self._fingerprint(prob, frozen_mask)
+        start, losses0 = 0, []
+        resumed = self._load_checkpoint(fingerprint)
+        if resumed is not None:
+            parts = blocks.split_factor(resumed["Ft"], dtype=prob.dtype)
+            state.update(W=be.asarray(resumed["W"], dtype=prob.dtype),
+                         P=blocks.matmul(parts), Q=blocks.gram(parts),
+                         eta=float(resumed["eta"]), prev=float(resumed["prev"]))
+            start, losses0 = int(resumed["n_iter"]), [float(v) for v in resumed["losses"]]
+            if self.verbose:
+                print(f"[LowRankNPEFF] resuming from {self.checkpoint_path} at iteration "
+                      f"{start}")
+
+        def g_update(Fb: Any, T: Any, B: Any, stepk: Any) -> None:
+            lowrank_g_update(xp, Fb, T, B, stepk)
 
         def step(it: int) -> float:
             W, P, Q = state["W"], state["P"], state["Q"]
@@ -355,12 +381,22 @@ class LowRankNPEFF(_BaseNPEFF):
             state["prev"] = loss
             R = lowrank_weighted_rows(xp, W, P, c)
             B = lowrank_grad_matrix(xp, W, Q, ortho, ortho_target)
-            state["P"], state["Q"] = blocks.sweep(
-                parts, R, lambda Fb, T: lowrank_g_update(xp, Fb, T, B, stepk))
+            # B and the steps go through consts: each device gets its own copy
+            state["P"], state["Q"] = blocks.sweep(parts, R, g_update, consts=(B, stepk))
             state["W"] = W
             return loss
 
-        losses, n_iter = self._run_loop(step, self.max_iter + n_g_only, label="fit")
+        def resync() -> None:  # Ctrl-C may land mid-sweep: recompute the products
+            state["P"], state["Q"] = blocks.matmul(parts), blocks.gram(parts)
+
+        def save(n_done: int, losses: list[float]) -> None:
+            self._save_checkpoint(fingerprint, blocks.gather_factor(parts),
+                                  be.to_numpy(state["W"]), state, n_done, losses)
+
+        losses, n_iter = self._run_loop(
+            step, self.max_iter + n_g_only, label="fit", on_interrupt=resync, start=start,
+            losses=losses0, checkpoint=save if self.checkpoint_path else None,
+            checkpoint_every=self.checkpoint_every)
         # Final coefficients for the final components, solved exactly as transform does
         # (the W problem is convex): fit_transform(X) and fit(X).transform(X) agree, and
         # the loss can only fall.
@@ -423,6 +459,41 @@ class LowRankNPEFF(_BaseNPEFF):
             W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
         frozen = np.arange(self.n_components) < r0
         return self._fit_loop(prob, Ft0, W0, frozen=frozen)
+
+    # ----------------------------------------------------------- checkpoints
+    def _fingerprint(self, prob: Problem, frozen: np.ndarray) -> np.ndarray:
+        """Numbers that identify the data and parameters a checkpoint belongs to."""
+        kept = self.kept_columns_.astype(np.float64)
+        weights = np.arange(1, kept.size + 1, dtype=np.float64)
+        return np.array([prob.n_samples, self.n_features_in_, self.n_components,
+                         self.n_classes, kept.size, float(kept @ weights),
+                         prob.blocks.nnz, prob.const, prob.extras.get("sum", 0.0),
+                         int(frozen.sum()), np.dtype(prob.dtype).itemsize], dtype=np.float64)
+
+    def _load_checkpoint(self, fingerprint: np.ndarray) -> dict | None:
+        import os
+
+        path = self.checkpoint_path
+        if not path or not os.path.exists(path):
+            return None
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+        if "fingerprint" not in data or data["fingerprint"].shape != fingerprint.shape or \
+                not np.allclose(data["fingerprint"], fingerprint, rtol=1e-9, atol=0):
+            raise ValueError(
+                f"checkpoint_path={path!r} holds a checkpoint of another fit (different "
+                "data or parameters); delete it or choose another path.")
+        return data
+
+    def _save_checkpoint(self, fingerprint: np.ndarray, Ft: np.ndarray, W: np.ndarray,
+                         state: dict, n_done: int, losses: list[float]) -> None:
+        import os
+
+        path = os.fspath(self.checkpoint_path)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, fingerprint=fingerprint, Ft=Ft, W=W, eta=state["eta"],
+                 prev=state["prev"], n_iter=n_done, losses=np.asarray(losses, dtype=np.float64))
+        os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
 
     # -------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:
@@ -510,7 +581,8 @@ class LowRankNPEFF(_BaseNPEFF):
         stepk = 1.0 / xp.maximum(L, 1e-30)
         R = lowrank_weighted_rows(xp, W, P, c)
         B = lowrank_grad_matrix(xp, W, Q)
-        prob.blocks.sweep(parts, R, lambda Fb, T: lowrank_g_update(xp, Fb, T, B, stepk))
+        prob.blocks.sweep(parts, R, lambda Fb, T, B, s: lowrank_g_update(xp, Fb, T, B, s),
+                          consts=(B, stepk))
         Ft = prob.blocks.gather_factor(parts)
         norms = np.linalg.norm(Ft.astype(np.float64), axis=0)
         self._Ft = (Ft / np.where(norms > 0, norms, 1.0)).astype(Ft.dtype)
