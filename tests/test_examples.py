@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,30 @@ def test_gallery_has_the_six_examples():
         assert set(lines[2]) == {"="} and len(lines[2]) >= len(lines[1]), path.name
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs(path, tmp_path):
+def _run_example(path: Path, workdir: Path) -> tuple[int, str, str, float]:
+    workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                          env=_env(), cwd=tmp_path, timeout=300)
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
+                          env=_env(), cwd=workdir, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory):
+    """Every script, two at a time (each uses one thread): about half the serial time."""
+    root = tmp_path_factory.mktemp("examples")
+    workers = max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {p.stem: pool.submit(_run_example, p, root / p.stem) for p in EXAMPLES}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs(path, example_runs):
+    rc, stdout, stderr, elapsed = example_runs[path.stem]
+    assert rc == 0, f"{path.name} failed:\n{stdout}\n{stderr}"
+    assert "Traceback" not in stderr
+    assert stdout.strip(), f"{path.name} printed nothing"
     print(f"{path.name}: {elapsed:.1f} s")
 
 
@@ -54,7 +71,11 @@ def test_example_runs(path, tmp_path):
                     or importlib.util.find_spec("numpydoc") is None,
                     reason="the docs need the docs extra: pip install -e '.[docs]'")
 def test_docs_build(tmp_path):
-    """The README's docs command, into a temporary directory, warnings as errors."""
+    """The README's docs command, into a temporary directory, warnings as errors.
+
+    The gallery scripts are not executed again here (``plot_gallery=0``):
+    :func:`test_example_runs` runs them; the real build does both.
+    """
     src = tmp_path / "docs"
     shutil.copytree(ROOT / "docs", src,
                     ignore=shutil.ignore_patterns("_build", "auto_examples", "generated"))
@@ -62,7 +83,7 @@ def test_docs_build(tmp_path):
     env["SKNPEFF_EXAMPLES_DIR"] = str(ROOT / "examples")
     proc = subprocess.run(
         [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q",
-         str(src), str(tmp_path / "html")],
+         "-D", "plot_gallery=0", str(src), str(tmp_path / "html")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
