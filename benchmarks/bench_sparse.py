@@ -22,7 +22,21 @@ Methods:
 * ``blocks``: :class:`sknpeff.backends.ColumnBlocks` on ``NumpyBackend`` (torch CSR
   kernels per column block; ``A.T`` products gather from the blocks' transposed CSR).
 
-Each time is the best of ``--repeats`` runs; ratio = method GFLOP/s / scipy GFLOP/s.
+Each time is the best of ``--repeats`` interleaved runs; ratio = method GFLOP/s / scipy
+GFLOP/s.
+
+Measured 2026-11-22 on the shared 2-core machine (load average ~8 from other jobs, so
+absolute numbers are low and vary ~30% between runs; the ordering held in 3 runs)::
+
+    | method | A @ Ft s | GFLOP/s | vs scipy | A.T @ R s | GFLOP/s | vs scipy |
+    | scipy  |    2.863 |    1.82 |     1.0x |     2.256 |    2.32 |     1.0x |
+    | torch  |    1.409 |    3.71 |     2.0x |     1.226 |    4.26 |     1.8x |
+    | blocks |    0.840 |    6.22 |     3.4x |     1.714 |    3.05 |     1.3x |
+
+Column blocks help ``A @ Ft`` (a block's slice of ``Ft`` stays in cache) but not
+``A.T @ R``: every block gathers rows from all of ``R`` (30 000 x 64 floats, 7.7 MB), so
+blocking only adds one parallel region per block, which costs milliseconds on an
+oversubscribed machine (4096-column blocks: 1.7 s; 65 536: 0.94 s; one block: 1.1 s).
 """
 
 from __future__ import annotations

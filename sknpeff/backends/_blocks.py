@@ -287,8 +287,11 @@ class ColumnBlocks:
                              f"{self.n_cols}")
         return full
 
-    def _replicate(self, x: Any) -> list[Any]:
-        """``x`` (on local partition 0) on every local partition."""
+    def replicate(self, x: Any) -> list[Any]:
+        """``x`` (a replicated array, on local partition 0) on every local partition.
+
+        Entry ``p`` is for work under ``backend.device(p)``; entry 0 is ``x`` itself.
+        """
         return [x if p == 0 else self.backend.move(x, p) for p in range(self.n_partitions)]
 
     # ----------------------------------------------------------------- products
@@ -306,7 +309,7 @@ class ColumnBlocks:
     def rmatmul(self, R: Any) -> list[Any]:
         """``A.T @ R`` as per-partition arrays of shape (n_cols_p, r)."""
         be = self.backend
-        Rs = self._replicate(R)
+        Rs = self.replicate(R)
         # one zero fill per partition, then each block accumulates into its rows
         # (cheaper than a fill, or a temporary and a copy, per block)
         outs = [be.zeros((e - s, R.shape[1]), R.dtype, p)
@@ -343,8 +346,8 @@ class ColumnBlocks:
         be = self.backend
         r = parts[0].shape[1]
         dtype = parts[0].dtype
-        Rs = self._replicate(R)
-        cs = [self._replicate(c) for c in consts]
+        Rs = self.replicate(R)
+        cs = [self.replicate(c) for c in consts]
         P = [be.zeros((self.n_rows, r), dtype, p) for p in range(self.n_partitions)]
         Q = [be.zeros((r, r), dtype, p) for p in range(self.n_partitions)]
         for b in self.blocks:
