@@ -386,10 +386,9 @@ def test_estimator_on_fake_devices_matches_numpy(fake_active):
     assert {m.dev for m in be.sparse} == {0, 1, 2}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LowRankNPEFF's G step captures device arrays (B, stepk) in the sweep closure: on "
-    "several GPUs they are read across devices. Fix: pass them via sweep(consts=...)."))
 def test_estimator_on_fake_devices_no_cross_device_reads(fake_active):
+    """Every product of a fit runs on the device its operands live on (the G step's
+    constants reach each device through ``sweep(consts=...)``)."""
     be = _activate(FakeDeviceBackend(3, strict=False))
     _fit(be)
     assert be.violations == []
