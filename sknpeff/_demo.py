@@ -63,6 +63,7 @@ class DemoResult:
         The numbers of the summary table: ``n_params``, ``test_accuracy``,
         ``n_components``, ``n_values``, ``n_top``, ``n_heldout``, ``prediction_purity``
         (mean over components of the top-``k`` held-out prediction purity),
+        ``prediction_purity_train`` (the same on the training examples),
         ``median_kl_ratio``, ``frac_kl_above_norm`` (fraction of components whose KL ratio
         exceeds their PEF-norm ratio), ``median_norm_ratio``, ``median_kl_ratio_top128``
         (the same measurement with the paper's 128 top examples; see Notes of
@@ -172,8 +173,10 @@ def format_summary(summary: dict[str, float], timings: dict[str, float]) -> str:
         ("held-out accuracy", f"{summary['test_accuracy']:.3f}", f"{y['test_accuracy']:.2f}"),
         ("components", f"{n_comp}", f"{int(y['n_components'])}"),
         ("stored values per PEF (K)", f"{int(summary['n_values'])}", f"{int(y['n_values'])}"),
-        ("top-16 prediction purity (mean)", f"{summary['prediction_purity']:.2f}",
+        ("top-16 prediction purity, held-out", f"{summary['prediction_purity']:.2f}",
          f"{y['prediction_purity']:.2f}"),
+        ("top-16 prediction purity, training",
+         _fmt_ratio(summary.get("prediction_purity_train", float("nan"))), "-"),
         (f"median KL ratio (top {n_top} vs all {n_held})",
          _fmt_ratio(summary["median_kl_ratio"]), f"{y['median_kl_ratio']:.1f}"),
         ("KL ratio > PEF-norm ratio", f"{above}/{n_comp} ({summary['frac_kl_above_norm']:.2f})",
@@ -348,7 +351,7 @@ def _run(report_path: str, seed: int, n_components: int, n_values: int, epochs: 
                            max_iter=max_iter, random_state=seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            est.fit(res_train.pefs)
+            W_train = est.fit_transform(res_train.pefs)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         info["detail"] = (f"{n_components} components, {est.n_iter_} iterations"
                           + ("" if converged else ", max_iter reached"))
@@ -390,6 +393,8 @@ def _run(report_path: str, seed: int, n_components: int, n_values: int, epochs: 
 
     summ = component_summary(W_test, labels=y_test, predictions=pred_test, k=min(k, n_held))
     purity = np.asarray(summ["prediction_purity"], dtype=np.float64)
+    summ_train = component_summary(W_train, predictions=res_train.predictions,
+                                   k=min(k, W_train.shape[0]))
     finite_kl = np.where(np.isnan(kl_ratios), 0.0, kl_ratios)
     above = finite_kl > np.nan_to_num(norm_ratios, nan=np.inf)
     summary = {
@@ -400,6 +405,7 @@ def _run(report_path: str, seed: int, n_components: int, n_values: int, epochs: 
         "n_top": float(n_top),
         "n_heldout": float(n_held),
         "prediction_purity": float(purity.mean()),
+        "prediction_purity_train": float(np.mean(summ_train["prediction_purity"])),
         "median_kl_ratio": float(np.median(finite_kl)),
         "frac_kl_above_norm": float(above.mean()),
         "median_norm_ratio": float(np.nanmedian(norm_ratios)) if np.any(

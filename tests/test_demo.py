@@ -50,7 +50,7 @@ def test_demo_cli_end_to_end(tmp_path):
     for i, (_, words) in enumerate(STAGES):
         assert f"[{i + 1}/{len(STAGES)}] {words}" in stdout
     assert "yardstick" in stdout
-    assert "median KL ratio" in stdout and "top-16 prediction purity" in stdout
+    assert "median KL ratio" in stdout and "top-16 prediction purity, held-out" in stdout
     assert "time per stage" in stdout
     median_kl = float(re.search(r"median KL ratio \(top 16 vs all 450\)\s+([0-9.]+)",
                                 stdout).group(1))
@@ -68,6 +68,7 @@ def test_demo_quick_run_numbers(tmp_path):
     assert s["test_accuracy"] > 0.9
     assert s["median_kl_ratio"] > 2.0
     assert 0.6 <= s["prediction_purity"] <= 1.0
+    assert 0.6 <= s["prediction_purity_train"] <= 1.0
     assert s["frac_kl_above_norm"] >= 0.75
     assert result.kl_ratios.shape == result.norm_ratios.shape == (8,)
     assert result.W_test.shape == (450, 8) and np.all(result.W_test >= 0)
