@@ -6,6 +6,7 @@ leaves torch alone)::
 
     .venv/bin/python benchmarks/bench_pef.py            # full table (~2-3 minutes)
     .venv/bin/python benchmarks/bench_pef.py --quick    # smaller sample sizes
+    .venv/bin/python benchmarks/bench_pef.py --threads 1  # robust on a busy machine
 
 Peers (10 classes, batches of 32, K = --n-values kept entries, rows normalized):
 
@@ -138,10 +139,10 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_rss(model, kind, n, k) -> float:
+def peak_rss(model, kind, n, k, threads) -> float:
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--peak-worker", "--model", model,
-         "--kind", kind, "--n", str(n), "--n-values", str(k)],
+         "--kind", kind, "--n", str(n), "--n-values", str(k), "--threads", str(threads)],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
@@ -204,7 +205,9 @@ def main() -> None:
     except ImportError:
         have_backpack = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={k}, "
-          f"batch_size=32, 10 classes")
+          f"batch_size=32, 10 classes; load average at start {os.getloadavg()[0]:.1f} "
+          f"(other processes on the cores distort every number, ours most: many large "
+          f"parallel ops)")
     rows = []
     for name in ("mlp", "cnn"):
         rows += bench_model(name, k, n_ours, n_loop, args.repeats, have_backpack)
@@ -224,11 +227,12 @@ def main() -> None:
           f"{t_topk * 1e3:.2f} ms, exact block-threshold selection {t_sel * 1e3:.2f} ms "
           f"({t_topk / t_sel:.1f}x)")
 
+    print(f"load average after the timings: {os.getloadavg()[0]:.1f}")
     print("\npeak RSS of a fresh process streaming PEFs (MB):")
     sizes = (64, 512) if args.quick else (128, 1024)
     for name in ("mlp", "cnn"):
         for kind in ("low_rank", "diagonal"):
-            peaks = [peak_rss(name, kind, n, k) for n in sizes]
+            peaks = [peak_rss(name, kind, n, k, threads) for n in sizes]
             print(f"  {name:4} {kind:9} " + "  ".join(
                 f"n={n}: {p:7.1f}" for n, p in zip(sizes, peaks, strict=True)))
 

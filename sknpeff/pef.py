@@ -174,6 +174,20 @@ def _iter_batches(X, batch_size: int) -> Iterator[Any]:
             yield _collate(X[s : s + batch_size])
 
 
+def _to_device(batch, device, float_dtype):
+    """Tensors of ``batch`` on ``device``; floating ones cast to the model's dtype."""
+
+    def conv(v):
+        v = _as_tensor(v)
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and v.dtype != float_dtype:
+                v = v.to(float_dtype)
+            return v.to(device, non_blocking=True)
+        return v
+
+    return _tree_map(conv, batch)
+
+
 def _default_forward(model, batch):
     if isinstance(batch, Mapping):
         return model(**batch)
@@ -214,27 +228,20 @@ class _ForwardWrapper(nn.Module):
 # exact top-K selection
 # ---------------------------------------------------------------------------------------------
 _BLOCK = 128
-_SUB = 1 << 18  # elements per cache-resident step of _block_max_abs
 
 
 def _block_max_abs(blocks: torch.Tensor) -> torch.Tensor:
-    """``blocks.abs().amax(1)`` in one pass over memory (abs of L2-sized pieces)."""
-    n = blocks.shape[0]
-    out = torch.empty(n, dtype=blocks.dtype, device=blocks.device)
-    per = _SUB // blocks.shape[1]
-    if blocks.device.type != "cpu" or n <= per:
-        return torch.amax(blocks.abs(), dim=1)
-    tmp = torch.empty((per, blocks.shape[1]), dtype=blocks.dtype, device=blocks.device)
-    for s in range(0, n, per):
-        e = min(n, s + per)
-        t = torch.abs(blocks[s:e], out=tmp[: e - s])
-        torch.amax(t, dim=1, out=out[s:e])
-    return out
+    """``blocks.abs().amax(1)`` without a temporary: two reads, two large ops.
+
+    (A loop over cache-sized pieces is faster on an idle machine but degrades badly
+    when other processes compete for the cores: many small parallel regions.)
+    """
+    return torch.maximum(torch.amax(blocks, dim=1), torch.amin(blocks, dim=1).neg_())
 
 
 def _select_topk(
     values: torch.Tensor, k: int, *, signed: bool, n_valid: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, state: dict | None = None,
 ) -> torch.Tensor:
     """Column indices of the ``k`` entries of largest magnitude of each row of ``values``.
 
@@ -248,6 +255,11 @@ def _select_topk(
         ``False`` when all values are known to be non-negative (skips ``amin``).
     n_valid : int, default=None
         Number of meaningful columns (default: all).
+    generator : torch.Generator, default=None
+        For the random subsample (affects speed only, never the result).
+    state : dict, default=None
+        Carried between calls on similar rows: remembers whether the block filter was
+        selective, to skip it when it is not (re-probed every 16 calls).
 
     Returns
     -------
@@ -263,7 +275,8 @@ def _select_topk(
     ``t`` are gathered, and an exact ``topk`` runs among their entries ``>= t``. Every
     entry ``>= t`` lies in such a block, so when a row has at least ``k`` of them the
     result is exact; rows with fewer (the estimate was too high) fall back to a full
-    ``topk``.
+    ``topk``. When most blocks reach ``t`` (``k / N`` large, no structure) the block pass
+    is skipped and the entries ``>= t`` are found directly.
     """
     R, Np = values.shape
     N = Np if n_valid is None else int(n_valid)
@@ -292,18 +305,33 @@ def _select_topk(
         t = torch.topk(sub, r, dim=1, sorted=False).values.min(dim=1).values
         t = torch.clamp(t, min=tiny)
     nb = Np // _BLOCK
-    blocks = values.reshape(R * nb, _BLOCK)
-    bmag = _block_max_abs(blocks) if signed else torch.amax(blocks, dim=1)
-    bflat = torch.nonzero((bmag.view(R, nb) >= t[:, None]).view(-1)).squeeze(1)
-    cand = blocks.index_select(0, bflat)  # (n_blocks, _BLOCK)
-    if signed:
-        cand = cand.abs()
-    brow = torch.div(bflat, nb, rounding_mode="floor")
-    hit = cand >= t[brow][:, None]
-    e_blk, e_off = torch.nonzero(hit, as_tuple=True)
-    rows = brow[e_blk]
-    cols = (bflat[e_blk] - rows * nb) * _BLOCK + e_off
-    evals = cand[e_blk, e_off]
+    use_blocks = state is None or state.get("block_frac", 0.0) < 0.25 \
+        or state.get("calls", 0) % 16 == 0
+    if state is not None:
+        state["calls"] = state.get("calls", 0) + 1
+    if use_blocks:
+        # one pass for the max |value| of every block; gather only blocks reaching t
+        blocks = values.reshape(R * nb, _BLOCK)
+        bmag = _block_max_abs(blocks) if signed else torch.amax(blocks, dim=1)
+        bflat = torch.nonzero((bmag.view(R, nb) >= t[:, None]).view(-1)).squeeze(1)
+        if state is not None:
+            state["block_frac"] = bflat.numel() / max(1, R * nb)
+        cand = blocks.index_select(0, bflat)  # (n_blocks, _BLOCK)
+        if signed:
+            cand = cand.abs()
+        brow = torch.div(bflat, nb, rounding_mode="floor")
+        hit = cand >= t[brow][:, None]
+        e_blk, e_off = torch.nonzero(hit, as_tuple=True)
+        rows = brow[e_blk]
+        cols = (bflat[e_blk] - rows * nb) * _BLOCK + e_off
+        evals = cand[e_blk, e_off]
+    else:
+        # blocks are not selective on these rows (e.g. k / N large): compare entries
+        mag = values.abs() if signed else values
+        flat = torch.nonzero((mag >= t[:, None]).view(-1)).squeeze(1)
+        rows = torch.div(flat, Np, rounding_mode="floor")
+        cols = flat - rows * Np
+        evals = mag.view(-1)[flat]
     counts = torch.bincount(rows, minlength=R)
     maxc = int(counts.max()) if rows.numel() else 0
     width = min(k, maxc)
@@ -577,6 +605,7 @@ class _Engine:
         self._plan()
         self.records: list[_Record] = []
         self.buffers: dict[str, torch.Tensor] = {}
+        self.select_state: dict = {}
         self.no_expand: set[int] = set()
         self.expanded: set[int] = set()
         self.batch_hint: int | None = None
@@ -667,17 +696,7 @@ class _Engine:
         return b[:numel]
 
     def to_device(self, batch):
-        fdtype = self.params[0].dtype
-
-        def conv(v):
-            v = _as_tensor(v)
-            if isinstance(v, torch.Tensor):
-                if v.is_floating_point() and v.dtype != fdtype:
-                    v = v.to(fdtype)
-                return v.to(self.device, non_blocking=True)
-            return v
-
-        return _tree_map(conv, batch)
+        return _to_device(batch, self.device, self.params[0].dtype)
 
     def cotangents(self, logits: torch.Tensor):
         """Slot cotangents ``(B, c, K)`` at the logits and per-example kept-slot counts."""
@@ -949,7 +968,8 @@ class _Engine:
                     scale = torch.ones_like(nrm)
                 n_valid = c_eff * self.m if self.kind == "low_rank" else self.m
                 sel = _select_topk(vals, self.k, signed=self.kind == "low_rank",
-                                   n_valid=n_valid, generator=self.generator)
+                                   n_valid=n_valid, generator=self.generator,
+                                   state=self.select_state)
                 parts.append(_rows_to_csr_parts(vals, sel, scale, self.out_dtype))
                 norms.append(nrm.cpu().numpy())
         counts = np.concatenate([p[0] for p in parts])
@@ -1013,7 +1033,7 @@ class _Engine:
                 blk = blk + cb.materialize()
             blk = blk * blk
             torch.sum(blk, dim=0, out=sl)
-        nrm = torch.linalg.vector_norm(f, dim=1, dtype=torch.float64)
+        nrm = torch.linalg.vector_norm(f, dim=1).to(torch.float64)
         return fbuf, nrm
 
 
@@ -1239,12 +1259,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self._validate()
         layout = ParameterLayout.from_model(self.model, self.params)
         batch = self._first_batch(X)
-        eng = _Engine.__new__(_Engine)  # only for its input conversion
-        eng.params = [next(self.model.parameters())]
-        eng.device = eng.params[0].device
+        p0 = next(self.model.parameters())
         with torch.no_grad():
             fwd = self.forward if self.forward is not None else _default_forward
-            logits = _as_logits(fwd(self.model, _Engine.to_device(eng, batch)))
+            logits = _as_logits(fwd(self.model, _to_device(batch, p0.device, p0.dtype)))
         if logits.dim() != 2:
             raise ValueError(
                 "the model (or forward) must return logits of shape (batch, n_classes); got "

@@ -1,6 +1,7 @@
 """Tests of sknpeff.pef.PEFTransformer against a naive per-example, per-class loop."""
 
 import copy
+import itertools
 import pickle
 import warnings
 
@@ -156,12 +157,14 @@ def test_norms_equal_dense_fisher(kind):
 
 def test_selection_exact_against_torch_topk(monkeypatch):
     gen = torch.Generator().manual_seed(0)
-    for R, N, k in [(5, 100_000, 300), (3, 50_000, 5000), (4, 1000, 2000), (2, 300, 7)]:
+    cases = [(5, 100_000, 300), (3, 50_000, 5000), (4, 1000, 2000), (2, 300, 7)]
+    # state=None: block filter; block_frac=1: the entry-wise path
+    for (R, N, k), state in itertools.product(cases, [None, {"block_frac": 1.0, "calls": 1}]):
         v = torch.randn(R, N, generator=gen) ** 3
         v[0, : N // 2] = 0  # many zeros
         v[1, :] = 0
         v[1, :5] = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.1])
-        sel = _select_topk(v, k, signed=True)
+        sel = _select_topk(v, k, signed=True, state=state)
         for r in range(R):
             got = set(sel[r][sel[r] >= 0].tolist())
             mag = v[r].abs()
@@ -243,6 +246,19 @@ def test_compute_result_and_pipeline_shape():
     # picklable when fitted
     t3 = pickle.loads(pickle.dumps(tr))
     assert (t3.transform(X) != res.pefs).nnz == 0
+
+
+@pytest.mark.filterwarnings("ignore:.*zero PEF")
+def test_in_a_pipeline():
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.pipeline import make_pipeline
+
+    model, X, _ = _make("mlp", torch.float32)
+    pipe = make_pipeline(PEFTransformer(model, kind="low_rank", n_values=30),
+                         TruncatedSVD(2, random_state=0))
+    W = pipe.fit_transform(X)
+    assert W.shape == (X.shape[0], 2)
+    assert pipe.transform(X[:3]).shape == (3, 2)
 
 
 @pytest.mark.filterwarnings("ignore:.*zero PEF")
