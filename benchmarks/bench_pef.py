@@ -232,7 +232,7 @@ def main() -> None:
     sizes = (64, 512) if args.quick else (128, 1024)
     for name in ("mlp", "cnn"):
         for kind in ("low_rank", "diagonal"):
-            peaks = [peak_rss(name, kind, n, k, threads) for n in sizes]
+            peaks = [peak_rss(name, kind, n, k, torch.get_num_threads()) for n in sizes]
             print(f"  {name:4} {kind:9} " + "  ".join(
                 f"n={n}: {p:7.1f}" for n, p in zip(sizes, peaks, strict=True)))
 
