@@ -11,22 +11,31 @@ DESIGN.md ("Data layouts"):
 How it is fast
 --------------
 One forward pass of a batch records the input of every supported layer (Linear,
-Conv1d/2d, LayerNorm, Embedding, BatchNorm in eval mode). The ``c`` class cotangents
-``sqrt(p_j) (e_j - p)`` at the logits are back-propagated together
-(``torch.autograd.grad(..., is_grads_batched=True)``) to the *outputs* of those layers
-only, and the per-example, per-class parameter gradients follow from closed-form
-per-layer rules (Linear: ``outer(grad_output, input)``; Conv: the same on unfolded
-patches; ...). Parameters of any other layer (e.g. ``MultiheadAttention``) go through
-a generic ``torch.func`` path (``vmap`` over examples of ``vjp`` of the whole model,
-``vmap`` over classes). On the first batch of every call the per-layer results are
-checked against the batch gradient (their sum over examples); a parameter that fails
-the check (for instance one used outside its module's ``forward``) is moved to the
-generic path, so results are exact either way.
+Conv1d/2d, LayerNorm, Embedding, BatchNorm in eval mode). The ``c`` class-slot
+cotangents ``sqrt(p_j) (e_j - p)`` at the logits are back-propagated to the *outputs*
+of those layers only (one backward of the batch per class on CPU, which measured faster
+there; one ``torch.autograd.grad(..., is_grads_batched=True)`` on GPUs), and the
+per-example, per-class parameter gradients follow from closed-form per-layer rules
+(Linear: ``outer(grad_output, input)``, summed over positions for sequences; Conv: one
+``bmm`` of the output cotangents with the unfolded patches; LayerNorm/BatchNorm:
+cotangent times normalized input; Embedding: scatter-add). The diagonal kind and the
+Gram matrices of Linear layers use the factored form directly. Parameters of any other
+layer (e.g. ``MultiheadAttention``) go through a generic ``torch.func`` path (``vmap``
+over examples of ``vjp`` of the whole model, ``vmap`` over classes; a loop over
+examples if ``vmap`` cannot batch the model).
 
-Top-K selection is exact but avoids a full ``topk`` over each row: a threshold is
-estimated from a random subsample of the row, the entries above it are gathered and
-an exact ``topk`` runs among those candidates (rows where the estimate was too high
-fall back to a full ``topk``).
+On the first batch of every call the per-layer results are checked exactly: for random
+positive weights over (class, example), their weighted sum must equal one ordinary
+backward pass to the parameters. A parameter that fails (used outside its module's
+``forward``, a module whose first axis is not the batch axis, an input modified in
+place) is moved to the generic path, so results are exact either way.
+
+Rows are assembled in reusable buffers of a bounded number of entries (a few examples
+at a time), so memory depends on ``batch_size`` and the model, never on the number of
+examples. Top-K selection is exact without a full ``topk`` of each row: a threshold is
+estimated from a random subsample, one pass finds the blocks of 128 entries whose
+largest magnitude reaches it, an exact ``topk`` runs among the entries of those blocks
+(rows where the estimate was too high fall back to a full ``topk``).
 """
 
 from __future__ import annotations

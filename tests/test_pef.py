@@ -421,3 +421,15 @@ def test_resnet18_eval():
     rows, norms = diag_rows(A.astype(np.float64))
     assert np.allclose(res.norms, norms, rtol=1e-3)
     assert np.allclose(res.pefs.toarray(), topk_dense(rows, 1000), atol=1e-4 * rows.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+def test_cuda_matches_cpu(kind):
+    model, X, _ = _make("conv", torch.float32)
+    cpu = PEFTransformer(model, kind=kind, n_values=50).fit(X).compute(X)
+    gpu_model = copy.deepcopy(model).cuda()
+    res = PEFTransformer(gpu_model, kind=kind, n_values=50).fit(X).compute(X)
+    assert np.allclose(res.norms, cpu.norms, rtol=1e-4)
+    assert np.allclose(res.pefs.toarray(), cpu.pefs.toarray(), atol=1e-4 * abs(cpu.pefs).max())
