@@ -1109,7 +1109,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     forward : callable, default=None
         ``forward(model, batch) -> logits`` for models with another signature. Default:
         ``model(batch)``, ``model(**batch)`` for dicts, ``model(batch[0])`` for
-        ``(inputs, targets)`` tuples.
+        ``(inputs, targets)`` tuples. The output may also be an object with a ``.logits``
+        attribute (transformers). A binary model with one sigmoid logit ``z`` must
+        return ``torch.cat([torch.zeros_like(z), z], 1)`` (a single softmax logit has a
+        zero Fisher).
     batch_size : int, default=32
         Examples per forward/backward pass; bounds the memory used.
     device : str or torch.device, default=None
