@@ -18,14 +18,14 @@ from ._base import (
     compute_context,
 )
 from ._updates import (
-    hals_w_step,
+    DIAG_UPDATES,
+    diag_solve_w,
     lowrank_curvature,
     lowrank_g_update,
     lowrank_grad_matrix,
     lowrank_loss,
     lowrank_sq_proj,
     lowrank_weighted_rows,
-    multiplicative_w_step,
 )
 
 #: rows of A sampled for the data-seeded initialization (the choice is k-means++-like)
@@ -213,19 +213,18 @@ class LowRankNPEFF(_BaseNPEFF):
 
     # ------------------------------------------------------------ the W step
     def _w_step(self, xp: Any, W: Any, N: Any, QQ: Any) -> Any:
-        if self.w_solver == "mu":
-            return multiplicative_w_step(xp, W, N, QQ)
-        return hals_w_step(xp, W, N, QQ)
+        """One coefficient step (HALS sweep or multiplicative step), in place.
+
+        The W problem, ``min_W sum_i (w_i QQ w_i^T - 2 N_i . w_i)`` with W >= 0, is the
+        same row-wise non-negative least squares as D-NPEFF's, so it shares its updates.
+        """
+        DIAG_UPDATES[self.w_solver](xp, W, N, QQ)
+        return W
 
     def _fit_w(self, xp: Any, N: Any, QQ: Any, W: Any, n_iter: int) -> Any:
-        """Coefficients with the components fixed: ``n_iter`` W steps (HALS by default)."""
-        for _ in range(n_iter):
-            W_old = W.copy() if self.tol > 0 else None
-            W = self._w_step(xp, W, N, QQ)
-            if W_old is not None:
-                change = float(xp.abs(W - W_old).max())
-                if change <= self.tol * max(float(xp.abs(W).max()), np.finfo(np.float64).tiny):
-                    break
+        """Coefficients with the components fixed: up to ``n_iter`` W steps, each row
+        stopping once its relative change is at most ``tol``."""
+        diag_solve_w(xp, W, N, QQ, DIAG_UPDATES[self.w_solver], n_iter, self.tol)
         return W
 
     @staticmethod

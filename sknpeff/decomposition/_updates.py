@@ -31,31 +31,6 @@ def sum_f64(xp: Any, x: Any) -> float:
 # ---- low-rank section: maintained with LowRankNPEFF ----
 
 
-def multiplicative_w_step(xp: Any, W: Any, num: Any, gram: Any, eps: float = EPS) -> Any:
-    """Lee-Seung step for ``min_W sum_i (w_i gram w_i^T - 2 num_i . w_i)`` with W >= 0.
-
-    Low rank: ``num = N``, ``gram = Q * Q``; diagonal: ``num = X Ht``, ``gram = H Ht``.
-    Returns the new W (a new array).
-    """
-    return W * num / (W @ gram + eps)
-
-
-def hals_w_step(xp: Any, W: Any, num: Any, gram: Any, eps: float = EPS) -> Any:
-    """One HALS (exact coordinate descent) sweep over the columns of W, in place.
-
-    Minimizes the same quadratic as :func:`multiplicative_w_step` exactly in one
-    component at a time (all examples at once), keeping W >= 0. Never increases the
-    loss; converges in far fewer sweeps than the multiplicative step.
-    """
-    for k in range(W.shape[1]):
-        d = gram[k, k]
-        if d <= eps:
-            W[:, k] = 0
-            continue
-        W[:, k] = xp.maximum(W[:, k] + (num[:, k] - W @ gram[:, k]) / d, 0)
-    return W
-
-
 def lowrank_sq_proj(xp: Any, P: Any, n_slots: int) -> Any:
     """``N[i, k] = sum_j P[(i, j), k]**2 = g_k^T F_i g_k`` (n x r)."""
     n = P.shape[0] // n_slots
