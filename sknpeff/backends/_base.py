@@ -34,6 +34,9 @@ class Backend(ABC):
     name: str = "base"
     #: the array namespace (``numpy`` or ``cupy``)
     xp: Any = np
+    #: rows of ``R`` per tile of a block's transpose for ``At_b @ R`` (None: no tiles).
+    #: On a CPU the gathered rows of ``R`` then come from a cache-sized slice.
+    row_chunk: int | None = None
 
     @abstractmethod
     def asarray(self, x: Any, dtype: Any = None, partition: int = 0) -> Any:

@@ -57,6 +57,42 @@ class Block:
     nnz: int
     #: global id of the block's partition (equals ``partition`` in one process)
     global_partition: int = -1
+    #: ``At`` split by its columns (rows of ``A``) into ``(row_start, row_stop, tile)``
+    #: when the backend asks for row tiles (then ``At`` is None)
+    At_tiles: list | None = None
+
+    def at_mats(self) -> list[Any]:
+        """The backend matrices that hold ``At`` (one, or its row tiles)."""
+        return [self.At] if self.At_tiles is None else [t for _, _, t in self.At_tiles]
+
+
+def split_row_tiles(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                    n_cols: int, chunk: int) -> list[tuple[int, int, np.ndarray, np.ndarray,
+                                                          np.ndarray]]:
+    """Split a CSR matrix (rows x ``n_cols``) into tiles of ``chunk`` columns.
+
+    Returns ``(col_start, col_stop, indptr, indices, data)`` per non-empty tile, indices
+    relative to ``col_start``, int32. Entries keep their order within each row.
+    """
+    n_rows = len(indptr) - 1
+    n_chunks = max(1, -(-n_cols // chunk))
+    row_ids = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+    key = (np.asarray(indices, dtype=np.int64) // chunk) * n_rows + row_ids
+    del row_ids
+    order = np.argsort(key, kind="stable")
+    counts = np.bincount(key, minlength=n_chunks * n_rows).reshape(n_chunks, n_rows)
+    del key
+    starts = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])
+    tiles = []
+    for k in range(n_chunks):
+        if starts[k] == starts[k + 1]:
+            continue
+        sel = order[starts[k]:starts[k + 1]]
+        ip = np.zeros(n_rows + 1, dtype=np.int32)
+        np.cumsum(counts[k], out=ip[1:])
+        idx = (np.asarray(indices[sel], dtype=np.int64) - k * chunk).astype(np.int32)
+        tiles.append((k * chunk, min(n_cols, (k + 1) * chunk), ip, idx, data[sel]))
+    return tiles
 
 
 def plan_blocks(col_nnz: np.ndarray, block_size: int, max_block_nnz: int) -> list[tuple[int, int]]:
@@ -254,12 +290,22 @@ class ColumnBlocks:
             if indices.dtype != np.int32:  # only when the whole matrix needs int64
                 indices = indices.astype(np.int32)
             data = csc.data[lo:hi]
-            at = be.csr(indptr, indices, data, (e - s, self.n_rows), partition=i)
+            tiles = None
+            if be.row_chunk and self.n_rows > be.row_chunk:
+                at = None
+                tiles = [(c0, c1, be.csr(ip, ix, d, (e - s, c1 - c0), partition=i))
+                         for c0, c1, ip, ix, d in split_row_tiles(
+                             indptr, indices, data, self.n_rows, be.row_chunk)]
+            else:
+                at = be.csr(indptr, indices, data, (e - s, self.n_rows), partition=i)
             # A_b: the same block as CSR of shape (rows, e - s)
             a_host = sp.csc_matrix((data, indices, indptr), shape=(self.n_rows, e - s)).tocsr()
-            a = be.csr(a_host.indptr.astype(np.int32), a_host.indices.astype(np.int32),
+            a = be.csr(np.asarray(a_host.indptr, dtype=np.int32),
+                       np.asarray(a_host.indices, dtype=np.int32),
                        a_host.data, a_host.shape, partition=i)
-            self.blocks.append(Block(s, e, i, ls, le, a, at, hi - lo, global_partition=g))
+            del a_host
+            self.blocks.append(Block(s, e, i, ls, le, a, at, hi - lo, global_partition=g,
+                                     At_tiles=tiles))
 
     # ------------------------------------------------------------------ factors
     def split_factor(self, Ft: np.ndarray, dtype: Any = None) -> list[Any]:
@@ -317,8 +363,17 @@ class ColumnBlocks:
         for b in self.blocks:
             with be.device(b.partition):
                 out = outs[b.partition][b.local_start:b.local_stop]
-                be.spmm(b.At, Rs[b.partition], out=out, accumulate=True)
+                self._at_matmul(b, Rs[b.partition], out)
         return outs
+
+    def _at_matmul(self, b: Block, R: Any, out: Any) -> Any:
+        """``out += At_b @ R`` (tile by tile when the block's transpose is tiled)."""
+        be = self.backend
+        if b.At_tiles is None:
+            return be.spmm(b.At, R, out=out, accumulate=True)
+        for r0, r1, tile in b.At_tiles:
+            be.spmm(tile, R[r0:r1], out=out, accumulate=True)
+        return out
 
     def gram(self, parts: list[Any]) -> Any:
         """``Ft.T @ Ft`` (r x r), summed over partitions."""
@@ -350,11 +405,17 @@ class ColumnBlocks:
         cs = [self.replicate(c) for c in consts]
         P = [be.zeros((self.n_rows, r), dtype, p) for p in range(self.n_partitions)]
         Q = [be.zeros((r, r), dtype, p) for p in range(self.n_partitions)]
+        # one buffer per partition for the blocks' At_b @ R (the largest block's rows)
+        rows = [max((b.stop - b.start for b in self.blocks if b.partition == p), default=0)
+                for p in range(self.n_partitions)]
+        bufs = [be.zeros((rows[p], r), dtype, p) for p in range(self.n_partitions)]
         for b in self.blocks:
             p = b.partition
             with be.device(p):
                 Fb = parts[p][b.local_start:b.local_stop]
-                T = be.spmm(b.At, Rs[p])
+                T = bufs[p][:b.stop - b.start]
+                T[...] = 0
+                self._at_matmul(b, Rs[p], T)
                 update(Fb, T, *(c[p] for c in cs))
                 be.spmm(b.A, Fb, out=P[p], accumulate=True)
                 Q[p] += Fb.T @ Fb

@@ -49,6 +49,10 @@ class NumpyBackend(Backend):
             raise ValueError(f"n_partitions must be >= 1, got {n_partitions!r}.")
         self._n_partitions = int(n_partitions)
         self.use_torch = bool(use_torch) and torch is not None
+        # At_b @ R gathers rows of R (n*c x r) at random: 2048-row tiles keep the gathered
+        # slice (512 KiB at r = 64, float32) in cache: 5.3 -> 14.5 GFLOP/s single-threaded
+        # at n*c = 30k, m = 200k (benchmarks/bench_sparse.py)
+        self.row_chunk = 2048 if self.use_torch else None
 
     def __repr__(self) -> str:
         return f"NumpyBackend(n_partitions={self._n_partitions}, use_torch={self.use_torch})"
