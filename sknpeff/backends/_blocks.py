@@ -211,6 +211,10 @@ class ColumnBlocks:
         when there would otherwise be fewer blocks than partitions.
     max_block_nnz : int, default=2**31 - 1
         Nonzeros per block at most (blocks then need only int32 indices).
+    transpose : bool, default=True
+        Also hold each block's transpose (for :meth:`rmatmul` and :meth:`sweep`). With
+        ``False`` only :meth:`matmul` and :meth:`gram` are available, and on one
+        partition the matrix is used as it is (no copy).
 
     Attributes
     ----------
@@ -240,7 +244,7 @@ class ColumnBlocks:
     """
 
     def __init__(self, X: sp.spmatrix, backend: Backend, block_size: int = 4096,
-                 max_block_nnz: int = INT32_MAX_NNZ) -> None:
+                 max_block_nnz: int = INT32_MAX_NNZ, transpose: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size!r}.")
         if max_block_nnz < 1:
@@ -269,10 +273,30 @@ class ColumnBlocks:
                                  for g in self.local_partitions]
         self.n_partitions = len(self.local_partitions)
         self.blocks: list[Block] = []
+        if not transpose and self._whole_matrix_block(X):
+            return
         for i, g in enumerate(self.local_partitions):
             ids = np.flatnonzero(part == g)
             if ids.size:
                 self._build_partition(X, i, g, [bounds[k] for k in ids])
+
+    def _whole_matrix_block(self, X: sp.spmatrix) -> bool:
+        """Products with ``A`` only, one partition: one zero-copy block of all columns.
+
+        Coefficient fitting (``transform``) needs only ``A @ Ft`` once; building column
+        blocks and the transpose would cost more than the product itself.
+        """
+        if self.n_partitions != 1 or self.n_global_partitions != 1 or self.nnz == 0 \
+                or self.nnz > INT32_MAX_NNZ or X.format != "csr" or not X.has_sorted_indices:
+            return False
+        self.partition_ranges = self.global_partition_ranges = [(0, self.n_cols)]
+        a = self.backend.csr(np.asarray(X.indptr, dtype=np.int32),
+                             np.asarray(X.indices, dtype=np.int32), X.data, X.shape,
+                             partition=0)
+        g = self.local_partitions[0]
+        self.blocks = [Block(0, self.n_cols, 0, 0, self.n_cols, a, None, self.nnz,
+                             global_partition=g)]
+        return True
 
     def _build_partition(self, X: sp.spmatrix, i: int, g: int,
                          bounds: list[tuple[int, int]]) -> None:

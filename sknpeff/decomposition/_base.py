@@ -233,7 +233,8 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                            distributed=getattr(self, "distributed", False))
 
     def _prepare(self, X: sp.csr_matrix, *, fitting: bool, keep_host: bool = False,
-                 pool_rows: int = 0, rng: np.random.RandomState | None = None) -> Problem:
+                 pool_rows: int = 0, rng: np.random.RandomState | None = None,
+                 transpose: bool = True) -> Problem:
         """Reshape, prune (when fitting) and block the input.
 
         When fitting, sets ``kept_columns_`` and ``n_params_``; otherwise uses the
@@ -242,7 +243,9 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         rows of ``A`` (``"pool"``, CSR, and their norms ``"pool_norms"``) for
         data-seeded initialization, and with ``keep_host`` the whole host matrix ``A``
         (``"A_host"``). Without ``keep_host`` the reshaped copy is dropped as soon as
-        its CSC copy exists, so the peak stays at input + CSC + blocks.
+        its CSC copy exists, so the peak stays at input + CSC + blocks. With
+        ``transpose=False`` (components frozen: only ``A @ Ft`` is needed) no CSC copy
+        or transposed blocks are built.
         """
         n_slots = self._n_slots()
         kept = None if fitting else self.kept_columns_
@@ -254,14 +257,16 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         if pool_rows:
             extras["pool"], extras["pool_norms"] = sample_rows(A, pool_rows, rng)
         const = self._loss_constant(A)
+        backend = self._get_backend(X)
         if keep_host:
             extras["A_host"] = A
-            csc = sp.csc_matrix(A)
+        if not transpose:
+            blocks = ColumnBlocks(A, backend, block_size=self.block_size, transpose=False)
         else:
-            csc = A.tocsc()
+            csc = sp.csc_matrix(A) if keep_host else A.tocsc()
             del A
-        blocks = ColumnBlocks(csc, self._get_backend(X), block_size=self.block_size)
-        del csc
+            blocks = ColumnBlocks(csc, backend, block_size=self.block_size)
+            del csc
         return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras)
 
     def _loss_constant(self, A: sp.csr_matrix) -> float:
@@ -296,10 +301,12 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         """
         losses = list(losses or [])
         t0 = time.perf_counter()
+        self._loop_seconds = 0.0  # wall time of the iterations alone (for benchmarks)
         n_iter = start
         try:
             for it in range(start, max_iter):
                 loss = float(step(it))
+                self._loop_seconds = time.perf_counter() - t0
                 losses.append(loss)
                 n_iter = it + 1
                 if checkpoint is not None and checkpoint_every and n_iter % checkpoint_every == 0:

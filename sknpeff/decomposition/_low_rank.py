@@ -516,7 +516,7 @@ class LowRankNPEFF(_BaseNPEFF):
     def _transform(self, X: Any) -> np.ndarray:
         self._check_fitted()
         X = self._validate_lrm(X, reset=False)
-        prob = self._prepare(X, fitting=False)
+        prob = self._prepare(X, fitting=False, transpose=False)
         be = prob.blocks.backend
         xp = be.xp
         parts = prob.blocks.split_factor(self._Ft, dtype=prob.dtype)
@@ -624,7 +624,7 @@ class LowRankNPEFF(_BaseNPEFF):
         if W is None:
             W = self.transform(X)
         X = self._validate_lrm(X, reset=False)
-        prob = self._prepare(X, fitting=False)
+        prob = self._prepare(X, fitting=False, transpose=False)
         xp = prob.blocks.backend.xp
         parts = prob.blocks.split_factor(self._Ft, dtype=prob.dtype)
         P = prob.blocks.matmul(parts)
