@@ -372,16 +372,22 @@ def _select_topk(
 
 
 def _rows_to_csr_parts(values: torch.Tensor, sel: torch.Tensor, scale: torch.Tensor,
-                       out_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted CSR pieces (counts, indices, data) of the selected entries of ``values``."""
-    R, N = values.shape
+                       out_dtype, col_map=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted CSR pieces (counts, indices, data) of the selected entries of ``values``.
+
+    ``col_map`` maps selected (internal) column indices to output columns (``-1`` kept).
+    """
+    R = values.shape[0]
     if sel.numel() == 0:
         return (np.zeros(R, dtype=np.int64), np.zeros(0, dtype=np.int64),
                 np.zeros(0, dtype=out_dtype))
-    key = torch.where(sel < 0, torch.full_like(sel, N), sel)
-    key, _ = torch.sort(key, dim=1)
-    valid = key < N
-    vals = values.gather(1, key.clamp(max=N - 1)).to(torch.float64) * scale[:, None]
+    vals = values.gather(1, sel.clamp(min=0))
+    key = sel if col_map is None else col_map(sel)
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(key < 0, torch.full_like(key, big), key)
+    key, order = torch.sort(key, dim=1)
+    vals = vals.gather(1, order).to(torch.float64) * scale[:, None]
+    valid = key != big
     counts = valid.sum(dim=1)
     idx = key[valid]
     data = vals[valid]
@@ -461,7 +467,12 @@ class _Contrib:
                       out=dest.view(Bc, c, gb.shape[2], self.x.shape[1]))
         elif self.left is not None:
             G, O, K = self.left.shape[2], self.left.shape[3], self.right.shape[4]
-            dest.view(Bc, c, G, O, K).copy_(self._product())
+            if G == 1 and dest.stride(1) == O * K and dest.stride(2) == 1:
+                # (c, O*K) contiguous per example: the bmm writes in place
+                lhs = self.left.reshape(Bc, c * O, -1)
+                torch.bmm(lhs, self.right[:, 0, 0], out=dest.view(Bc, c * O, K))
+            else:
+                dest.view(Bc, c, G, O, K).copy_(self._product())
         else:
             dest.copy_(self.block.transpose(0, 1))
 
@@ -979,7 +990,8 @@ class _Engine:
                 sel = _select_topk(vals, self.k, signed=self.kind == "low_rank",
                                    n_valid=n_valid, generator=self.generator,
                                    state=self.select_state)
-                parts.append(_rows_to_csr_parts(vals, sel, scale, self.out_dtype))
+                col_map = self._lrm_col_map(c_eff) if self.kind == "low_rank" else None
+                parts.append(_rows_to_csr_parts(vals, sel, scale, self.out_dtype, col_map))
                 norms.append(nrm.cpu().numpy())
         counts = np.concatenate([p[0] for p in parts])
         idx = np.concatenate([p[1] for p in parts])
@@ -987,29 +999,53 @@ class _Engine:
         return counts, idx, data, np.concatenate(norms), logits_np
 
     def _assemble_lrm(self, contribs, Bc, c, dtype):
+        """Rows of the a_ij in the *internal* parameter-major layout, and the PEF norms.
+
+        Internally, parameter ``p``'s ``(c, n_p)`` block of every row is contiguous at
+        column ``c * offset_p`` (so per-layer products write in place and Gram matrices
+        read contiguous blocks); :meth:`_lrm_col_map` turns selected internal columns into
+        the slot-major output columns ``j * n_params + offset_p + r``.
+        """
         Np = _padded(c * self.m)
         Abuf = self._buf("A", Bc * Np, dtype).view(Bc, Np)
         Abuf[:, c * self.m :].zero_()
-        A = Abuf[:, : c * self.m].view(Bc, c, self.m)
         S = torch.zeros((Bc, c, c), dtype=dtype, device=self.device)
         for pid in range(len(self.params)):
             o, n = self.offsets[pid], self.sizes[pid]
-            sl = A[:, :, o : o + n]
+            blk = Abuf[:, c * o : c * (o + n)].view(Bc, c, n)
             cl = contribs.get(pid)
             if not cl:
-                sl.zero_()
+                blk.zero_()
                 continue
-            cl[0].write(sl)
+            cl[0].write(blk)
             if len(cl) == 1 and cl[0].is_outer:
                 gb = cl[0].g.transpose(0, 1)
                 x = cl[0].x
                 S += torch.bmm(gb, gb.transpose(1, 2)) * (x * x).sum(1)[:, None, None]
                 continue
             for cb in cl[1:]:
-                sl.add_(cb.materialize().transpose(0, 1))
-            S += torch.matmul(sl, sl.transpose(1, 2))
+                blk.add_(cb.materialize().transpose(0, 1))
+            S += torch.bmm(blk, blk.transpose(1, 2))
         nrm = torch.sqrt((S.to(torch.float64) ** 2).sum((1, 2)))
         return Abuf, nrm
+
+    def _lrm_col_map(self, c: int):
+        dev = self.device
+        off = torch.tensor(self.offsets, dtype=torch.long, device=dev)
+        size = torch.tensor(self.sizes, dtype=torch.long, device=dev)
+        ends = c * (off + size)
+        m = self.m
+
+        def col_map(sel: torch.Tensor) -> torch.Tensor:
+            u = sel.clamp(min=0)
+            p = torch.searchsorted(ends, u.reshape(-1), right=True).reshape(u.shape)
+            local = u - c * off[p]
+            n = size[p]
+            j = torch.div(local, n, rounding_mode="floor")
+            ext = j * m + off[p] + (local - j * n)
+            return torch.where(sel < 0, sel, ext)
+
+        return col_map
 
     def _assemble_diag(self, contribs, Bc, dtype):
         Np = _padded(self.m)
