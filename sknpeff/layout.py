@@ -212,7 +212,9 @@ class ParameterLayout:
             )
         return {
             n: flat_vector[o : o + s].reshape(shape)
-            for n, shape, o, s in zip(self.names, self.shapes, self.offsets, self.sizes, strict=True)
+            for n, shape, o, s in zip(
+                self.names, self.shapes, self.offsets, self.sizes, strict=True
+            )
         }
 
     def flatten(self, tensors: Mapping) -> Any:
