@@ -80,6 +80,10 @@ def frob_loss(X: sp.csr_matrix, W: np.ndarray, H: np.ndarray) -> float:
     return float(X.data @ X.data - 2 * np.sum(W * XHt) + np.sum((W.T @ W) * (H @ H.T)))
 
 
+def log(msg: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def timed(fn, repeats: int):
     best, out = np.inf, None
     for _ in range(repeats):
@@ -153,7 +157,7 @@ def main() -> None:
     print(f"data: n={X.shape[0]} m={X.shape[1]} m'={m_kept} nnz={X.nnz} K={cfg['K']} r={r} "
           f"({x_bytes / 2**20:.0f} MiB CSR, made in {time.perf_counter() - t:.1f} s); "
           f"N={N}, {os.cpu_count()} CPUs, torch threads "
-          f"{__import__('torch').get_num_threads()}")
+          f"{__import__('torch').get_num_threads()}", flush=True)
     rows = []
 
     def ours(solver, init, max_iter=N):
@@ -175,9 +179,11 @@ def main() -> None:
     for (solver, init), peer_init in pairs:
         t_ours, (est, W) = timed(lambda s=solver, i=init: ours(s, i), repeats)
         l_ours = frob_loss(X, W, est.components_)
+        log(f"DiagonalNPEFF {solver}/{init}: {t_ours:.2f} s, loss {l_ours:.6g}")
         if peer_init not in peer_cache:
             t_peer, (pest, pW) = timed(lambda i=peer_init: peer(i), 1)
             peer_cache[peer_init] = (t_peer, frob_loss(X, pW, pest.components_))
+            log(f"NMF mu/{peer_init}: {t_peer:.2f} s, loss {peer_cache[peer_init][1]:.6g}")
         t_peer, l_peer = peer_cache[peer_init]
         rows.append((f"fit N={N}: DiagonalNPEFF(solver={solver!r}, init={init!r}) vs "
                      f"NMF(solver='mu', init={peer_init!r})",
@@ -189,6 +195,7 @@ def main() -> None:
     t_tr, _ = timed(lambda: est.transform(X), repeats)
     rows.append((f"transform N={N} W-steps vs fit N={N} (cd, auto)", t_tr, t_fit,
                  t_fit / t_tr, None, None))
+    log(f"transform {t_tr:.2f} s vs fit {t_fit:.2f} s")
 
     # 3. peak memory in a subprocess ------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,12 +206,14 @@ def main() -> None:
                              check=True)
         mem = json.loads(out.stdout.strip().splitlines()[-1])
     budget = 3 * mem["x_bytes"] + mem["factors"]
+    log(f"peak memory {mem}")
 
     # 4. iterations to within 1% of the final loss -------------------------------------
     curves = {}
     for solver in ("cd", "mu"):
         e, _ = ours(solver, "random", max_iter=N_curve)
         curves[solver] = np.asarray(e.loss_curve_)
+        log(f"{solver} curve done")
     best = min(c[-1] for c in curves.values())
 
     def reach(c, target):

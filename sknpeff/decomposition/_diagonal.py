@@ -98,12 +98,14 @@ class DiagonalNPEFF(_BaseNPEFF):
     n_components_ : int
         Number of components.
     reconstruction_err_ : float
-        Frobenius norm ``||X - W H||_F`` of the training residual at the end of the fit
-        (pruned columns included), as :class:`sklearn.decomposition.NMF` reports it. For
-        :meth:`partial_fit`, that of the last batch before its H step.
+        Frobenius norm ``||X - W H||_F`` of the training residual for the returned
+        coefficients ``W = fit_transform(X)`` (pruned columns included), as
+        :class:`sklearn.decomposition.NMF` reports it. For :meth:`partial_fit`, that of
+        the last batch before its H step. With float32 input the loss terms are float32
+        products summed in float64: expect an absolute error near ``1e-7 ||X||_F^2``.
     loss_curve_ : list of float
-        ``||X - W H||_F^2`` (not halved) over the kept columns after each iteration.
-        :meth:`partial_fit` appends one value per batch.
+        ``||X - W H||_F^2`` (not halved) over the kept columns after each iteration
+        (after its H step). :meth:`partial_fit` appends one value per batch.
     n_iter_ : int
         Number of iterations run (:meth:`partial_fit`: number of batches seen).
     n_steps_ : int
@@ -180,9 +182,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         _check_choice("solver", self.solver, ("cd", "mu"))
 
     def _loss_constant(self, A: sp.csr_matrix) -> float:
-        data = A.data
-        return float(np.dot(data.astype(np.float64, copy=False),
-                            data.astype(np.float64, copy=False)))
+        return _sq_sum(A.data)
 
     def _validated(self, X: Any, *, reset: bool, whom: str) -> sp.csr_matrix:
         X = self._validate_input(X, reset=reset)
@@ -238,10 +238,11 @@ class DiagonalNPEFF(_BaseNPEFF):
         dtype = np.dtype(prob.dtype)
         k = min(r, n, m)
         q = min(k + _OVERSAMPLE, n, m)
-        # random parts drawn first (same stream whatever k turns out to be)
+        # every random draw depends only on (n, m', r): the same for any partitioning
         omega = rng.standard_normal(size=(m, q)).astype(dtype)
-        W_rand = rng.uniform(size=(n, r))
-        F_rand = rng.uniform(size=(m, r))
+        # components beyond the rank of X start random (drawn only when needed)
+        W_rand = rng.uniform(size=(n, r - k)) if r > k else None
+        F_rand = rng.uniform(size=(m, r - k)).astype(dtype) if r > k else None
         parts = blocks.split_factor(omega, dtype=dtype)
         del omega
         Q = _orthonormal(xp, blocks.matmul(parts))
@@ -255,7 +256,9 @@ class DiagonalNPEFF(_BaseNPEFF):
         Ub = evecs[:, order]
         inv_s = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), 0.0)
         U = backend.to_numpy(Q).astype(np.float64) @ Ub  # (n, k)
-        Vs = [backend.to_numpy(b).astype(np.float64) @ (Ub * inv_s) for b in Bt]  # (m_p, k)
+        Vk = (Ub * inv_s).astype(dtype)
+        Vs = [backend.to_numpy(b) @ Vk for b in Bt]  # right singular vectors (m_p, k)
+        del Bt
         # split each singular pair into its positive and negative parts (NNDSVD)
         up, un = np.maximum(U, 0), np.maximum(-U, 0)
         nup, nun = np.linalg.norm(up, axis=0), np.linalg.norm(un, axis=0)
@@ -276,12 +279,14 @@ class DiagonalNPEFF(_BaseNPEFF):
         W = np.empty((n, r), dtype=np.float64)
         W[:, :k] = np.where(pos, up, un) * cw
         mean_scale = np.sqrt(_mean_of(prob) / r)
-        W[:, k:] = mean_scale * W_rand[:, k:]
+        if r > k:
+            W[:, k:] = mean_scale * W_rand
         out_parts = []
         for i, ((s0, e0), v) in enumerate(zip(blocks.partition_ranges, Vs, strict=True)):
             F = np.empty((e0 - s0, r), dtype=dtype)
             F[:, :k] = np.where(pos, np.maximum(v, 0), np.maximum(-v, 0)) * ch
-            F[:, k:] = mean_scale * F_rand[s0:e0, k:]
+            if r > k:
+                F[:, k:] = mean_scale * F_rand[s0:e0]
             out_parts.append(backend.asarray(F, partition=i))
         return backend.asarray(W.astype(dtype)), out_parts
 
@@ -317,11 +322,14 @@ class DiagonalNPEFF(_BaseNPEFF):
         Returns
         -------
         W : ndarray of shape (n_examples, n_components)
-            Non-negative coefficients, same dtype as ``X``.
+            Non-negative coefficients of the final components, same dtype as ``X``.
+            They are fitted exactly as :meth:`transform` fits them (W steps only, from
+            the cached products of the last iteration: no extra pass over ``X``), so
+            ``fit_transform(X)`` and ``fit(X).transform(X)`` agree.
         """
         self._check_params()
         X = self._validated(X, reset=True, whom="fit")
-        total_sq = sum_f64(np, np.square(X.data, dtype=np.float64))
+        total_sq = _sq_sum(X.data)
         prob = self._problem(X, fitting=True)
         pruned_sq = max(0.0, total_sq - prob.const)
         blocks = prob.blocks
@@ -512,6 +520,15 @@ class DiagonalNPEFF(_BaseNPEFF):
 
 
 # ------------------------------------------------------------------------ helpers
+def _sq_sum(data: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Sum of squares in float64, chunk by chunk (no float64 copy of the whole array)."""
+    total = 0.0
+    for s in range(0, data.shape[0], chunk):
+        d = data[s:s + chunk].astype(np.float64)
+        total += float(d @ d)
+    return total
+
+
 def _mean_of(prob: Problem) -> float:
     """Mean of the pruned matrix ``A`` (n x m'), from the sum recorded by ``_problem``."""
     return prob.extras["sum"] / max(1, prob.n_samples * prob.blocks.n_cols)
