@@ -535,3 +535,21 @@ def test_row_tiles_give_the_same_products(chunk, n_partitions):
         np.testing.assert_array_equal(
             sp.csr_matrix((d, ix, ip), shape=(csr.shape[0], c1 - c0)).toarray(),
             csr[:, c0:c1].toarray())
+
+
+def test_owned_csc_is_reordered_in_place_and_callers_matrix_untouched():
+    A = sp.random(300, 120, density=0.1, format="csc", random_state=4, dtype=np.float64)
+    A.sort_indices()
+    R = np.random.default_rng(2).standard_normal((300, 3))
+    be = NumpyBackend()
+    be.row_chunk = 64
+    before = (A.data.copy(), A.indices.copy())
+    ColumnBlocks(A, be, block_size=32)  # not owned: the caller's CSC stays as it was
+    np.testing.assert_array_equal(A.data, before[0])
+    np.testing.assert_array_equal(A.indices, before[1])
+    own = A.copy()
+    blocks = ColumnBlocks(own, be, block_size=32, owned=True)
+    # tiles are views of the private copy, and the products are unchanged
+    tile = blocks.blocks[0].At_tiles[0][2]
+    assert np.shares_memory(tile.values().numpy(), own.data)
+    np.testing.assert_allclose(blocks.gather_factor(blocks.rmatmul(R)), A.T @ R, rtol=1e-12)

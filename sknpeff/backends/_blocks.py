@@ -67,12 +67,14 @@ class Block:
 
 
 def split_row_tiles(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-                    n_cols: int, chunk: int) -> list[tuple[int, int, np.ndarray, np.ndarray,
-                                                          np.ndarray]]:
+                    n_cols: int, chunk: int, in_place: bool = False
+                    ) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
     """Split a CSR matrix (rows x ``n_cols``) into tiles of ``chunk`` columns.
 
     Returns ``(col_start, col_stop, indptr, indices, data)`` per non-empty tile, indices
-    relative to ``col_start``, int32. Entries keep their order within each row.
+    relative to ``col_start``, int32. Entries keep their order within each row. With
+    ``in_place`` the entries of ``indices`` (int32) and ``data`` are reordered tile by
+    tile in place and the tiles are views of them (no copy of the values).
     """
     n_rows = len(indptr) - 1
     n_chunks = max(1, -(-n_cols // chunk))
@@ -83,15 +85,25 @@ def split_row_tiles(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     counts = np.bincount(key, minlength=n_chunks * n_rows).reshape(n_chunks, n_rows)
     del key
     starts = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])
+    if in_place:
+        if indices.dtype != np.int32:
+            raise ValueError("in-place tiles need int32 indices")
+        data[...] = data[order]
+        indices[...] = indices[order] % chunk  # relative to each entry's tile
     tiles = []
     for k in range(n_chunks):
         if starts[k] == starts[k + 1]:
             continue
-        sel = order[starts[k]:starts[k + 1]]
+        lo, hi = starts[k], starts[k + 1]
         ip = np.zeros(n_rows + 1, dtype=np.int32)
         np.cumsum(counts[k], out=ip[1:])
-        idx = (np.asarray(indices[sel], dtype=np.int64) - k * chunk).astype(np.int32)
-        tiles.append((k * chunk, min(n_cols, (k + 1) * chunk), ip, idx, data[sel]))
+        if in_place:
+            idx, d = indices[lo:hi], data[lo:hi]
+        else:
+            sel = order[lo:hi]
+            idx = (np.asarray(indices[sel], dtype=np.int64) - k * chunk).astype(np.int32)
+            d = data[sel]
+        tiles.append((k * chunk, min(n_cols, (k + 1) * chunk), ip, idx, d))
     return tiles
 
 
@@ -215,6 +227,10 @@ class ColumnBlocks:
         Also hold each block's transpose (for :meth:`rmatmul` and :meth:`sweep`). With
         ``False`` only :meth:`matmul` and :meth:`gram` are available, and on one
         partition the matrix is used as it is (no copy).
+    owned : bool, default=False
+        ``X`` is a private CSC copy that the blocks may reorder and keep (the caller
+        drops its reference): the row tiles of the transposes are then views of it, and
+        memory stays at one CSC copy plus the row-major blocks.
 
     Attributes
     ----------
@@ -244,7 +260,8 @@ class ColumnBlocks:
     """
 
     def __init__(self, X: sp.spmatrix, backend: Backend, block_size: int = 4096,
-                 max_block_nnz: int = INT32_MAX_NNZ, transpose: bool = True) -> None:
+                 max_block_nnz: int = INT32_MAX_NNZ, transpose: bool = True,
+                 owned: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size!r}.")
         if max_block_nnz < 1:
@@ -254,6 +271,7 @@ class ColumnBlocks:
                              f"got {max_block_nnz!r}.")
         if not sp.issparse(X):
             X = sp.csr_matrix(X)
+        self._owned = bool(owned) and X.format == "csc" and X.has_sorted_indices
         self.backend = backend
         self.n_rows, self.n_cols = (int(s) for s in X.shape)
         self.dtype = X.dtype
@@ -304,6 +322,10 @@ class ColumnBlocks:
         be = self.backend
         p0, p1 = self.partition_ranges[i]
         csc = columns_csc(X, p0, p1)
+        # reorder a private CSC in place (tiles become views of it); never the caller's
+        # arrays (sp.csc_matrix(X) of a CSC input shares them)
+        in_place = self._owned or not (np.may_share_memory(csc.data, X.data)
+                                       or np.may_share_memory(csc.indices, X.indices))
         for s, e in bounds:
             ls, le = s - p0, e - p0
             lo, hi = int(csc.indptr[ls]), int(csc.indptr[le])
@@ -314,20 +336,21 @@ class ColumnBlocks:
             if indices.dtype != np.int32:  # only when the whole matrix needs int64
                 indices = indices.astype(np.int32)
             data = csc.data[lo:hi]
-            tiles = None
-            if be.row_chunk and self.n_rows > be.row_chunk:
-                at = None
-                tiles = [(c0, c1, be.csr(ip, ix, d, (e - s, c1 - c0), partition=i))
-                         for c0, c1, ip, ix, d in split_row_tiles(
-                             indptr, indices, data, self.n_rows, be.row_chunk)]
-            else:
-                at = be.csr(indptr, indices, data, (e - s, self.n_rows), partition=i)
-            # A_b: the same block as CSR of shape (rows, e - s)
+            # A_b first (a copy): the same block as CSR of shape (rows, e - s)
             a_host = sp.csc_matrix((data, indices, indptr), shape=(self.n_rows, e - s)).tocsr()
             a = be.csr(np.asarray(a_host.indptr, dtype=np.int32),
                        np.asarray(a_host.indices, dtype=np.int32),
                        a_host.data, a_host.shape, partition=i)
             del a_host
+            tiles = None
+            if be.row_chunk and self.n_rows > be.row_chunk:
+                at = None
+                tiles = [(c0, c1, be.csr(ip, ix, d, (e - s, c1 - c0), partition=i))
+                         for c0, c1, ip, ix, d in split_row_tiles(
+                             indptr, indices, data, self.n_rows, be.row_chunk,
+                             in_place=in_place and indices.dtype == np.int32)]
+            else:
+                at = be.csr(indptr, indices, data, (e - s, self.n_rows), partition=i)
             self.blocks.append(Block(s, e, i, ls, le, a, at, hi - lo, global_partition=g,
                                      At_tiles=tiles))
 

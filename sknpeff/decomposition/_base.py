@@ -263,9 +263,11 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         if not transpose:
             blocks = ColumnBlocks(A, backend, block_size=self.block_size, transpose=False)
         else:
-            csc = sp.csc_matrix(A) if keep_host else A.tocsc()
+            csc = A.tocsc(copy=True) if keep_host else A.tocsc()
+            csc.sort_indices()
             del A
-            blocks = ColumnBlocks(csc, backend, block_size=self.block_size)
+            # the CSC is ours: the blocks reorder it in place rather than copy it
+            blocks = ColumnBlocks(csc, backend, block_size=self.block_size, owned=True)
             del csc
         return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras)
 

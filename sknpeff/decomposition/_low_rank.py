@@ -32,13 +32,14 @@ from ._updates import (
 _INIT_POOL = 4096
 
 
-def _slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk: int = 4096) -> float:
+def _slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 22) -> float:
     """``sum_i ||F_i||_F^2 = sum_i sum_jk (a_ij . a_ik)^2`` without forming any F_i.
 
-    Processed ``chunk`` examples at a time, so the temporaries stay small.
+    Processed about ``chunk_nnz`` stored values at a time, so the temporaries stay small.
     """
     total = 0.0
     n = A.shape[0] // n_slots
+    chunk = max(1, int(n * chunk_nnz // max(A.nnz, 1)))
     for i0 in range(0, n, chunk):
         sub = A[i0 * n_slots:min(n, i0 + chunk) * n_slots]
         rows = [sub[j::n_slots] for j in range(n_slots)]
