@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 
 def spread_lowrank_pefs(n: int, c: int, m: int, k: int, seed: int = 0,
-                        dtype=np.float32) -> sp.csr_matrix:
+                        dtype=np.float32, sorted_rows: bool = True) -> sp.csr_matrix:
     """Random PEF-shaped rows: ``k`` values per example spread over ``c * m`` columns."""
     rng = np.random.default_rng(seed)
     cols = np.sort(rng.integers(0, c * m, size=(n, k), dtype=np.int64), axis=1)
@@ -54,7 +54,10 @@ def spread_lowrank_pefs(n: int, c: int, m: int, k: int, seed: int = 0,
             s = np.asarray(slots[j].multiply(slots[l]).sum(axis=1), dtype=np.float64).ravel()
             fro2 += s * s
     scale = 1.0 / np.sqrt(np.sqrt(np.maximum(fro2, 1e-30)))
-    return sp.csr_matrix(sp.diags(scale.astype(dtype)) @ X, dtype=dtype)
+    X = sp.csr_matrix(sp.diags(scale.astype(dtype)) @ X, dtype=dtype)
+    if sorted_rows:  # as PEFTransformer writes them
+        X.sort_indices()
+    return X
 
 
 class ScipyReference:
@@ -144,7 +147,7 @@ def rss(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-X = spread_lowrank_pefs({n}, {c}, {m}, {k})
+X = spread_lowrank_pefs({n}, {c}, {m}, {k}, sorted_rows={sorted_rows})
 LowRankNPEFF(n_components=2, n_classes={c}, max_iter=1).fit(X[:50])  # import/warm-up
 input_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
 import gc; gc.collect()
@@ -163,20 +166,22 @@ print(json.dumps(dict(input=input_bytes, peak=peak, factors=factors)))
 def bench_memory(n, c, m, k, r) -> None:
     import os
 
-    code = _MEM_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)),
-                             n=n, c=c, m=m, k=k, r=r)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    d = json.loads(out.stdout.strip().splitlines()[-1])
     mib = 2.0**20
     print("\n## 3. Peak memory of a fit (fresh process, VmHWM minus the interpreter)")
-    print("| input | dense factors (P, R, N-sized, G, grad, W) | peak, input included | "
-          "peak / input | bound 3 x input + factors |")
-    print("|---|---|---|---|---|")
-    bound = 3 * d["input"] + d["factors"]
-    print(f"| {d['input'] / mib:.0f} MiB | {d['factors'] / mib:.0f} MiB | "
-          f"{d['peak'] / mib:.0f} MiB | {d['peak'] / d['input']:.2f} | "
-          f"{bound / mib:.0f} MiB ({'within' if d['peak'] <= bound else 'OVER'}) |")
+    print("| input rows | input | dense factors (P, R, N-sized, G, grad, W) | peak, input "
+          "included | peak / input | bound 3 x input + factors |")
+    print("|---|---|---|---|---|---|")
+    for sorted_rows in (True, False):
+        code = _MEM_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)),
+                                 n=n, c=c, m=m, k=k, r=r, sorted_rows=sorted_rows)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        d = json.loads(out.stdout.strip().splitlines()[-1])
+        bound = 3 * d["input"] + d["factors"]
+        print(f"| {'sorted' if sorted_rows else 'unsorted'} | {d['input'] / mib:.0f} MiB | "
+              f"{d['factors'] / mib:.0f} MiB | {d['peak'] / mib:.0f} MiB | "
+              f"{d['peak'] / d['input']:.2f} | {bound / mib:.0f} MiB "
+              f"({'within' if d['peak'] <= bound else 'OVER'}) |")
 
 
 def bench_convergence(seeds) -> None:

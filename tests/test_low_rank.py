@@ -371,3 +371,32 @@ def test_ctrl_c_mid_sweep_leaves_consistent_state(monkeypatch):
     # coefficients and reported loss belong to the components actually returned
     F = dense_pefs(X, 3)
     assert est.loss_curve_[-1] == pytest.approx(dense_loss(F, W, est.components_), rel=1e-8)
+
+
+@pytest.mark.parametrize("sorted_rows", [True, False])
+@pytest.mark.parametrize("min_nnz", [1, 3])
+def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
+    import sknpeff.decomposition._base as base
+
+    monkeypatch.setattr(base, "_CHUNK_NNZ", 7)  # many row chunks, rows of every length
+    n, c, m = 13, 3, 20
+    X = sp.random(n, c * m, density=0.3, format="csr", random_state=1).tolil()
+    X[4] = 0
+    X = X.tocsr()
+    if not sorted_rows:  # scramble the order within each row
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            s, e = X.indptr[i], X.indptr[i + 1]
+            p = rng.permutation(e - s)
+            X.indices[s:e], X.data[s:e] = X.indices[s:e][p], X.data[s:e][p]
+        X.has_sorted_indices = False
+    before = (X.data.copy(), X.indices.copy())
+    D = X.toarray().reshape(n * c, m)
+    A, kept = base.reshape_and_prune(X, c, None, min_nnz, np.float64)
+    expect = np.flatnonzero((D != 0).sum(axis=0) >= min_nnz)
+    np.testing.assert_array_equal(kept, expect)
+    np.testing.assert_array_equal(A.toarray(), D[:, expect])
+    A2, _ = base.reshape_and_prune(X, c, np.array([1, 5, 7]), 1, np.float32)
+    np.testing.assert_allclose(A2.toarray(), D[:, [1, 5, 7]], rtol=1e-6)
+    np.testing.assert_array_equal(X.data, before[0])
+    np.testing.assert_array_equal(X.indices, before[1])

@@ -66,6 +66,17 @@ class Problem:
     extras: dict = field(default_factory=dict)
 
 
+def row_chunks(indptr: np.ndarray, chunk_nnz: int = _CHUNK_NNZ) -> Iterator[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` holding about ``chunk_nnz`` stored values each."""
+    n = len(indptr) - 1
+    r0 = 0
+    while r0 < n:
+        r1 = int(np.searchsorted(indptr, indptr[r0] + chunk_nnz, side="right")) - 1
+        r1 = min(max(r1, r0 + 1), n)
+        yield r0, r1
+        r0 = r1
+
+
 def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
                       min_nnz: int, dtype: Any) -> tuple[sp.csr_matrix, np.ndarray]:
     """Turn ``(n, n_slots * m)`` PEF rows into ``A`` of shape ``(n * n_slots, m')``.
@@ -73,8 +84,10 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     Row ``i * n_slots + j`` of ``A`` is class slot ``j`` of example ``i``, restricted to
     the kept columns. When ``kept`` is None the kept columns are chosen here: those with
     at least ``min_nnz`` nonzero entries (over all rows of ``A``); all columns are kept
-    when none qualifies. ``X`` is not modified; its ``data`` is shared when no nonzero is
-    dropped and the dtype already matches.
+    when none qualifies. ``X`` is not modified. Work runs over row chunks of about
+    ``_CHUNK_NNZ`` values, so temporaries stay small: ``A`` costs one int32 index per value
+    beside ``X`` (its ``data`` is shared when ``X``'s rows are sorted, nothing is pruned
+    and the dtype matches; otherwise one permuted copy).
 
     Returns
     -------
@@ -83,52 +96,61 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     """
     n, width = X.shape
     m = width // n_slots
-    if not X.has_sorted_indices:
-        X = X.sorted_indices()  # a copy; the caller's matrix is left alone
     indptr = np.asarray(X.indptr, dtype=np.int64)
     nnz = int(indptr[-1])
-    # parameter index of every stored value (chunked: bounded temporaries)
-    col = np.empty(nnz, dtype=np.int64 if m > np.iinfo(np.int32).max else np.int32)
-    for s in range(0, nnz, _CHUNK_NNZ):
-        e = min(nnz, s + _CHUNK_NNZ)
-        col[s:e] = X.indices[s:e] % m
+    col_dtype = np.int64 if m > np.iinfo(np.int32).max else np.int32
+    # slot-major order within each row is what the reshape needs; sorted rows have it
+    ordered = X.has_sorted_indices or n_slots == 1
+    col = np.empty(nnz, dtype=col_dtype)
+    data = None if ordered else np.empty(nnz, dtype=dtype)
+    slot = None if ordered else np.empty(nnz, dtype=np.min_scalar_type(n_slots))
+    counts = np.zeros(m, dtype=np.int64) if kept is None else None
+    for r0, r1 in row_chunks(indptr):
+        lo, hi = indptr[r0], indptr[r1]
+        idx = X.indices[lo:hi]
+        vals = X.data[lo:hi]
+        if ordered:
+            col[lo:hi] = idx % m
+        else:  # stable sort of each row's values by class slot
+            rows = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
+            s_ = idx // m
+            order = np.argsort(rows * n_slots + s_, kind="stable")
+            col[lo:hi] = (idx % m)[order]
+            data[lo:hi] = vals[order]
+            slot[lo:hi] = s_[order]
+        if counts is not None:
+            counts += np.bincount(col[lo:hi][(data[lo:hi] if data is not None else vals) != 0],
+                                  minlength=m)
     if kept is None:
-        counts = np.zeros(m, dtype=np.int64)
-        for s in range(0, nnz, _CHUNK_NNZ):
-            e = min(nnz, s + _CHUNK_NNZ)
-            nz = X.data[s:e] != 0
-            counts += np.bincount(col[s:e][nz], minlength=m)
         kept = np.flatnonzero(counts >= min_nnz)
         if kept.size == 0:
             kept = np.arange(m)
     kept = np.asarray(kept, dtype=np.int64)
-    colmap = np.full(m, -1, dtype=col.dtype)
-    colmap[kept] = np.arange(kept.size, dtype=col.dtype)
-    # count stored values per (example, slot) among kept columns
-    slot_counts = np.zeros(n * n_slots, dtype=np.int64)
+    colmap = np.full(m, -1, dtype=col_dtype)
+    colmap[kept] = np.arange(kept.size, dtype=col_dtype)
     keep_all = kept.size == m
     mask = None if keep_all else np.empty(nnz, dtype=bool)
-    row_starts = np.searchsorted(indptr, np.arange(0, nnz, _CHUNK_NNZ), side="right") - 1
-    for s in range(0, nnz, _CHUNK_NNZ):
-        e = min(nnz, s + _CHUNK_NNZ)
-        r0 = row_starts[s // _CHUNK_NNZ]
-        r1 = int(np.searchsorted(indptr, e, side="left"))
-        rows = np.repeat(np.arange(r0, r1, dtype=np.int64),
-                         np.minimum(indptr[r0 + 1:r1 + 1], e) - np.maximum(indptr[r0:r1], s))
-        key = rows * n_slots + X.indices[s:e] // m
-        mapped = colmap[col[s:e]]
+    slot_counts = np.zeros(n * n_slots, dtype=np.int64)
+    for r0, r1 in row_chunks(indptr):
+        lo, hi = indptr[r0], indptr[r1]
+        rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
+        s_ = X.indices[lo:hi] // m if slot is None else slot[lo:hi]
+        key = rows * n_slots + s_
+        mapped = colmap[col[lo:hi]]
         if mask is not None:
-            mask[s:e] = mapped >= 0
-            key = key[mask[s:e]]
+            mask[lo:hi] = mapped >= 0
+            key = key[mask[lo:hi]]
         slot_counts += np.bincount(key, minlength=n * n_slots)
-        col[s:e] = mapped
+        col[lo:hi] = mapped
+    del slot
     new_indptr = np.zeros(n * n_slots + 1, dtype=np.int64)
     np.cumsum(slot_counts, out=new_indptr[1:])
-    if mask is None:
+    if data is None:
         data = np.asarray(X.data, dtype=dtype)
+    if mask is None:
         indices = col
     else:
-        data = np.asarray(X.data[mask], dtype=dtype)
+        data = data[mask]
         indices = col[mask]
         del col
     if new_indptr[-1] <= np.iinfo(np.int32).max:
@@ -173,19 +195,13 @@ def compute_context(X: Any) -> Iterator[None]:
 
 def row_sq_norms(A: sp.csr_matrix) -> np.ndarray:
     """Squared L2 norm of every row of a CSR matrix, in float64, without copying A."""
-    n = A.shape[0]
-    out = np.zeros(n, dtype=np.float64)
+    out = np.zeros(A.shape[0], dtype=np.float64)
     indptr = A.indptr
-    r0 = 0
-    while r0 < n:
-        # rows [r0, r1) holding about _CHUNK_NNZ values
-        r1 = int(np.searchsorted(indptr, indptr[r0] + _CHUNK_NNZ, side="right"))
-        r1 = min(max(r1 - 1, r0 + 1), n)
+    for r0, r1 in row_chunks(indptr):
         lo, hi = indptr[r0], indptr[r1]
         d = np.asarray(A.data[lo:hi], dtype=np.float64)
         cs = np.concatenate([[0.0], np.cumsum(d * d)])
         out[r0:r1] = cs[indptr[r0 + 1:r1 + 1] - lo] - cs[indptr[r0:r1] - lo]
-        r0 = r1
     return np.maximum(out, 0.0)
 
 

@@ -247,7 +247,7 @@ class LowRankNPEFF(_BaseNPEFF):
             sigma = np.sqrt(2.0 / (r * max(m, 1)))
             return (rng.standard_normal((m, r)) * sigma).astype(dtype)
         pool, norms = prob.extras.pop("pool"), prob.extras.pop("pool_norms")
-        Ft = np.zeros((m, r), dtype=np.float64)
+        Ft = np.zeros((m, r), dtype=dtype)
         n_seeded = 0
         if pool.shape[0]:
             pool = sp.diags(1.0 / norms) @ pool.astype(np.float64)  # unit rows
@@ -267,7 +267,7 @@ class LowRankNPEFF(_BaseNPEFF):
         if n_seeded < r:  # fewer distinct data rows than components: random directions
             extra = rng.standard_normal((m, r - n_seeded))
             Ft[:, n_seeded:] = extra / np.maximum(np.linalg.norm(extra, axis=0), 1e-30)
-        return Ft.astype(dtype)
+        return Ft
 
     def _pool_kw(self, rng: np.random.RandomState) -> dict:
         """``_prepare`` arguments that sample the rows the data-seeded init draws from."""
@@ -405,12 +405,16 @@ class LowRankNPEFF(_BaseNPEFF):
         QQ = Q * Q
         W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
         final = lowrank_loss(xp, prob.const, W, N, Q)
-        Ft = blocks.gather_factor(parts)
+        Ft = parts[0] if len(parts) == 1 and isinstance(parts[0], np.ndarray) \
+            else blocks.gather_factor(parts)
+        # the blocks (about twice the input) are not needed any more: free them before
+        # the output arrays are made
+        prob.blocks = blocks = parts = state = None
         # fold the scale of each g_k into W: W_ik g g^T = (W_ik |g|^2) (g/|g|)(g/|g|)^T
-        norms = np.sqrt(np.maximum(np.einsum("ij,ij->j", Ft, Ft, dtype=np.float64), 0.0))
+        norms = np.sqrt(np.maximum(np.einsum("ij,ij->j", Ft, Ft).astype(np.float64), 0.0))
         norms[frozen_mask] = 1.0  # frozen components are returned bit for bit
         safe = np.where(norms > 0, norms, 1.0)
-        Ft = (Ft / safe).astype(prob.dtype)
+        Ft /= safe.astype(Ft.dtype)
         W = be.to_numpy(W) * (norms ** 2).astype(prob.dtype)
         self._Ft = Ft
         self.components_ = self._full_components(Ft, self.n_params_)
