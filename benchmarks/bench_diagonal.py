@@ -2,8 +2,12 @@
 
 Reproduce (from the repository root; about 10 minutes on 2 cores, --quick about 1):
 
-    .venv/bin/python benchmarks/bench_diagonal.py            # n=10k, K=4096, m'>=200k, r=64
-    .venv/bin/python benchmarks/bench_diagonal.py --quick    # n=2k, K=1024, r=16
+    .venv/bin/python benchmarks/bench_diagonal.py --threads 1 --skip-peer-nndsvda
+    .venv/bin/python benchmarks/bench_diagonal.py --quick --threads 1
+
+(full size: n=10k, K=4096, m=500k, m'=206k, r=64; quick: n=2k, K=1024, r=16;
+--threads 1 on a shared, loaded machine, where two-thread torch stalls on many small
+products; drop it on an idle one)
 
 Data: planted non-negative components (sparse supports spread over all parameters), each
 example a mix of 1-2 of them, then sparsified to its top-K entries and scaled to unit norm,
@@ -131,6 +135,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--skip-peer-nndsvda", action="store_true",
                     help="skip the sklearn init='nndsvda' run (its randomized SVD is slow)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="limit torch and BLAS threads for both libraries (on a shared, "
+                         "loaded machine 1 avoids spin-wait stalls)")
     ap.add_argument("--peak-worker", nargs=5, metavar=("PATH", "R", "SOLVER", "INIT", "N"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -140,6 +147,13 @@ def main() -> None:
         return
 
     from sklearn.decomposition import NMF
+
+    if args.threads:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
 
     from sknpeff.decomposition import DiagonalNPEFF
 
