@@ -67,6 +67,8 @@ class DiagonalNPEFF(_BaseNPEFF):
     solver : {"cd", "mu"}, default="cd"
         ``"cd"``: HALS, exact coordinate descent over one component at a time (much
         faster convergence). ``"mu"``: Lee-Seung multiplicative updates (the reference).
+        Coefficient fitting with the components frozen (:meth:`transform` and the ``W``
+        returned by :meth:`fit_transform`) is a convex problem and always uses HALS.
     max_iter : int, default=200
         Maximum number of iterations (one iteration = a W step then an H step). Also the
         maximum number of W steps of :meth:`transform`.
@@ -360,7 +362,7 @@ class DiagonalNPEFF(_BaseNPEFF):
             XHt, HHt = blocks.matmul(parts), blocks.gram(parts)
         # the returned coefficients are those of the final components, fitted exactly
         # as transform(X) fits them (no sparse product needed: XHt and HHt are at hand)
-        W = self._solve_w(xp, XHt, HHt, _mean_of(prob), self.max_iter)
+        W = self._solve_w(xp, XHt, HHt, self.max_iter)
         loss = diag_loss(xp, prob.const, W, XHt, W.T @ W, HHt)
         Ft = blocks.gather_factor(parts)
         self.components_ = self._full_components(Ft, self.n_features_in_)
@@ -387,21 +389,24 @@ class DiagonalNPEFF(_BaseNPEFF):
         XHt = backend.spmm(a, Ct)
         return XHt, Ct.T @ Ct
 
-    def _solve_w(self, xp: Any, XHt: Any, HHt: Any, mean: float, max_iter: int) -> Any:
-        """Coefficients with the components frozen (W steps only)."""
-        r = HHt.shape[0]
-        if self.solver == "mu":  # multiplicative steps cannot leave zero
-            W = xp.full((XHt.shape[0], r), np.sqrt(max(mean, 0.0) / r), dtype=XHt.dtype)
-        else:
-            W = xp.zeros((XHt.shape[0], r), dtype=XHt.dtype)
-        diag_solve_w(xp, W, XHt, HHt, self._update(), max_iter, float(self.tol))
+    def _solve_w(self, xp: Any, XHt: Any, HHt: Any, max_iter: int) -> Any:
+        """Coefficients with the components frozen (W steps only).
+
+        With the components frozen the problem is a convex non-negative least squares
+        per example, so it is solved by HALS from zero whatever ``solver`` is (the same
+        optimum as multiplicative steps, in far fewer steps, and exact zeros where a
+        component is absent).
+        """
+        W = xp.zeros((XHt.shape[0], HHt.shape[0]), dtype=XHt.dtype)
+        diag_solve_w(xp, W, XHt, HHt, DIAG_UPDATES["cd"], max_iter, float(self.tol))
         return W
 
     def transform(self, X: Any) -> np.ndarray:
         """Coefficients of new D-PEFs with the components frozen.
 
         ``X @ H.T`` and ``H H.T`` are computed once; only the cheap W step is iterated
-        (at most ``max_iter`` times, each row until its relative change is below ``tol``).
+        (HALS, at most ``max_iter`` times, each row until its relative change is below
+        ``tol``): the non-negative least squares fit of each example to the components.
 
         Parameters
         ----------
@@ -417,8 +422,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         X = self._validated(X, reset=False, whom="transform")
         backend = self._get_backend(X)
         XHt, HHt = self._frozen_products(X, backend)
-        mean = sum_f64(np, X.data) / max(1, X.shape[0] * len(self.kept_columns_))
-        W = self._solve_w(backend.xp, XHt, HHt, mean, self.max_iter)
+        W = self._solve_w(backend.xp, XHt, HHt, self.max_iter)
         return np.asarray(backend.to_numpy(W))
 
     def inverse_transform(self, X: Any) -> np.ndarray:
@@ -489,7 +493,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         backend = blocks.backend
         xp = backend.xp
         XHt, HHt = blocks.matmul(parts), blocks.gram(parts)
-        W = self._solve_w(xp, XHt, HHt, _mean_of(prob), _PARTIAL_W_ITER)
+        W = self._solve_w(xp, XHt, HHt, _PARTIAL_W_ITER)
         WtW = W.T @ W
         batch_loss = diag_loss(xp, prob.const, W, XHt, WtW, HHt)
         t = getattr(self, "n_steps_", 0) + 1
