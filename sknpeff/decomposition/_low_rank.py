@@ -405,7 +405,9 @@ class LowRankNPEFF(_BaseNPEFF):
         QQ = Q * Q
         W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
         final = lowrank_loss(xp, prob.const, W, N, Q)
-        Ft = parts[0] if len(parts) == 1 and isinstance(parts[0], np.ndarray) \
+        # the whole factor on the host (one CPU partition: it already is; otherwise a
+        # gather across devices or ranks)
+        Ft = parts[0] if blocks.n_global_partitions == 1 and isinstance(parts[0], np.ndarray) \
             else blocks.gather_factor(parts)
         # the blocks (about twice the input) are not needed any more: free them before
         # the output arrays are made
