@@ -7,11 +7,11 @@ Skipped (with the reason) without CuPy or without a CUDA device. Run on a GPU ma
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.optimize import linear_sum_assignment
 
 from sknpeff.backends import ColumnBlocks, NumpyBackend, get_backend
 from sknpeff.datasets import make_planted_lowrank
 from sknpeff.decomposition import LowRankNPEFF
+from tests._helpers import matched_cos
 
 cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install 'sknpeff[cuda]')")
 
@@ -29,14 +29,6 @@ pytestmark = [
     pytest.mark.skipif(N_GPUS == 0, reason="CuPy is installed but no CUDA GPU is visible"),
 ]
 two_gpus = pytest.mark.skipif(N_GPUS < 2, reason="needs at least 2 CUDA GPUs")
-
-
-def matched_cos(G_true, components):
-    a = G_true / np.linalg.norm(G_true, axis=1, keepdims=True)
-    b = components / np.maximum(np.linalg.norm(components, axis=1, keepdims=True), 1e-30)
-    S = np.abs(a @ b.T)
-    r, c = linear_sum_assignment(-S)
-    return S[r, c]
 
 
 def test_get_backend_picks_cupy():

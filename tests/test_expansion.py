@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from sklearn.base import clone
 from sklearn.decomposition import NMF
 from sklearn.exceptions import NotFittedError
@@ -10,15 +9,6 @@ from sklearn.exceptions import NotFittedError
 from sknpeff.datasets import make_planted_lowrank
 from sknpeff.decomposition import DiagonalNPEFF, LowRankNPEFF
 from sknpeff.expansion import ComponentExpander
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models and batches: one thread is fastest, and robust on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import joblib
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.optimize import linear_sum_assignment
 
 from sknpeff.backends import ColumnBlocks, NumpyBackend
 from sknpeff.datasets import make_planted_lowrank
@@ -19,15 +18,7 @@ from sknpeff.decomposition._updates import (
     lowrank_sq_proj,
     lowrank_weighted_rows,
 )
-
-
-def matched_cos(G_true, components):
-    """|cos| of each planted component with its Hungarian-matched fitted one."""
-    a = G_true / np.linalg.norm(G_true, axis=1, keepdims=True)
-    b = components / np.maximum(np.linalg.norm(components, axis=1, keepdims=True), 1e-30)
-    S = np.abs(a @ b.T)
-    r, c = linear_sum_assignment(-S)
-    return S[r, c]
+from tests._helpers import matched_cos
 
 
 def dense_pefs(X, n_classes):

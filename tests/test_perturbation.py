@@ -12,15 +12,6 @@ from sknpeff.pef import PEFTransformer
 from sknpeff.perturbation import GuidedPerturber, KLRatioResult, KLRatioResults
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models and batches: one thread is fastest, and robust on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
