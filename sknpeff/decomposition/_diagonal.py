@@ -219,10 +219,11 @@ class DiagonalNPEFF(_BaseNPEFF):
         init = "nndsvda" if self.init == "auto" else self.init
         if init == "random":
             avg = np.sqrt(mean / r)
-            Ft = (2.0 * avg) * rng.uniform(size=(m, r))
-            W = (2.0 * avg) * rng.uniform(size=(n, r))
-            return (blocks.backend.asarray(W.astype(dtype)),
-                    blocks.split_factor(Ft.astype(dtype, copy=False), dtype=dtype))
+            Ft = _draw(rng.uniform, (m, r), dtype, 2.0 * avg)
+            W = _draw(rng.uniform, (n, r), dtype, 2.0 * avg)
+            parts = blocks.split_factor(Ft, dtype=dtype)
+            del Ft
+            return blocks.backend.asarray(W), parts
         W, parts = self._nndsvd(prob, rng)
         fill = mean if init == "nndsvda" else 0.0
         if fill > 0:
@@ -242,10 +243,10 @@ class DiagonalNPEFF(_BaseNPEFF):
         k = min(r, n, m)
         q = min(k + _OVERSAMPLE, n, m)
         # every random draw depends only on (n, m', r): the same for any partitioning
-        omega = rng.standard_normal(size=(m, q)).astype(dtype)
+        omega = _draw(rng.standard_normal, (m, q), dtype)
         # components beyond the rank of X start random (drawn only when needed)
         W_rand = rng.uniform(size=(n, r - k)) if r > k else None
-        F_rand = rng.uniform(size=(m, r - k)).astype(dtype) if r > k else None
+        F_rand = _draw(rng.uniform, (m, r - k), dtype) if r > k else None
         parts = blocks.split_factor(omega, dtype=dtype)
         del omega
         Q = _orthonormal(xp, blocks.matmul(parts))
@@ -287,7 +288,10 @@ class DiagonalNPEFF(_BaseNPEFF):
         out_parts = []
         for i, ((s0, e0), v) in enumerate(zip(blocks.partition_ranges, Vs, strict=True)):
             F = np.empty((e0 - s0, r), dtype=dtype)
-            F[:, :k] = np.where(pos, np.maximum(v, 0), np.maximum(-v, 0)) * ch
+            v *= np.where(pos, 1.0, -1.0).astype(v.dtype)  # in place: no (m', k) temporaries
+            np.maximum(v, 0, out=v)
+            v *= ch.astype(v.dtype)
+            F[:, :k] = v
             if r > k:
                 F[:, k:] = mean_scale * F_rand[s0:e0]
             out_parts.append(backend.asarray(F, partition=i))
@@ -335,15 +339,35 @@ class DiagonalNPEFF(_BaseNPEFF):
         total_sq = _sq_sum(X.data)
         prob = self._problem(X, fitting=True)
         pruned_sq = max(0.0, total_sq - prob.const)
-        blocks = prob.blocks
-        backend = blocks.backend
-        xp = backend.xp
-        update = self._update()
+        backend = prob.blocks.backend
         rng = check_random_state(self.random_state)
         W, parts = self._initialize(prob, rng)
-        XHt = blocks.matmul(parts)
-        HHt = blocks.gram(parts)
-        state = {"W": W, "XHt": XHt, "HHt": HHt, "fresh": True}
+        W, losses, n_iter, loss = self._iterate(prob, W, parts)
+        Ft = prob.blocks.gather_factor(parts)
+        # free the blocked copy of X before the full-size components are allocated
+        del prob, parts
+        self.components_ = self._full_components(Ft, self.n_features_in_)
+        self.n_components_ = self.components_.shape[0]
+        self.loss_curve_ = losses
+        self.n_iter_ = n_iter
+        self.reconstruction_err_ = float(np.sqrt(loss + pruned_sq))
+        for attr in ("n_steps_", "_stat_XtW", "_stat_WtW"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        return np.asarray(backend.to_numpy(W))
+
+    def _iterate(self, prob: Problem, W: Any, parts: list[Any]
+                 ) -> tuple[Any, list[float], int, float]:
+        """The joint iterations (W step, then the H sweep), in place on ``parts``.
+
+        Returns the coefficients of the final components (fitted as :meth:`transform`
+        fits them), the loss curve, the number of iterations and the final loss.
+        """
+        blocks = prob.blocks
+        xp = blocks.backend.xp
+        update = self._update()
+        state = {"W": W, "XHt": blocks.matmul(parts), "HHt": blocks.gram(parts),
+                 "fresh": True}
 
         def step(it: int) -> float:
             W = state["W"]
@@ -351,7 +375,7 @@ class DiagonalNPEFF(_BaseNPEFF):
             update(xp, W, state["XHt"], state["HHt"])
             WtW = W.T @ W
             XHt, HHt = blocks.sweep(parts, R=W, update=lambda Fb, T: update(xp, Fb, T, WtW))
-            state.update(XHt=XHt, HHt=HHt, WtW=WtW, fresh=True)
+            state.update(XHt=XHt, HHt=HHt, fresh=True)
             return diag_loss(xp, prob.const, W, XHt, WtW, HHt)
 
         losses, n_iter = self._run_loop(step, self.max_iter, label="fit")
@@ -364,17 +388,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         # the returned coefficients are those of the final components, fitted exactly
         # as transform(X) fits them (no sparse product needed: XHt and HHt are at hand)
         W = self._solve_w(xp, XHt, HHt, self.max_iter)
-        loss = diag_loss(xp, prob.const, W, XHt, W.T @ W, HHt)
-        Ft = blocks.gather_factor(parts)
-        self.components_ = self._full_components(Ft, self.n_features_in_)
-        self.n_components_ = self.components_.shape[0]
-        self.loss_curve_ = losses
-        self.n_iter_ = n_iter
-        self.reconstruction_err_ = float(np.sqrt(loss + pruned_sq))
-        for attr in ("n_steps_", "_stat_XtW", "_stat_WtW"):
-            if hasattr(self, attr):
-                delattr(self, attr)
-        return np.asarray(backend.to_numpy(W))
+        return W, losses, n_iter, diag_loss(xp, prob.const, W, XHt, W.T @ W, HHt)
 
     # ------------------------------------------------------------------ transform
     def _frozen_products(self, X: sp.csr_matrix, backend: Any) -> tuple[Any, Any]:
@@ -525,6 +539,19 @@ class DiagonalNPEFF(_BaseNPEFF):
 
 
 # ------------------------------------------------------------------------ helpers
+def _draw(sampler: Any, shape: tuple[int, int], dtype: Any, scale: float = 1.0,
+          chunk: int = 1 << 16) -> np.ndarray:
+    """Random array drawn in row chunks straight into ``dtype`` (no float64 copy of the
+    whole array); the values are the same as one ``sampler(size=shape)`` call."""
+    out = np.empty(shape, dtype=dtype)
+    for s in range(0, shape[0], chunk):
+        e = min(shape[0], s + chunk)
+        out[s:e] = sampler(size=(e - s, shape[1]))
+    if scale != 1.0:
+        out *= scale
+    return out
+
+
 def _sq_sum(data: np.ndarray, chunk: int = 1 << 20) -> float:
     """Sum of squares in float64, chunk by chunk (no float64 copy of the whole array)."""
     total = 0.0
