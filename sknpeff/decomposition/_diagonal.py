@@ -250,6 +250,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         parts = blocks.split_factor(omega, dtype=dtype)
         del omega
         Q = _orthonormal(xp, blocks.matmul(parts))
+        del parts
         for _ in range(_POWER_ITERS):
             Q = _orthonormal(xp, blocks.matmul(blocks.rmatmul(Q)))
         Bt = blocks.rmatmul(Q)  # X.T @ Q, per partition (m_p, q)
