@@ -355,16 +355,21 @@ class ColumnBlocks:
                                      At_tiles=tiles))
 
     # ------------------------------------------------------------------ factors
-    def split_factor(self, Ft: np.ndarray, dtype: Any = None) -> list[Any]:
+    def split_factor(self, Ft: np.ndarray, dtype: Any = None, copy: bool = True) -> list[Any]:
         """Split a host factor of shape (n_cols, r) into this process's partitions.
 
-        Returns one device array per local partition (rows of its column range).
+        Returns one device array per local partition (rows of its column range), fresh
+        copies since the factor is updated in place. With ``copy=False`` the caller hands
+        ``Ft`` over: on one CPU partition it is then used as it is when its dtype and
+        layout already fit (no second copy of the factor at the peak of a fit).
         """
         Ft = np.asarray(Ft)
         if Ft.shape[0] != self.n_cols:
             raise ValueError(f"factor has {Ft.shape[0]} rows, expected {self.n_cols}")
-        dtype = dtype or self.dtype
-        # a fresh C-ordered host copy per partition: the factor is updated in place
+        dtype = np.dtype(dtype or self.dtype)
+        if not copy and self.n_global_partitions == 1 and self.backend.xp is np \
+                and Ft.dtype == dtype and Ft.flags.c_contiguous:
+            return [Ft]
         return [self.backend.asarray(np.array(Ft[s:e], dtype=dtype, order="C"), partition=p)
                 for p, (s, e) in enumerate(self.partition_ranges)]
 

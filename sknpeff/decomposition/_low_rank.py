@@ -28,8 +28,10 @@ from ._updates import (
     lowrank_weighted_rows,
 )
 
-#: rows of A sampled for the data-seeded initialization (the choice is k-means++-like)
-_INIT_POOL = 4096
+#: rows of A sampled per component for the data-seeded initialization (k-means++-like
+#: choice among them), and at most in all
+_INIT_POOL_PER_COMPONENT = 32
+_INIT_POOL_MAX = 4096
 
 
 def _slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 22) -> float:
@@ -250,7 +252,7 @@ class LowRankNPEFF(_BaseNPEFF):
         Ft = np.zeros((m, r), dtype=dtype)
         n_seeded = 0
         if pool.shape[0]:
-            pool = sp.diags(1.0 / norms) @ pool.astype(np.float64)  # unit rows
+            pool = sp.diags((1.0 / norms).astype(pool.dtype)) @ pool  # unit rows
             max_cos = np.zeros(pool.shape[0])
             chosen: list[int] = []
             for k in range(min(r, pool.shape[0])):
@@ -271,7 +273,10 @@ class LowRankNPEFF(_BaseNPEFF):
 
     def _pool_kw(self, rng: np.random.RandomState) -> dict:
         """``_prepare`` arguments that sample the rows the data-seeded init draws from."""
-        return {} if self.init == "random" else {"pool_rows": _INIT_POOL, "rng": rng}
+        if self.init == "random":
+            return {}
+        n_pool = min(_INIT_POOL_MAX, _INIT_POOL_PER_COMPONENT * int(self.n_components))
+        return {"pool_rows": n_pool, "rng": rng}
 
     # -------------------------------------------------------------------- fit
     def fit(self, X: Any, y: Any = None) -> LowRankNPEFF:
@@ -315,24 +320,26 @@ class LowRankNPEFF(_BaseNPEFF):
         rng = check_random_state(self.random_state)
         prob = self._prepare(X, fitting=True, **self._pool_kw(rng))
         self.n_classes_ = int(self.n_classes)
-        Ft0 = self._init_factor(prob, rng)
+        prob.extras["Ft0"] = self._init_factor(prob, rng)
         W0 = None
         if self.init == "random":
             W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
-        W = self._fit_loop(prob, Ft0, W0)
+        W = self._fit_loop(prob, W0)
         if self.verbose:
             print(f"[LowRankNPEFF] fit done in {time.perf_counter() - t0:.2f} s, "
                   f"{self.n_iter_} iterations, loss {self.loss_curve_[-1]:.6e}")
         return W
 
-    def _fit_loop(self, prob: Problem, Ft0: np.ndarray, W0: np.ndarray | None,
+    def _fit_loop(self, prob: Problem, W0: np.ndarray | None,
                   frozen: np.ndarray | None = None) -> np.ndarray:
-        """Joint iterations from ``Ft0`` (host, m' x r); stores the fitted attributes."""
+        """Joint iterations from ``prob.extras["Ft0"]`` (host, m' x r); stores the fitted
+        attributes. The initial factor is popped from ``extras`` so that no second copy
+        of it outlives the split into partitions."""
         be = prob.blocks.backend
         xp = be.xp
         c = prob.n_slots
         blocks = prob.blocks
-        parts = blocks.split_factor(Ft0, dtype=prob.dtype)
+        parts = blocks.split_factor(prob.extras.pop("Ft0"), dtype=prob.dtype, copy=False)
         P = blocks.matmul(parts)
         Q = blocks.gram(parts)
         if W0 is None:
@@ -458,13 +465,14 @@ class LowRankNPEFF(_BaseNPEFF):
         if np.setdiff1d(support, self.kept_columns_).size:
             self.kept_columns_ = np.union1d(self.kept_columns_, support).astype(np.int64)
             prob = self._prepare(X, fitting=False, **self._pool_kw(rng))
-        Ft0 = self._init_factor(prob, rng)
+        Ft0 = prob.extras["Ft0"] = self._init_factor(prob, rng)
         Ft0[:, :r0] = frozen_components[:, self.kept_columns_].T
+        del Ft0
         W0 = None
         if self.init == "random":
             W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
         frozen = np.arange(self.n_components) < r0
-        return self._fit_loop(prob, Ft0, W0, frozen=frozen)
+        return self._fit_loop(prob, W0, frozen=frozen)
 
     # ----------------------------------------------------------- checkpoints
     def _fingerprint(self, prob: Problem, frozen: np.ndarray) -> np.ndarray:
