@@ -283,7 +283,7 @@ def test_bad_input():
     Xd[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         LowRankNPEFF(n_classes=7).fit(Xd)
-    est = LowRankNPEFF(n_components=2, n_classes=7, max_iter=5).fit(X)
+    est = LowRankNPEFF(n_components=2, n_classes=7, max_iter=5, tol=0).fit(X)
     with pytest.raises(ValueError, match="features"):
         est.transform(sp.random(3, 14, density=0.5, format="csr"))
     with pytest.raises(ValueError):
