@@ -496,3 +496,22 @@ def test_module_constants_sane():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean fit raises no warning
         DiagonalNPEFF(n_components=4, random_state=0).fit(_planted(0)[0])
+
+
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+def test_fit_with_frozen_components_keeps_them_bit_for_bit(solver):
+    from sknpeff.datasets import make_planted_diagonal
+
+    X, _, H = make_planted_diagonal(n_examples=300, n_params=800, n_components=6,
+                                    support_size=100, random_state=0)
+    base = DiagonalNPEFF(n_components=3, solver=solver, random_state=0).fit(X)
+    est = DiagonalNPEFF(n_components=6, solver=solver, random_state=1, max_iter=100)
+    W = est._fit_with_frozen(X, base.components_)
+    np.testing.assert_array_equal(est.components_[:3], base.components_)
+    assert W.shape == (300, 6) and (W >= 0).all()
+    # the free components take what the frozen ones miss
+    assert est.reconstruction_err_ < 0.75 * base.reconstruction_err_
+    with pytest.raises(ValueError, match="r0"):
+        DiagonalNPEFF(n_components=3)._fit_with_frozen(X, base.components_)
+    with pytest.raises(ValueError, match="non-negative"):
+        DiagonalNPEFF(n_components=6)._fit_with_frozen(X, -base.components_)

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
-from ._base import Problem, _BaseNPEFF, _check_choice
+from ._base import Problem, _BaseNPEFF, _check_choice, compute_context
 from ._updates import DIAG_UPDATES, diag_loss, diag_solve_w
 
 __all__ = ["DiagonalNPEFF"]
@@ -335,15 +335,54 @@ class DiagonalNPEFF(_BaseNPEFF):
             the cached products of the last iteration: no extra pass over ``X``), so
             ``fit_transform(X)`` and ``fit(X).transform(X)`` agree.
         """
+        with compute_context(X):
+            return self._fit_impl(X)
+
+    def _fit_with_frozen(self, X: Any, frozen_components: np.ndarray) -> np.ndarray:
+        """Fit ``n_components`` components of which the first ``r0`` are given and frozen.
+
+        Used by :class:`~sknpeff.ComponentExpander`. ``frozen_components`` (r0, n_params)
+        are copied into the first rows of H and never updated (bit for bit); the other
+        rows start from the usual init; W over all components is learned.
+
+        Returns
+        -------
+        W : ndarray of shape (n_examples, n_components)
+        """
+        with compute_context(X):
+            return self._fit_impl(X, frozen_components)
+
+    def _fit_impl(self, X: Any, frozen: np.ndarray | None = None) -> np.ndarray:
         self._check_params()
         X = self._validated(X, reset=True, whom="fit")
+        r0 = 0
+        if frozen is not None:
+            frozen = np.asarray(frozen)
+            r0 = frozen.shape[0] if frozen.ndim == 2 else 0
+            if frozen.ndim != 2 or frozen.shape[1] != X.shape[1]:
+                raise ValueError("frozen_components must have shape (r0, n_params="
+                                 f"{X.shape[1]}), got {frozen.shape}.")
+            if not 0 < r0 < self.n_components:
+                raise ValueError(f"need 0 < r0 < n_components, got r0={r0}, "
+                                 f"n_components={self.n_components}.")
+            if not np.all(np.isfinite(frozen)) or np.any(frozen < 0):
+                raise ValueError("frozen_components must be finite and non-negative.")
         total_sq = _sq_sum(X.data)
         prob = self._problem(X, fitting=True)
+        if r0:  # frozen components keep their parameters even where X has no nonzeros
+            support = np.flatnonzero(np.any(frozen != 0, axis=0))
+            if np.setdiff1d(support, self.kept_columns_).size:
+                self.kept_columns_ = np.union1d(self.kept_columns_, support).astype(np.int64)
+                prob = self._problem(X, fitting=False)
         pruned_sq = max(0.0, total_sq - prob.const)
         backend = prob.blocks.backend
         rng = check_random_state(self.random_state)
         W, parts = self._initialize(prob, rng)
-        W, losses, n_iter, loss = self._iterate(prob, W, parts)
+        for i, (s0, e0) in enumerate(prob.blocks.partition_ranges):
+            if r0:
+                block = frozen[:, self.kept_columns_[s0:e0]].T.astype(parts[i].dtype)
+                parts[i][:, :r0] = backend.asarray(block, partition=i)
+        W, losses, n_iter, loss = self._iterate(prob, W, parts, n_frozen=r0)
         Ft = prob.blocks.gather_factor(parts)
         # free the blocked copy of X before the full-size components are allocated
         del prob, parts
@@ -357,7 +396,7 @@ class DiagonalNPEFF(_BaseNPEFF):
                 delattr(self, attr)
         return np.asarray(backend.to_numpy(W))
 
-    def _iterate(self, prob: Problem, W: Any, parts: list[Any]
+    def _iterate(self, prob: Problem, W: Any, parts: list[Any], n_frozen: int = 0
                  ) -> tuple[Any, list[float], int, float]:
         """The joint iterations (W step, then the H sweep), in place on ``parts``.
 
@@ -369,13 +408,30 @@ class DiagonalNPEFF(_BaseNPEFF):
         update = self._update()
         state = {"W": W, "XHt": blocks.matmul(parts), "HHt": blocks.gram(parts),
                  "fresh": True}
+        k0 = int(n_frozen)
+
+        def h_update(Fb: Any, T: Any, G: Any) -> None:
+            """H step of one block; the first ``k0`` columns (frozen) never change."""
+            if not k0:
+                update(xp, Fb, T, G)
+            elif self.solver == "cd":
+                # HALS is sequential over columns: solve the free columns' own problem,
+                # min 1/2 tr(F1 G11 F1^T) - tr(F1^T (T1 - F0 G01))
+                update(xp, Fb[:, k0:], T[:, k0:] - Fb[:, :k0] @ G[:k0, k0:], G[k0:, k0:])
+            else:
+                # multiplicative steps update all columns at once: restoring the frozen
+                # ones afterwards is exactly the step of the free ones
+                keep = Fb[:, :k0].copy()
+                update(xp, Fb, T, G)
+                Fb[:, :k0] = keep
 
         def step(it: int) -> float:
             W = state["W"]
             state["fresh"] = False  # products may go stale until the sweep returns
             update(xp, W, state["XHt"], state["HHt"])
             WtW = W.T @ W
-            XHt, HHt = blocks.sweep(parts, R=W, update=lambda Fb, T: update(xp, Fb, T, WtW))
+            # WtW goes through consts: each device gets its own copy
+            XHt, HHt = blocks.sweep(parts, R=W, update=h_update, consts=(WtW,))
             state.update(XHt=XHt, HHt=HHt, fresh=True)
             return diag_loss(xp, prob.const, W, XHt, WtW, HHt)
 
@@ -434,6 +490,10 @@ class DiagonalNPEFF(_BaseNPEFF):
         W : ndarray of shape (n_examples, n_components)
             Non-negative coefficients, same dtype as ``X``.
         """
+        with compute_context(X):
+            return self._transform(X)
+
+    def _transform(self, X: Any) -> np.ndarray:
         self._check_fitted()
         X = self._validated(X, reset=False, whom="transform")
         backend = self._get_backend(X)
@@ -489,6 +549,10 @@ class DiagonalNPEFF(_BaseNPEFF):
         self : DiagonalNPEFF
             The updated estimator.
         """
+        with compute_context(X):
+            return self._partial_fit(X)
+
+    def _partial_fit(self, X: Any) -> DiagonalNPEFF:
         first = not hasattr(self, "components_")
         if first:
             self._check_params()
@@ -522,9 +586,11 @@ class DiagonalNPEFF(_BaseNPEFF):
             stat_XtW = [rho * a + b for a, b in zip(prev, XtW, strict=True)]
             stat_WtW = rho * backend.asarray(self._stat_WtW, dtype=X.dtype) + WtW
         update = self._update()
+        WtWs = blocks.replicate(stat_WtW)  # a copy on each partition's device
         for b in blocks.blocks:
-            update(xp, parts[b.partition][b.local_start:b.local_stop],
-                   stat_XtW[b.partition][b.local_start:b.local_stop], stat_WtW)
+            with backend.device(b.partition):
+                update(xp, parts[b.partition][b.local_start:b.local_stop],
+                       stat_XtW[b.partition][b.local_start:b.local_stop], WtWs[b.partition])
         self._stat_XtW = blocks.gather_factor(stat_XtW)
         self._stat_WtW = np.asarray(backend.to_numpy(stat_WtW))
         self.components_ = self._full_components(blocks.gather_factor(parts),
