@@ -101,7 +101,9 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     col_dtype = np.int64 if m > np.iinfo(np.int32).max else np.int32
     # slot-major order within each row is what the reshape needs; sorted rows have it
     ordered = X.has_sorted_indices or n_slots == 1
-    col = np.empty(nnz, dtype=col_dtype)
+    # one slot: the columns are X's own indices; share them unless pruning rewrites them
+    share = n_slots == 1 and X.indices.dtype == col_dtype
+    col = X.indices if share else np.empty(nnz, dtype=col_dtype)
     data = None if ordered else np.empty(nnz, dtype=dtype)
     slot = None if ordered else np.empty(nnz, dtype=np.min_scalar_type(n_slots))
     counts = np.zeros(m, dtype=np.int64) if kept is None else None
@@ -109,7 +111,9 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
         lo, hi = indptr[r0], indptr[r1]
         idx = X.indices[lo:hi]
         vals = X.data[lo:hi]
-        if ordered:
+        if share:
+            pass
+        elif ordered:
             col[lo:hi] = idx % m
         else:  # stable sort of each row's values by class slot
             rows = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
@@ -129,6 +133,8 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     colmap = np.full(m, -1, dtype=col_dtype)
     colmap[kept] = np.arange(kept.size, dtype=col_dtype)
     keep_all = kept.size == m
+    if share and not keep_all:
+        col = col.copy()  # pruning remaps the indices: never in the caller's array
     mask = None if keep_all else np.empty(nnz, dtype=bool)
     slot_counts = np.zeros(n * n_slots, dtype=np.int64)
     for r0, r1 in row_chunks(indptr):
@@ -141,7 +147,8 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
             mask[lo:hi] = mapped >= 0
             key = key[mask[lo:hi]]
         slot_counts += np.bincount(key, minlength=n * n_slots)
-        col[lo:hi] = mapped
+        if not keep_all:  # all kept: the map is the identity
+            col[lo:hi] = mapped
     del slot
     new_indptr = np.zeros(n * n_slots + 1, dtype=np.int64)
     np.cumsum(slot_counts, out=new_indptr[1:])
@@ -236,7 +243,7 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     def _validate_input(self, X: Any, reset: bool) -> sp.csr_matrix:
         """sklearn validation (dtype, NaN/inf, n_features_in_), then CSR."""
         X = validate_data(self, X, accept_sparse=("csr", "csc", "coo"),
-                          dtype=[np.float32, np.float64], reset=reset,
+                          dtype=[np.float64, np.float32], reset=reset,
                           ensure_all_finite=True, ensure_min_samples=1)
         if not sp.issparse(X):
             X = sp.csr_matrix(X)
