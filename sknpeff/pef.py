@@ -1444,7 +1444,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        pefs : scipy.sparse.csr_matrix of shape (n_examples, n_features_out_)
+        pefs : scipy.sparse.csr_matrix of shape (n_examples, n_features_out)
         """
         return self.compute(X).pefs
 

@@ -92,7 +92,7 @@ class DiagonalNPEFF(_BaseNPEFF):
 
     Attributes
     ----------
-    components_ : ndarray of shape (n_components, n_features_in_)
+    components_ : ndarray of shape (n_components, n_params)
         Non-negative pseudo-Fisher diagonals in the full parameter space (zeros on pruned
         parameters); same dtype as the training ``X``.
     kept_columns_ : ndarray of int64
@@ -511,7 +511,7 @@ class DiagonalNPEFF(_BaseNPEFF):
 
         Returns
         -------
-        X_original : ndarray of shape (n_examples, n_features_in_)
+        X_original : ndarray of shape (n_examples, n_params)
             Dense reconstruction.
         """
         self._check_fitted()
