@@ -48,7 +48,14 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .layout import ParameterLayout
-from .pef import _as_logits, _as_tensor, _default_forward, _iter_batches, _tree_map
+from .pef import (
+    _as_logits,
+    _as_tensor,
+    _default_forward,
+    _iter_batches,
+    _n_examples,
+    _tree_map,
+)
 
 __all__ = ["GuidedPerturber", "KLRatioResult", "KLRatioResults"]
 
@@ -160,23 +167,12 @@ class KLRatioResults(list):
 # helpers
 # ---------------------------------------------------------------------------------------------
 def _n_rows(X: Any) -> int:
-    if isinstance(X, (torch.Tensor, np.ndarray)):
-        if X.ndim == 0:
-            raise ValueError("X must be batched along its first axis; got a 0-d array.")
-        return int(X.shape[0])
-    if isinstance(X, Mapping):
-        lens = {int(v.shape[0]) for v in X.values() if hasattr(v, "shape") and len(v.shape)}
-        if len(lens) != 1:
-            raise ValueError("a dict X must hold arrays batched along the first axis, all of "
-                             f"the same length; got lengths {sorted(lens)}.")
-        return lens.pop()
-    if isinstance(X, torch.utils.data.Dataset):
-        return len(X)  # type: ignore[arg-type]
-    if isinstance(X, (list, tuple)):
-        return len(X)
-    raise ValueError("X must be a tensor/array batched along the first axis, a dict of such "
-                     "arrays, a list of per-example items or a torch Dataset; got "
-                     f"{type(X).__name__}.")
+    """Number of examples in ``X`` (the PEF transformer's rules); it must be known."""
+    n = _n_examples(X)
+    if n is None:
+        raise ValueError("X must have a known length (a Dataset without __len__ cannot be "
+                         "ranked into top examples).")
+    return n
 
 
 def _take(X: Any, idx: np.ndarray) -> Any:
