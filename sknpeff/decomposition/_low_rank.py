@@ -29,8 +29,9 @@ from ._updates import (
 )
 
 #: rows of A sampled per component for the data-seeded initialization (k-means++-like
-#: choice among them), and at most in all
+#: choice among them), at least and at most in all
 _INIT_POOL_PER_COMPONENT = 32
+_INIT_POOL_MIN = 1024
 _INIT_POOL_MAX = 4096
 
 
@@ -275,7 +276,8 @@ class LowRankNPEFF(_BaseNPEFF):
         """``_prepare`` arguments that sample the rows the data-seeded init draws from."""
         if self.init == "random":
             return {}
-        n_pool = min(_INIT_POOL_MAX, _INIT_POOL_PER_COMPONENT * int(self.n_components))
+        n_pool = min(_INIT_POOL_MAX,
+                     max(_INIT_POOL_MIN, _INIT_POOL_PER_COMPONENT * int(self.n_components)))
         return {"pool_rows": n_pool, "rng": rng}
 
     # -------------------------------------------------------------------- fit
