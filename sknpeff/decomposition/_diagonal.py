@@ -23,6 +23,8 @@ __all__ = ["DiagonalNPEFF"]
 
 #: extra random directions of the randomized range finder used by the NNDSVD init
 _OVERSAMPLE = 10
+#: rows per chunk when forming NNDSVD's right singular vectors (bounded memory)
+_V_CHUNK = 1 << 15
 #: power iterations of the randomized range finder
 _POWER_ITERS = 3
 #: W-only iterations per batch of partial_fit
@@ -221,7 +223,7 @@ class DiagonalNPEFF(_BaseNPEFF):
             avg = np.sqrt(mean / r)
             Ft = _draw(rng.uniform, (m, r), dtype, 2.0 * avg)
             W = _draw(rng.uniform, (n, r), dtype, 2.0 * avg)
-            parts = blocks.split_factor(Ft, dtype=dtype)
+            parts = blocks.split_factor(Ft, dtype=dtype, copy=False)  # handed over
             del Ft
             return blocks.backend.asarray(W), parts
         W, parts = self._nndsvd(prob, rng)
@@ -247,7 +249,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         # components beyond the rank of X start random (drawn only when needed)
         W_rand = rng.uniform(size=(n, r - k)) if r > k else None
         F_rand = _draw(rng.uniform, (m, r - k), dtype) if r > k else None
-        parts = blocks.split_factor(omega, dtype=dtype)
+        parts = blocks.split_factor(omega, dtype=dtype, copy=False)  # handed over
         del omega
         Q = _orthonormal(xp, blocks.matmul(parts))
         del parts
@@ -262,17 +264,27 @@ class DiagonalNPEFF(_BaseNPEFF):
         inv_s = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), 0.0)
         U = backend.to_numpy(Q).astype(np.float64) @ Ub  # (n, k)
         Vk = (Ub * inv_s).astype(dtype)
-        Vs = [backend.to_numpy(b) @ Vk for b in Bt]  # right singular vectors (m_p, k)
-        del Bt
+
+        def v_chunks(i: int) -> Any:
+            """Right singular vectors of partition i, ``Bt[i] @ Vk``, in row chunks (so
+            the whole (m', k) matrix never exists beside Bt and the output)."""
+            b = Bt[i]
+            for c0 in range(0, b.shape[0], _V_CHUNK):
+                yield c0, backend.to_numpy(b[c0:c0 + _V_CHUNK]) @ Vk
+
         # split each singular pair into its positive and negative parts (NNDSVD)
         up, un = np.maximum(U, 0), np.maximum(-U, 0)
         nup, nun = np.linalg.norm(up, axis=0), np.linalg.norm(un, axis=0)
-        vsq_p = backend.to_numpy(backend.allreduce(
-            [backend.asarray(np.sum(np.maximum(v, 0) ** 2, axis=0), partition=i)
-             for i, v in enumerate(Vs)]))
-        vsq_n = backend.to_numpy(backend.allreduce(
-            [backend.asarray(np.sum(np.maximum(-v, 0) ** 2, axis=0), partition=i)
-             for i, v in enumerate(Vs)]))
+        sq_p, sq_n = [], []
+        for i in range(len(Bt)):  # pass 1: column norms of the positive/negative parts
+            acc_p, acc_n = np.zeros(k), np.zeros(k)
+            for _, v in v_chunks(i):
+                acc_p += np.sum(np.maximum(v, 0) ** 2, axis=0)
+                acc_n += np.sum(np.maximum(-v, 0) ** 2, axis=0)
+            sq_p.append(backend.asarray(acc_p, partition=i))
+            sq_n.append(backend.asarray(acc_n, partition=i))
+        vsq_p = backend.to_numpy(backend.allreduce(sq_p))
+        vsq_n = backend.to_numpy(backend.allreduce(sq_n))
         nvp, nvn = np.sqrt(vsq_p), np.sqrt(vsq_n)
         pos = nup * nvp >= nun * nvn
         sigma = np.where(pos, nup * nvp, nun * nvn)
@@ -287,12 +299,16 @@ class DiagonalNPEFF(_BaseNPEFF):
         if r > k:
             W[:, k:] = mean_scale * W_rand
         out_parts = []
-        for i, ((s0, e0), v) in enumerate(zip(blocks.partition_ranges, Vs, strict=True)):
+        sign = np.where(pos, 1.0, -1.0).astype(dtype)
+        ch = ch.astype(dtype)
+        for i, (s0, e0) in enumerate(blocks.partition_ranges):  # pass 2: the factor
             F = np.empty((e0 - s0, r), dtype=dtype)
-            v *= np.where(pos, 1.0, -1.0).astype(v.dtype)  # in place: no (m', k) temporaries
-            np.maximum(v, 0, out=v)
-            v *= ch.astype(v.dtype)
-            F[:, :k] = v
+            for c0, v in v_chunks(i):
+                v *= sign
+                np.maximum(v, 0, out=v)
+                v *= ch
+                F[c0:c0 + v.shape[0], :k] = v
+            Bt[i] = None  # free this partition's X.T @ Q before the next factor part
             if r > k:
                 F[:, k:] = mean_scale * F_rand[s0:e0]
             out_parts.append(backend.asarray(F, partition=i))
@@ -383,7 +399,9 @@ class DiagonalNPEFF(_BaseNPEFF):
                 block = frozen[:, self.kept_columns_[s0:e0]].T.astype(parts[i].dtype)
                 parts[i][:, :r0] = backend.asarray(block, partition=i)
         W, losses, n_iter, loss = self._iterate(prob, W, parts, n_frozen=r0)
-        Ft = prob.blocks.gather_factor(parts)
+        # one CPU partition already is the whole factor; otherwise gather it
+        Ft = parts[0] if prob.blocks.n_global_partitions == 1 and \
+            isinstance(parts[0], np.ndarray) else prob.blocks.gather_factor(parts)
         # free the blocked copy of X before the full-size components are allocated
         del prob, parts
         self.components_ = self._full_components(Ft, self.n_features_in_)
