@@ -224,7 +224,12 @@ def sample_rows(A: sp.csr_matrix, n_rows: int, rng: np.random.RandomState | None
 
 
 class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
-    """Parameters, validation and the iteration loop shared by both estimators."""
+    """Parameters, validation and the iteration loop shared by both estimators.
+
+    A subclass defines ``_loss_constant(A) -> float``, the sum over examples of the
+    squared Frobenius norm of each PEF (the constant term of its loss), and, when an
+    example spans several rows of ``A``, ``_n_slots()``.
+    """
 
     #: rows of A per example; LowRankNPEFF uses n_classes
     def _n_slots(self) -> int:
@@ -293,10 +298,6 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             blocks = ColumnBlocks(csc, backend, block_size=self.block_size, owned=True)
             del csc
         return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras)
-
-    def _loss_constant(self, A: sp.csr_matrix) -> float:
-        """Sum over examples of the squared Frobenius norm of each PEF."""
-        raise NotImplementedError
 
     @property
     def _n_features_out(self) -> int:
