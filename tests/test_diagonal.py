@@ -515,3 +515,28 @@ def test_fit_with_frozen_components_keeps_them_bit_for_bit(solver):
         DiagonalNPEFF(n_components=3)._fit_with_frozen(X, base.components_)
     with pytest.raises(ValueError, match="non-negative"):
         DiagonalNPEFF(n_components=6)._fit_with_frozen(X, -base.components_)
+
+
+def test_nndsvd_in_place_factor_equals_allocated(monkeypatch):
+    """NNDSVD writes the factor into X.T @ Q's buffer on CPU; the result must equal the
+    path that allocates a new array (taken when that buffer is not C-ordered)."""
+    from sklearn.utils import check_random_state
+
+    from sknpeff.backends import ColumnBlocks
+    from sknpeff.datasets import make_planted_diagonal
+
+    X, _, _ = make_planted_diagonal(n_examples=200, n_params=900, n_components=6,
+                                    support_size=120, random_state=3)
+    est = DiagonalNPEFF(n_components=6, random_state=0, block_size=128)
+    est._check_params()
+    Xv = est._validated(X, reset=True, whom="fit")
+    prob = est._problem(Xv, fitting=True)
+    W1, F1 = est._nndsvd(prob, check_random_state(0))
+    real = ColumnBlocks.rmatmul
+    monkeypatch.setattr(ColumnBlocks, "rmatmul",
+                        lambda self, R: [np.asfortranarray(p) for p in real(self, R)])
+    W2, F2 = est._nndsvd(prob, check_random_state(0))
+    np.testing.assert_array_equal(W1, W2)
+    for a, b in zip(F1, F2, strict=True):
+        assert a.flags.c_contiguous
+        np.testing.assert_array_equal(a, b)

@@ -137,7 +137,11 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
         col = col.copy()  # pruning remaps the indices: never in the caller's array
     mask = None if keep_all else np.empty(nnz, dtype=bool)
     slot_counts = np.zeros(n * n_slots, dtype=np.int64)
-    for r0, r1 in row_chunks(indptr):
+    # one slot, nothing pruned: A's rows are X's rows (no second pass)
+    trivial = n_slots == 1 and keep_all
+    if trivial:
+        slot_counts = np.diff(indptr)
+    for r0, r1 in ([] if trivial else row_chunks(indptr)):
         lo, hi = indptr[r0], indptr[r1]
         rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
         s_ = X.indices[lo:hi] // m if slot is None else slot[lo:hi]

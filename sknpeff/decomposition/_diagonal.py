@@ -24,7 +24,7 @@ __all__ = ["DiagonalNPEFF"]
 #: extra random directions of the randomized range finder used by the NNDSVD init
 _OVERSAMPLE = 10
 #: rows per chunk when forming NNDSVD's right singular vectors (bounded memory)
-_V_CHUNK = 1 << 15
+_V_CHUNK = 1 << 13
 #: power iterations of the randomized range finder
 _POWER_ITERS = 3
 #: W-only iterations per batch of partial_fit
@@ -302,7 +302,16 @@ class DiagonalNPEFF(_BaseNPEFF):
         sign = np.where(pos, 1.0, -1.0).astype(dtype)
         ch = ch.astype(dtype)
         for i, (s0, e0) in enumerate(blocks.partition_ranges):  # pass 2: the factor
-            F = np.empty((e0 - s0, r), dtype=dtype)
+            b = Bt[i]
+            if isinstance(b, np.ndarray) and b.flags.c_contiguous and b.dtype == dtype \
+                    and b.shape[1] >= r:
+                # write the factor into X.T @ Q's own buffer: row j of F lands before row
+                # j of Bt (r <= q columns), and each chunk of Bt is read before the rows
+                # it overwrites are written, so no second (m', r) array is needed
+                F = b.reshape(-1)[:(e0 - s0) * r].reshape(e0 - s0, r)
+            else:
+                F = np.empty((e0 - s0, r), dtype=dtype)
+            del b
             for c0, v in v_chunks(i):
                 v *= sign
                 np.maximum(v, 0, out=v)
@@ -625,7 +634,7 @@ class DiagonalNPEFF(_BaseNPEFF):
 
 # ------------------------------------------------------------------------ helpers
 def _draw(sampler: Any, shape: tuple[int, int], dtype: Any, scale: float = 1.0,
-          chunk: int = 1 << 16) -> np.ndarray:
+          chunk: int = 1 << 13) -> np.ndarray:
     """Random array drawn in row chunks straight into ``dtype`` (no float64 copy of the
     whole array); the values are the same as one ``sampler(size=shape)`` call."""
     out = np.empty(shape, dtype=dtype)
@@ -657,8 +666,9 @@ def _orthonormal(xp: Any, Y: Any) -> Any:
     return Q
 
 
-def _gram_f64(backend: Any, parts: list[Any], chunk: int = 1 << 16) -> Any:
-    """``sum_p parts[p].T @ parts[p]`` accumulated in float64, chunk by chunk."""
+def _gram_f64(backend: Any, parts: list[Any], chunk: int = 1 << 13) -> Any:
+    """``sum_p parts[p].T @ parts[p]`` accumulated in float64, chunk by chunk (small
+    chunks: the float64 copies stay a few MiB)."""
     xp = backend.xp
     outs = []
     for i, p in enumerate(parts):
