@@ -9,6 +9,7 @@ contiguous run of rows (see :mod:`sknpeff.backends._blocks`).
 from __future__ import annotations
 
 import numbers
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -246,6 +247,7 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         _check_float("tol", self.tol, 0.0)
         _check_int("min_nnz_per_column", self.min_nnz_per_column, 1)
         _check_int("block_size", self.block_size, 1)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
         _check_int("verbose", int(self.verbose) if isinstance(self.verbose, bool)
                    else self.verbose, 0)
 
@@ -368,6 +370,39 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                 f"({label}); increase max_iter to improve the fit.", ConvergenceWarning,
                 stacklevel=3)
         return losses, n_iter
+
+    # ------------------------------------------------------------ checkpoints
+    def _fingerprint(self, prob: Problem, n_frozen: int = 0) -> np.ndarray:
+        """Numbers that identify the data and parameters a checkpoint belongs to."""
+        kept = self.kept_columns_.astype(np.float64)
+        weights = np.arange(1, kept.size + 1, dtype=np.float64)
+        return np.array([prob.n_samples, self.n_features_in_, self.n_components,
+                         prob.n_slots, kept.size, float(kept @ weights),
+                         prob.blocks.nnz, prob.const, prob.extras.get("sum", 0.0),
+                         n_frozen, np.dtype(prob.dtype).itemsize], dtype=np.float64)
+
+    def _load_checkpoint(self, fingerprint: np.ndarray) -> dict | None:
+        """The arrays of ``checkpoint_path`` if it exists (an error if it belongs to
+        another fit), else None."""
+        path = self.checkpoint_path
+        if not path or not os.path.exists(path):
+            return None
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+        if "fingerprint" not in data or data["fingerprint"].shape != fingerprint.shape or \
+                not np.allclose(data["fingerprint"], fingerprint, rtol=1e-9, atol=0):
+            raise ValueError(
+                f"checkpoint_path={path!r} holds a checkpoint of another fit (different "
+                "data or parameters); delete it or choose another path.")
+        return data
+
+    def _save_checkpoint(self, fingerprint: np.ndarray, **arrays: Any) -> None:
+        """Write the fit's state to ``checkpoint_path`` atomically (a crash never leaves
+        half a checkpoint)."""
+        path = os.fspath(self.checkpoint_path)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, fingerprint=fingerprint, **arrays)
+        os.replace(tmp, path)
 
     # ---------------------------------------------------------- shared helpers
     def _full_components(self, Ft: np.ndarray, n_params: int) -> np.ndarray:

@@ -87,8 +87,19 @@ class DiagonalNPEFF(_BaseNPEFF):
         Array backend (see :func:`sknpeff.backends.get_backend`).
     devices : list of int, default=None
         GPU ids for the CuPy backend.
+    distributed : bool, default=False
+        Run as one rank of a ``torch.distributed`` job (launched with ``torchrun``):
+        every rank passes the same X, owns a contiguous range of column blocks, and all
+        ranks end with identical ``W`` and ``components_``.
     block_size : int, default=4096
         Parameters per column block (a block's slice of the factor should fit in cache).
+    checkpoint_path : str or path-like, optional
+        Save the fit's state (components, coefficients, loss curve) to this ``.npz`` file
+        every ``checkpoint_every`` iterations and when interrupted with Ctrl-C. If the
+        file exists when ``fit`` starts and was written for the same data and
+        parameters, the fit resumes from it (a file from other data is an error).
+    checkpoint_every : int, default=50
+        Iterations between checkpoints.
     verbose : int, default=0
         Print the loss every 10 iterations.
 
@@ -159,7 +170,10 @@ class DiagonalNPEFF(_BaseNPEFF):
         min_nnz_per_column: int = 1,
         backend: Any = "auto",
         devices: Any = None,
+        distributed: bool = False,
         block_size: int = 4096,
+        checkpoint_path: Any = None,
+        checkpoint_every: int = 50,
         verbose: int = 0,
     ) -> None:
         self.n_components = n_components
@@ -171,7 +185,10 @@ class DiagonalNPEFF(_BaseNPEFF):
         self.min_nnz_per_column = min_nnz_per_column
         self.backend = backend
         self.devices = devices
+        self.distributed = distributed
         self.block_size = block_size
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
         self.verbose = verbose
 
     # ------------------------------------------------------------------ plumbing
@@ -433,6 +450,17 @@ class DiagonalNPEFF(_BaseNPEFF):
         blocks = prob.blocks
         xp = blocks.backend.xp
         update = self._update()
+        fingerprint = self._fingerprint(prob, int(n_frozen))
+        start, losses0 = 0, []
+        resumed = self._load_checkpoint(fingerprint)
+        if resumed is not None:  # the caller's list of parts is refilled in place
+            parts[:] = blocks.split_factor(resumed["Ft"], dtype=prob.dtype)
+            W = blocks.backend.asarray(resumed["W"], dtype=prob.dtype)
+            start = int(resumed["n_iter"])
+            losses0 = [float(v) for v in resumed["losses"]]
+            if self.verbose:
+                print(f"[DiagonalNPEFF] resuming from {self.checkpoint_path} at iteration "
+                      f"{start}")
         state = {"W": W, "XHt": blocks.matmul(parts), "HHt": blocks.gram(parts),
                  "fresh": True}
         k0 = int(n_frozen)
@@ -462,7 +490,16 @@ class DiagonalNPEFF(_BaseNPEFF):
             state.update(XHt=XHt, HHt=HHt, fresh=True)
             return diag_loss(xp, prob.const, W, XHt, WtW, HHt)
 
-        losses, n_iter = self._run_loop(step, self.max_iter, label="fit")
+        def save(n_done: int, losses: list[float]) -> None:
+            # any (W, factor) pair is a valid state: the products are recomputed on resume
+            self._save_checkpoint(fingerprint, Ft=blocks.gather_factor(parts),
+                                  W=blocks.backend.to_numpy(state["W"]), n_iter=n_done,
+                                  losses=np.asarray(losses, dtype=np.float64))
+
+        losses, n_iter = self._run_loop(
+            step, self.max_iter, label="fit", start=start, losses=losses0,
+            checkpoint=save if self.checkpoint_path else None,
+            checkpoint_every=self.checkpoint_every)
         if state["fresh"]:
             XHt, HHt = state["XHt"], state["HHt"]
         else:

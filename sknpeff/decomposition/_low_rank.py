@@ -191,7 +191,6 @@ class LowRankNPEFF(_BaseNPEFF):
         _check_int("n_classes", self.n_classes, 1)
         _check_int("n_iter_g_only", self.n_iter_g_only, 0)
         _check_int("transform_max_iter", self.transform_max_iter, 0)
-        _check_int("checkpoint_every", self.checkpoint_every, 1)
         _check_choice("init", self.init, ("auto", "data", "random"))
         _check_choice("w_solver", self.w_solver, ("cd", "mu"))
         _check_float("ortho_strength", self.ortho_strength, 0.0)
@@ -358,7 +357,7 @@ class LowRankNPEFF(_BaseNPEFF):
         auto = isinstance(self.learning_rate, str)
         state = {"W": W, "P": P, "Q": Q, "eta": 1.0, "prev": np.inf}
         n_g_only = int(self.n_iter_g_only)
-        fingerprint = self._fingerprint(prob, frozen_mask)
+        fingerprint = self._fingerprint(prob, int(frozen_mask.sum()))
         start, losses0 = 0, []
         resumed = self._load_checkpoint(fingerprint)
         if resumed is not None:
@@ -399,8 +398,10 @@ class LowRankNPEFF(_BaseNPEFF):
             state["P"], state["Q"] = blocks.matmul(parts), blocks.gram(parts)
 
         def save(n_done: int, losses: list[float]) -> None:
-            self._save_checkpoint(fingerprint, blocks.gather_factor(parts),
-                                  be.to_numpy(state["W"]), state, n_done, losses)
+            self._save_checkpoint(fingerprint, Ft=blocks.gather_factor(parts),
+                                  W=be.to_numpy(state["W"]), eta=state["eta"],
+                                  prev=state["prev"], n_iter=n_done,
+                                  losses=np.asarray(losses, dtype=np.float64))
 
         losses, n_iter = self._run_loop(
             step, self.max_iter + n_g_only, label="fit", on_interrupt=resync, start=start,
@@ -475,41 +476,6 @@ class LowRankNPEFF(_BaseNPEFF):
             W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
         frozen = np.arange(self.n_components) < r0
         return self._fit_loop(prob, W0, frozen=frozen)
-
-    # ----------------------------------------------------------- checkpoints
-    def _fingerprint(self, prob: Problem, frozen: np.ndarray) -> np.ndarray:
-        """Numbers that identify the data and parameters a checkpoint belongs to."""
-        kept = self.kept_columns_.astype(np.float64)
-        weights = np.arange(1, kept.size + 1, dtype=np.float64)
-        return np.array([prob.n_samples, self.n_features_in_, self.n_components,
-                         self.n_classes, kept.size, float(kept @ weights),
-                         prob.blocks.nnz, prob.const, prob.extras.get("sum", 0.0),
-                         int(frozen.sum()), np.dtype(prob.dtype).itemsize], dtype=np.float64)
-
-    def _load_checkpoint(self, fingerprint: np.ndarray) -> dict | None:
-        import os
-
-        path = self.checkpoint_path
-        if not path or not os.path.exists(path):
-            return None
-        with np.load(path) as f:
-            data = {k: f[k] for k in f.files}
-        if "fingerprint" not in data or data["fingerprint"].shape != fingerprint.shape or \
-                not np.allclose(data["fingerprint"], fingerprint, rtol=1e-9, atol=0):
-            raise ValueError(
-                f"checkpoint_path={path!r} holds a checkpoint of another fit (different "
-                "data or parameters); delete it or choose another path.")
-        return data
-
-    def _save_checkpoint(self, fingerprint: np.ndarray, Ft: np.ndarray, W: np.ndarray,
-                         state: dict, n_done: int, losses: list[float]) -> None:
-        import os
-
-        path = os.fspath(self.checkpoint_path)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, fingerprint=fingerprint, Ft=Ft, W=W, eta=state["eta"],
-                 prev=state["prev"], n_iter=n_done, losses=np.asarray(losses, dtype=np.float64))
-        os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
 
     # -------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:
