@@ -292,6 +292,7 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             extras["pool"], extras["pool_norms"] = sample_rows(A, pool_rows, rng)
         const = self._loss_constant(A)
         backend = self._get_backend(X)
+        self._root = bool(backend.is_root())  # only rank 0 prints and writes checkpoints
         if keep_host:
             extras["A_host"] = A
         if not transpose:
@@ -343,14 +344,14 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                 n_iter = it + 1
                 if checkpoint is not None and checkpoint_every and n_iter % checkpoint_every == 0:
                     checkpoint(n_iter, losses)
-                if self.verbose and (it % check_every == 0 or it == max_iter - 1):
+                if self._speaks and (it % check_every == 0 or it == max_iter - 1):
                     print(f"[{type(self).__name__}] {label} iteration {it + 1:4d}  "
                           f"loss {loss:.6e}  ({time.perf_counter() - t0:.2f} s)")
                 if self.tol > 0 and it >= check_every and it % check_every == 0:
                     prev = losses[-1 - check_every]
                     scale = max(abs(losses[0]), np.finfo(np.float64).tiny)
                     if (prev - loss) / scale < self.tol:
-                        if self.verbose:
+                        if self._speaks:
                             print(f"[{type(self).__name__}] converged at iteration {it + 1}")
                         return losses, n_iter
         except KeyboardInterrupt:
@@ -370,6 +371,11 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                 f"({label}); increase max_iter to improve the fit.", ConvergenceWarning,
                 stacklevel=3)
         return losses, n_iter
+
+    @property
+    def _speaks(self) -> bool:
+        """Print progress: ``verbose`` is set and this is rank 0 (or no distributed job)."""
+        return bool(self.verbose) and getattr(self, "_root", True)
 
     # ------------------------------------------------------------ checkpoints
     def _fingerprint(self, prob: Problem, n_frozen: int = 0) -> np.ndarray:
@@ -399,6 +405,8 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     def _save_checkpoint(self, fingerprint: np.ndarray, **arrays: Any) -> None:
         """Write the fit's state to ``checkpoint_path`` atomically (a crash never leaves
         half a checkpoint)."""
+        if not getattr(self, "_root", True):  # every rank holds the same state
+            return
         path = os.fspath(self.checkpoint_path)
         tmp = path + ".tmp.npz"
         np.savez(tmp, fingerprint=fingerprint, **arrays)

@@ -458,7 +458,7 @@ class DiagonalNPEFF(_BaseNPEFF):
             W = blocks.backend.asarray(resumed["W"], dtype=prob.dtype)
             start = int(resumed["n_iter"])
             losses0 = [float(v) for v in resumed["losses"]]
-            if self.verbose:
+            if self._speaks:
                 print(f"[DiagonalNPEFF] resuming from {self.checkpoint_path} at iteration "
                       f"{start}")
         state = {"W": W, "XHt": blocks.matmul(parts), "HHt": blocks.gram(parts),

@@ -326,7 +326,7 @@ class LowRankNPEFF(_BaseNPEFF):
         if self.init == "random":
             W0 = rng.uniform(size=(prob.n_samples, self.n_components)).astype(prob.dtype)
         W = self._fit_loop(prob, W0)
-        if self.verbose:
+        if self._speaks:
             print(f"[LowRankNPEFF] fit done in {time.perf_counter() - t0:.2f} s, "
                   f"{self.n_iter_} iterations, loss {self.loss_curve_[-1]:.6e}")
         return W
@@ -366,7 +366,7 @@ class LowRankNPEFF(_BaseNPEFF):
                          P=blocks.matmul(parts), Q=blocks.gram(parts),
                          eta=float(resumed["eta"]), prev=float(resumed["prev"]))
             start, losses0 = int(resumed["n_iter"]), [float(v) for v in resumed["losses"]]
-            if self.verbose:
+            if self._speaks:
                 print(f"[LowRankNPEFF] resuming from {self.checkpoint_path} at iteration "
                       f"{start}")
 
