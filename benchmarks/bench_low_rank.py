@@ -4,6 +4,7 @@ Reproduce (2-core machine, ~3 minutes; ``--quick`` for a ~30 s smoke run)::
 
     python benchmarks/bench_low_rank.py
     python benchmarks/bench_low_rank.py --quick
+    python benchmarks/bench_low_rank.py --convergence-only --seeds 10
 
 Tables printed:
 
@@ -225,6 +226,10 @@ def bench_convergence(seeds) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (~30 s)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="planted-data seeds for the convergence table (default 5; 2 quick)")
+    ap.add_argument("--convergence-only", action="store_true",
+                    help="only the convergence table (seconds)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the sparse kernels (default: torch's choice); "
                          "the SciPy peer is single-threaded either way")
@@ -239,9 +244,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.seeds:
+        seeds = list(range(args.seeds))
     print(f"# LowRankNPEFF benchmark (torch threads: {torch.get_num_threads()})")
-    bench_speed(**sizes, n_iter=n_iter)
-    bench_memory(**sizes)
+    if not args.convergence_only:
+        bench_speed(**sizes, n_iter=n_iter)
+        bench_memory(**sizes)
     bench_convergence(seeds)
 
 
