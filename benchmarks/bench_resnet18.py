@@ -1,0 +1,108 @@
+"""PEFs of a ResNet-18 (11.7M parameters, 1000 classes): examples/s and peak memory.
+
+Reproduce (2-core machine, a few minutes)::
+
+    python benchmarks/bench_resnet18.py            # 224 x 224 inputs, 8 examples
+    python benchmarks/bench_resnet18.py --size 64  # smaller inputs, faster
+
+torchvision does not import beside the CPU torch 2.13.0 wheel on these machines, so the
+standard ResNet-18 architecture (BasicBlocks [2, 2, 2, 2], widths 64-512, batch norm in
+eval mode, 1000-way classifier; the same 11,689,512 parameters as torchvision's
+``resnet18(weights=None)``) is built here. Random weights, random inputs: only speed and
+memory are measured. Low-rank PEFs of the 10 most probable classes, K = 65,536 values
+kept per example, as the method doc's paper settings; the peak resident memory is read
+from ``VmHWM`` in a fresh process for two numbers of examples, to show that it does not
+grow with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a (projected) identity shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+def resnet18(n_classes: int = 1000) -> nn.Module:
+    """The ResNet-18 architecture (11,689,512 parameters with 1000 classes)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                               nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def run(n: int, size: int, batch_size: int) -> dict:
+    from sknpeff import PEFTransformer
+
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    X = torch.randn(n, 3, size, size)
+    pef = PEFTransformer(model, kind="low_rank", n_values=65536, n_classes=10,
+                         batch_size=batch_size)
+    pef.fit(X[:1])
+    t = time.perf_counter()
+    res = pef.compute(X)
+    seconds = time.perf_counter() - t
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return dict(n=n, seconds=seconds, per_s=n / seconds, peak=peak,
+                n_params=pef.n_params_, shape=list(res.pefs.shape), nnz=int(res.pefs.nnz))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=224, help="input height and width")
+    ap.add_argument("--n", type=int, default=8, help="examples in the timed run")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--worker", nargs=3, type=int, metavar=("N", "SIZE", "BATCH"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(run(*args.worker)))
+        return
+    rows = []
+    for n in (args.n // 2, args.n):  # fresh process each: peak memory vs n
+        out = subprocess.run([sys.executable, __file__, "--worker", str(n), str(args.size),
+                              str(args.batch_size)], capture_output=True, text=True,
+                             check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"ResNet-18, {rows[0]['n_params']:,} parameters, 1000 classes, 10 most probable, "
+          f"K = 65,536, {args.size}x{args.size} inputs, batch {args.batch_size}, torch "
+          f"threads {torch.get_num_threads()}")
+    print("| examples | seconds | examples/s | peak RSS (fresh process) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']} | {r['seconds']:.1f} | {r['per_s']:.2f} | "
+              f"{r['peak'] / 2**20:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
