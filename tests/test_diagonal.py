@@ -530,7 +530,7 @@ def test_nndsvd_in_place_factor_equals_allocated(monkeypatch):
     est = DiagonalNPEFF(n_components=6, random_state=0, block_size=128)
     est._check_params()
     Xv = est._validated(X, reset=True, whom="fit")
-    prob = est._problem(Xv, fitting=True)
+    prob = est._prepare(Xv, fitting=True)
     W1, F1 = est._nndsvd(prob, check_random_state(0))
     real = ColumnBlocks.rmatmul
     monkeypatch.setattr(ColumnBlocks, "rmatmul",

@@ -266,7 +266,7 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         return get_backend(self.backend, X=X, devices=self.devices,
                            distributed=getattr(self, "distributed", False))
 
-    def _prepare(self, X: sp.csr_matrix, *, fitting: bool, keep_host: bool = False,
+    def _prepare(self, X: sp.csr_matrix, *, fitting: bool,
                  pool_rows: int = 0, rng: np.random.RandomState | None = None,
                  transpose: bool = True) -> Problem:
         """Reshape, prune (when fitting) and block the input.
@@ -275,9 +275,8 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         fitted ``kept_columns_``. ``extras`` of the result hold ``"sum"`` (sum of the
         stored values), with ``pool_rows`` a random sample of at most that many nonzero
         rows of ``A`` (``"pool"``, CSR, and their norms ``"pool_norms"``) for
-        data-seeded initialization, and with ``keep_host`` the whole host matrix ``A``
-        (``"A_host"``). Without ``keep_host`` the reshaped copy is dropped as soon as
-        its CSC copy exists, so the peak stays at input + CSC + blocks. With
+        data-seeded initialization. The reshaped copy is dropped as soon as its CSC
+        copy exists, so the peak stays at input + CSC + blocks. With
         ``transpose=False`` (components frozen: only ``A @ Ft`` is needed) no CSC copy
         or transposed blocks are built.
         """
@@ -293,12 +292,10 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         const = self._loss_constant(A)
         backend = self._get_backend(X)
         self._root = bool(backend.is_root())  # only rank 0 prints and writes checkpoints
-        if keep_host:
-            extras["A_host"] = A
         if not transpose:
             blocks = ColumnBlocks(A, backend, block_size=self.block_size, transpose=False)
         else:
-            csc = A.tocsc(copy=True) if keep_host else A.tocsc()
+            csc = A.tocsc()
             csc.sort_indices()
             del A
             # the CSC is ours: the blocks reorder it in place rather than copy it

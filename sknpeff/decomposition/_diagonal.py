@@ -210,14 +210,6 @@ class DiagonalNPEFF(_BaseNPEFF):
         _check_non_negative(X, f"{type(self).__name__}.{whom} (input X)")
         return X
 
-    def _problem(self, X: sp.csr_matrix, *, fitting: bool) -> Problem:
-        """``_prepare`` (its ``extras["sum"]``, the sum of the kept values, sets the
-        initial scales)."""
-        prob = self._prepare(X, fitting=fitting)
-        if "sum" not in prob.extras:  # pragma: no cover - older base
-            raise RuntimeError("_BaseNPEFF._prepare must record extras['sum']")
-        return prob
-
     def _update(self) -> Any:
         return DIAG_UPDATES[self.solver]
 
@@ -410,12 +402,12 @@ class DiagonalNPEFF(_BaseNPEFF):
             if not np.all(np.isfinite(frozen)) or np.any(frozen < 0):
                 raise ValueError("frozen_components must be finite and non-negative.")
         total_sq = _sq_sum(X.data)
-        prob = self._problem(X, fitting=True)
+        prob = self._prepare(X, fitting=True)
         if r0:  # frozen components keep their parameters even where X has no nonzeros
             support = np.flatnonzero(np.any(frozen != 0, axis=0))
             if np.setdiff1d(support, self.kept_columns_).size:
                 self.kept_columns_ = np.union1d(self.kept_columns_, support).astype(np.int64)
-                prob = self._problem(X, fitting=False)
+                prob = self._prepare(X, fitting=False)
         pruned_sq = max(0.0, total_sq - prob.const)
         backend = prob.blocks.backend
         rng = check_random_state(self.random_state)
@@ -624,13 +616,13 @@ class DiagonalNPEFF(_BaseNPEFF):
         if first:
             self.kept_columns_ = np.arange(X.shape[1], dtype=np.int64)
             self.n_params_ = X.shape[1]
-            prob = self._problem(X, fitting=False)
+            prob = self._prepare(X, fitting=False)
             rng = check_random_state(self.random_state)
             _, parts = self._initialize(prob, rng)
             self.components_ = self._full_components(prob.blocks.gather_factor(parts),
                                                      X.shape[1])
         else:
-            prob = self._problem(X, fitting=False)
+            prob = self._prepare(X, fitting=False)
             parts = prob.blocks.split_factor(self._factor_from_components(X.dtype),
                                              dtype=X.dtype)
         blocks = prob.blocks
@@ -693,7 +685,7 @@ def _sq_sum(data: np.ndarray, chunk: int = 1 << 20) -> float:
 
 
 def _mean_of(prob: Problem) -> float:
-    """Mean of the pruned matrix ``A`` (n x m'), from the sum recorded by ``_problem``."""
+    """Mean of the pruned matrix ``A`` (n x m'), from the sum ``_prepare`` records."""
     return prob.extras["sum"] / max(1, prob.n_samples * prob.blocks.n_cols)
 
 
