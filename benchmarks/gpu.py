@@ -6,6 +6,7 @@ Reproduce on a machine with a CUDA GPU and ``pip install 'sknpeff[cuda]'``::
     python benchmarks/gpu.py --quick     # 10x smaller
     python benchmarks/gpu.py --devices 0 1          # also two GPUs (one partition each)
     python benchmarks/gpu.py --cpu-only --quick     # the CPU column alone (no CuPy)
+    python benchmarks/gpu.py --dry-run              # check the set-up, time nothing
 
 Data as in ``benchmarks/bench_sparse.py``: LRM-PEF rows (``c = 3`` class slots per
 example), ``K = 4096`` kept values per example, float32.
@@ -20,11 +21,14 @@ Reported:
   bandwidth as a share of the device's peak memory bandwidth (looked up from the device
   name read through CuPy, e.g. H100 SXM 3.35 TB/s, or computed from its memory clock
   and bus width; ``--peak-gbs`` overrides);
-* GPU / CPU speed ratios for the same data.
+* GPU / CPU speed ratios for the same data: per iteration and per product.
 
-The products are timed both on column blocks of ``--block-size`` columns (the CPU's
-cache blocking) and as one block holding the whole matrix (``--gpu-block-size``,
-default: all columns), which is what a GPU prefers.
+The GPU is timed with the backend's default plan (``block_size="auto"``: one block per
+device, cut only at 2**31 - 1 nonzeros; ``--gpu-block-size`` overrides) and with the
+CPU's cache-sized column blocks of ``--block-size`` columns, for comparison.
+
+Without CuPy or a CUDA device the script exits with a message saying so (status 1);
+``--cpu-only`` times the CPU column alone.
 """
 
 from __future__ import annotations
@@ -45,10 +49,11 @@ from bench_sparse import make_pef_matrix  # noqa: E402
 from sknpeff.backends import ColumnBlocks, NumpyBackend  # noqa: E402
 from sknpeff.decomposition import LowRankNPEFF  # noqa: E402
 
-#: peak memory bandwidth (GB/s) by device name fragment (vendor data sheets)
+#: peak memory bandwidth (GB/s) by device name fragment (vendor data sheets); the first
+#: fragment found in the name wins, so longer names come first ("GH200" before "H200")
 PEAK_GBS = [
-    ("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
-    ("GH200", 4000.0), ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0),
+    ("GH200", 4000.0), ("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0),
+    ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0),
     ("A100", 1555.0), ("L40S", 864.0), ("L4", 300.0), ("A10", 600.0), ("V100", 900.0),
     ("T4", 320.0), ("RTX 4090", 1008.0), ("RTX 3090", 936.0),
 ]
@@ -96,8 +101,8 @@ def timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> f
     return best
 
 
-def time_products(A: sp.csr_matrix, backend, block_size: int, r: int, repeats: int
-                  ) -> dict[str, float]:
+def time_products(A: sp.csr_matrix, backend, block_size: int | str | None, r: int,
+                  repeats: int) -> dict[str, float]:
     rng = np.random.default_rng(1)
     Ft = rng.standard_normal((A.shape[1], r), dtype=np.float32)
     R = rng.standard_normal((A.shape[0], r), dtype=np.float32)
@@ -129,7 +134,8 @@ def seconds_per_iteration(X: sp.csr_matrix, c: int, r: int, iters: int, **kw) ->
     return max(fit(1 + iters) - fit(1), 0.0) / iters
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark (``argv``: command-line arguments; default ``sys.argv``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10x smaller problem")
     ap.add_argument("--rows", type=int, default=30_000, help="rows of A (examples x c)")
@@ -140,14 +146,19 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="iterations timed per fit")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=4096)
-    ap.add_argument("--gpu-block-size", type=int, default=0, help="0: all columns")
+    ap.add_argument("--gpu-block-size", type=int, default=0,
+                    help="columns per GPU block; 0: the backend's default (one per device)")
     ap.add_argument("--devices", type=int, nargs="+", default=[0])
     ap.add_argument("--peak-gbs", type=float, default=None)
     ap.add_argument("--cpu-only", action="store_true", help="skip the GPU (no CuPy needed)")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU column")
-    args = ap.parse_args()
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check CuPy, the devices and the problem size, then stop")
+    args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.cols = args.rows // 10, args.cols // 10
+    if args.cpu_only and args.no_cpu:
+        ap.error("--cpu-only and --no-cpu leave nothing to time")
 
     if not args.cpu_only:
         try:
@@ -159,9 +170,18 @@ def main() -> None:
                      "column alone.")
         if n_gpu == 0:
             sys.exit("benchmarks/gpu.py: CuPy found no CUDA GPU. Use --cpu-only.")
+        missing = [d for d in args.devices if not 0 <= d < n_gpu]
+        if missing:
+            sys.exit(f"benchmarks/gpu.py: --devices {missing} do not exist ({n_gpu} visible).")
         from sknpeff.backends._cupy import CupyBackend
 
     c, r = args.classes, args.r
+    if args.dry_run:
+        print(f"# gpu.py dry run: rows={args.rows} cols={args.cols} k={args.k} r={r}; "
+              + ("CPU only" if args.cpu_only else
+                 "; ".join("device {}: {}, peak {:.0f} GB/s".format(d, *device_info(d))
+                           for d in args.devices)))
+        return
     A = make_pef_matrix(args.rows - args.rows % c, args.cols, args.k // c)
     X = lrm_input(A, c)
     nnz = A.nnz
@@ -182,7 +202,7 @@ def main() -> None:
         name, peak = device_info(args.devices[0])
         peak = args.peak_gbs or peak
         print(f"# device {args.devices[0]}: {name}, peak memory bandwidth {peak:.0f} GB/s")
-        gbs = args.gpu_block_size or args.cols
+        gbs = args.gpu_block_size or "auto"  # "auto": one block per device
         configs = [([args.devices[0]], gbs), ([args.devices[0]], args.block_size)]
         if len(args.devices) > 1:
             configs.append((list(args.devices), gbs))
@@ -190,13 +210,14 @@ def main() -> None:
             be = CupyBackend(devices=devs)
             prods = time_products(A, be, bs, r, args.repeats)
             it = seconds_per_iteration(X, c, r, args.iters, backend=be, block_size=bs)
-            rows.append((f"GPU {devs}, blocks of {bs}", peak * len(devs), prods, it))
+            what = "one block per device" if bs == "auto" else f"blocks of {bs}"
+            rows.append((f"GPU {devs}, {what}", peak * len(devs), prods, it))
 
     cpu_row = rows[0] if not args.no_cpu else None
     print()
     print("| backend | s / iteration | A @ Ft ms | GFLOP/s | GB/s | % peak | A.T @ R ms "
-          "| GFLOP/s | GB/s | % peak | iter speed-up vs CPU |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| GFLOP/s | GB/s | % peak | products vs CPU | iteration vs CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, peak, p, it in rows:
         cells = [label, f"{it:.4f}"]
         for key, nbytes in (("matmul", bytes_mm), ("rmatmul", bytes_rmm)):
@@ -204,7 +225,12 @@ def main() -> None:
             bw = nbytes / t / 1e9
             cells += [f"{t * 1e3:.2f}", f"{flops / t / 1e9:.1f}", f"{bw:.0f}",
                       f"{100 * bw / peak:.0f}%" if peak else "-"]
-        cells.append(f"{cpu_row[3] / it:.1f}x" if cpu_row and it > 0 else "-")
+        if cpu_row:  # speed-up: CPU time over this row's time
+            base = cpu_row[2]["matmul"] + cpu_row[2]["rmatmul"]
+            cells.append(f"{base / (p['matmul'] + p['rmatmul']):.1f}x")
+            cells.append(f"{cpu_row[3] / it:.1f}x" if it > 0 else "-")
+        else:
+            cells += ["-", "-"]
         print("| " + " | ".join(cells) + " |")
 
 

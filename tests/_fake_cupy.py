@@ -1,6 +1,7 @@
 """A NumPy-backed stand-in for the parts of CuPy that ``sknpeff.backends._cupy`` uses.
 
-It lets the CuPy backend's glue run on a CPU (tests/test_backends.py): arrays remember
+It lets the CuPy backend's glue run on a CPU (tests/test_backends.py, tests/test_cupy.py):
+arrays are a NumPy subclass (so a test tells them from NumPy output) that remember
 the fake device they were created on (the current device), sparse products check their
 operands share the current device, NCCL all-reduces in a group are summed at
 ``groupEnd``. It checks our use of these calls against our reading of CuPy's API, not
@@ -129,6 +130,11 @@ class _Runtime:
         return N_DEVICES
 
     @staticmethod
+    def getDeviceProperties(d):  # noqa: N802
+        return {"name": b"Fake H100 80GB HBM3", "memoryClockRate": 2_619_000,
+                "memoryBusWidth": 5120}
+
+    @staticmethod
     def deviceCanAccessPeer(d, e):  # noqa: N802
         return True
 
@@ -163,17 +169,49 @@ _nccl = types.SimpleNamespace(
     NcclCommunicator=types.SimpleNamespace(initAll=lambda devs: [_Comm() for _ in devs]))
 
 
-class csr_matrix:  # noqa: N801 - mirrors cupyx.scipy.sparse.csr_matrix
-    def __init__(self, arg, shape):
+class spmatrix:  # noqa: N801 - mirrors cupyx.scipy.sparse.spmatrix
+    """Base of the fake sparse matrices (``isinstance`` checks of CuPy input)."""
+
+
+class csr_matrix(spmatrix):  # noqa: N801 - mirrors cupyx.scipy.sparse.csr_matrix
+    format = "csr"
+
+    def __init__(self, arg, shape=None):
+        import scipy.sparse as sp
+
+        if sp.issparse(arg):  # host matrix -> device (as cupyx accepts SciPy input)
+            h = sp.csr_matrix(arg)
+            arg = (asarray(h.data), asarray(h.indices.astype(np.int32)),
+                   asarray(h.indptr.astype(np.int32)))
+            shape = h.shape
         data, indices, indptr = arg
         for a in arg:
             assert isinstance(a, ndarray) and a._dev == FakeState.current
         assert indices.dtype == np.int32 and indptr.dtype == np.int32, "int32 only"
-        self.data, self.indices, self.indptr, self.shape = data, indices, indptr, shape
-        import scipy.sparse as sp
-
+        self.data, self.indices, self.indptr = data, indices, indptr
+        self.shape = tuple(int(s) for s in shape)
         self._m = sp.csr_matrix((data.view(np.ndarray), indices.view(np.ndarray),
-                                 indptr.view(np.ndarray)), shape=shape)
+                                 indptr.view(np.ndarray)), shape=self.shape)
+
+    @property
+    def nnz(self):
+        return int(self._m.nnz)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def device(self):
+        return self.data.device
+
+    def get(self):
+        """A SciPy copy on the host (as ``cupyx.scipy.sparse.csr_matrix.get``)."""
+        return self._m.copy()
+
+    def toarray(self):
+        with Device(self.data._dev):
+            return _wrap(self._m.toarray())
 
     def __matmul__(self, b):
         if not (self.data._dev == b._dev == FakeState.current):
@@ -204,6 +242,7 @@ def install(monkeypatch) -> types.ModuleType:
     scipy_mod = types.ModuleType("cupyx.scipy")
     sparse = types.ModuleType("cupyx.scipy.sparse")
     sparse.csr_matrix = csr_matrix
+    sparse.spmatrix = spmatrix
     cupyx.scipy = scipy_mod
     scipy_mod.sparse = sparse
     for name, mod in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.nccl", _nccl),

@@ -412,6 +412,7 @@ def test_not_fitted():
     (dict(tol=-1.0), "tol"),
     (dict(min_nnz_per_column=0), "min_nnz_per_column"),
     (dict(block_size=0), "block_size"),
+    (dict(block_size="big"), "block_size"),
     (dict(backend="tpu"), "backend"),
 ])
 def test_bad_params(params, match):

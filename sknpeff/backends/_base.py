@@ -37,6 +37,10 @@ class Backend(ABC):
     #: rows of ``R`` per tile of a block's transpose for ``At_b @ R`` (None: no tiles).
     #: On a CPU the gathered rows of ``R`` then come from a cache-sized slice.
     row_chunk: int | None = None
+    #: columns per block when an estimator's ``block_size`` is ``"auto"``; None: one
+    #: block per partition (cut only at the int32 nonzero cap). CPUs want cache-sized
+    #: blocks; GPUs want as few kernel launches as possible.
+    default_block_size: int | None = 4096
 
     @abstractmethod
     def asarray(self, x: Any, dtype: Any = None, partition: int = 0) -> Any:
@@ -98,6 +102,8 @@ class Backend(ABC):
 
         The single-process backends get a list with one entry per partition and return
         the sum (on partition 0's device); distributed backends sum across processes.
+        The entries of ``parts`` may be overwritten (NCCL and torch.distributed sum in
+        place, without extra copies): pass temporaries, or copies.
         """
         total = parts[0]
         for p in parts[1:]:

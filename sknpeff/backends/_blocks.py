@@ -8,7 +8,9 @@ computed block by block over contiguous ranges of columns:
   cache while the block's nonzeros are streamed, several times faster than one big
   product;
 * on several devices, each device owns a contiguous range of blocks (a *partition*) and
-  its slice of ``Ft``; the small results (``rows x r`` and ``r x r``) are all-reduced;
+  its slice of ``Ft``; the small results (``rows x r`` and ``r x r``) are all-reduced.
+  On GPUs a partition is by default one block (cut only at ``max_block_nnz``): cuSPARSE
+  gains nothing from cache-sized blocks;
 * across processes, each rank owns a partition in the same way, and builds only the
   blocks of its own partitions (:meth:`Backend.local_partitions`).
 
@@ -127,6 +129,47 @@ def plan_blocks(col_nnz: np.ndarray, block_size: int, max_block_nnz: int) -> lis
     return bounds
 
 
+def plan_partition_blocks(col_nnz: np.ndarray, n_partitions: int, max_block_nnz: int
+                          ) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """One block per partition: columns cut into ``n_partitions`` contiguous ranges of
+    about equal nonzeros, each range cut further only where it holds more than
+    ``max_block_nnz`` nonzeros.
+
+    This is the plan for GPUs: cuSPARSE gains nothing from cache-sized blocks, and each
+    extra block is one more kernel launch and one more pass over the output.
+
+    Returns
+    -------
+    bounds : list of (int, int)
+        The blocks' column ranges, in order.
+    part : ndarray of int64
+        The partition of each block (non-decreasing; ranges of ``n_partitions`` beyond
+        the number of columns stay empty).
+    """
+    n_cols = len(col_nnz)
+    if n_cols == 0:
+        return [], np.zeros(0, dtype=np.int64)
+    n = min(int(n_partitions), n_cols)
+    cum = np.concatenate([[0], np.cumsum(col_nnz, dtype=np.int64)])
+    total = int(cum[-1])
+    if total > 0:  # cut where the running nonzero count crosses k / n of the total
+        cuts = np.searchsorted(cum, (np.arange(1, n) * total) // n, side="left")
+    else:
+        cuts = (np.arange(1, n) * n_cols) // n
+    edges = [0]
+    for k, c in enumerate(cuts, start=1):  # every range non-empty, in order
+        edges.append(int(min(max(int(c), edges[-1] + 1), n_cols - (n - k))))
+    edges.append(n_cols)
+    bounds: list[tuple[int, int]] = []
+    part: list[int] = []
+    for p in range(n):
+        s, e = edges[p], edges[p + 1]
+        for bs, be in plan_blocks(col_nnz[s:e], e - s, max_block_nnz):
+            bounds.append((s + bs, s + be))
+            part.append(p)
+    return bounds, np.asarray(part, dtype=np.int64)
+
+
 def plan_partitions(bounds: list[tuple[int, int]], block_nnz: np.ndarray,
                     n_partitions: int) -> np.ndarray:
     """Assign contiguous runs of blocks to partitions, balancing nonzeros.
@@ -205,6 +248,25 @@ def columns_csc(X: sp.spmatrix, start: int, stop: int) -> sp.csc_matrix:
     return csc
 
 
+def resolve_block_size(block_size: int | str | None, backend: Backend) -> int | None:
+    """Columns per block for ``backend``: an int, or None for one block per partition.
+
+    ``"auto"`` is the backend's choice (:attr:`Backend.default_block_size`).
+    """
+    if isinstance(block_size, str):
+        if block_size != "auto":
+            raise ValueError(f"block_size must be a positive integer, 'auto' or None, got "
+                             f"{block_size!r}.")
+        return backend.default_block_size
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+            or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, 'auto' or None, got "
+                         f"{block_size!r}.")
+    return int(block_size)
+
+
 class ColumnBlocks:
     """A sparse matrix split into column blocks, spread over a backend's partitions.
 
@@ -217,10 +279,14 @@ class ColumnBlocks:
         its own partitions are read into blocks.
     backend : Backend
         Supplies the sparse matrix type, products, placement and all-reduce.
-    block_size : int, default=4096
-        Columns per block. About 4096 keeps a block's slice of a float32 factor with
-        64 components (1 MiB) in a 2-core machine's L2/L3 cache. Blocks are cut smaller
-        when there would otherwise be fewer blocks than partitions.
+    block_size : int, "auto" or None, default="auto"
+        Columns per block. ``"auto"``: the backend's choice
+        (:attr:`Backend.default_block_size`): 4096 on CPU, where it keeps a block's slice
+        of a float32 factor with 64 components (1 MiB) in a 2-core machine's L2/L3 cache;
+        the whole partition on GPUs. ``None``: one block per partition (columns
+        balanced by nonzeros), cut only where a block would exceed ``max_block_nnz``.
+        Integer blocks are cut smaller when there would otherwise be fewer blocks than
+        partitions.
     max_block_nnz : int, default=2**31 - 1
         Nonzeros per block at most (blocks then need only int32 indices).
     transpose : bool, default=True
@@ -247,6 +313,8 @@ class ColumnBlocks:
         Column range of every partition of the job; they tile ``[0, n_cols)``.
     blocks : list of Block
         This process's blocks, in column order.
+    block_size : int or None
+        The resolved ``block_size`` (None: one block per partition).
 
     Examples
     --------
@@ -259,11 +327,10 @@ class ColumnBlocks:
     True
     """
 
-    def __init__(self, X: sp.spmatrix, backend: Backend, block_size: int = 4096,
+    def __init__(self, X: sp.spmatrix, backend: Backend, block_size: int | str | None = "auto",
                  max_block_nnz: int = INT32_MAX_NNZ, transpose: bool = True,
                  owned: bool = False) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size!r}.")
+        block_size = resolve_block_size(block_size, backend)
         if max_block_nnz < 1:
             raise ValueError(f"max_block_nnz must be >= 1, got {max_block_nnz!r}.")
         if max_block_nnz > INT32_MAX_NNZ:
@@ -278,12 +345,16 @@ class ColumnBlocks:
         col_nnz = column_nnz(X)
         self.nnz = int(col_nnz.sum())
         n_global = int(backend.n_partitions())
-        bounds = plan_blocks(col_nnz, block_size, max_block_nnz)
-        if 0 < len(bounds) < n_global:  # smaller blocks, so that no partition is empty
-            bounds = plan_blocks(col_nnz, -(-self.n_cols // n_global), max_block_nnz)
         cum = np.concatenate([[0], np.cumsum(col_nnz, dtype=np.int64)])
-        block_nnz = np.array([cum[e] - cum[s] for s, e in bounds], dtype=np.int64)
-        part = plan_partitions(bounds, block_nnz, n_global)
+        if block_size is None:
+            bounds, part = plan_partition_blocks(col_nnz, n_global, max_block_nnz)
+        else:
+            bounds = plan_blocks(col_nnz, block_size, max_block_nnz)
+            if 0 < len(bounds) < n_global:  # smaller blocks, so that no partition is empty
+                bounds = plan_blocks(col_nnz, -(-self.n_cols // n_global), max_block_nnz)
+            block_nnz = np.array([cum[e] - cum[s] for s, e in bounds], dtype=np.int64)
+            part = plan_partitions(bounds, block_nnz, n_global)
+        self.block_size = block_size
         self.n_global_partitions = n_global
         self.global_partition_ranges = partition_ranges(bounds, part, n_global, self.n_cols)
         self.local_partitions = [int(g) for g in backend.local_partitions()]

@@ -10,7 +10,9 @@ interface, and is tested on the CPU with a fake multi-device backend
   (``csr``): an input larger than one GPU is split before it is moved.
 * Each block is a ``cupyx.scipy.sparse.csr_matrix`` with int32 indices (CuPy's sparse
   matrices took only int32 indices until int64 support landed); ColumnBlocks keeps
-  every block under 2**31 nonzeros so that int32 always suffices.
+  every block under 2**31 nonzeros so that int32 always suffices, and any CuPy works.
+* By default each device holds one block (``default_block_size = None``), split only
+  where it would pass 2**31 - 1 nonzeros.
 * ``spmm`` is cuSPARSE SpMM through ``a @ b``.
 * ``allreduce`` over several devices uses NCCL (``cupy.cuda.nccl``, one communicator per
   device, in-place all-reduce in a group), falling back to peer copies summed on the
@@ -63,6 +65,9 @@ class CupyBackend(Backend):
 
     name = "cupy"
     xp = cupy
+    #: one block per device by default: cuSPARSE SpMM streams the whole block at memory
+    #: bandwidth, so cache-sized blocks only add kernel launches and output passes
+    default_block_size = None
 
     def __init__(self, devices: Any = None, use_nccl: bool = True) -> None:
         try:

@@ -79,6 +79,7 @@ class DistributedBackend(Backend):
         self.rank = int(dist.get_rank(group))
         self.world_size = int(dist.get_world_size(group))
         self.xp = local.xp
+        self.default_block_size = local.default_block_size
         self._n_local = int(local.n_partitions())
         self._on_cuda = local.xp is not np
         if not self._on_cuda and dist.get_backend(group) == "nccl":

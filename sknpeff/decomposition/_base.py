@@ -25,7 +25,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
-from ..backends import Backend, ColumnBlocks, get_backend
+from ..backends import Backend, ColumnBlocks, cupy_device, from_device, get_backend, to_device
 
 #: nonzeros handled per chunk when re-indexing the input (bounds temporary memory)
 _CHUNK_NNZ = 1 << 24
@@ -246,7 +246,11 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         _check_int("max_iter", self.max_iter, 0)
         _check_float("tol", self.tol, 0.0)
         _check_int("min_nnz_per_column", self.min_nnz_per_column, 1)
-        _check_int("block_size", self.block_size, 1)
+        bs = self.block_size
+        if not (bs is None or (isinstance(bs, str) and bs == "auto") or (
+                isinstance(bs, numbers.Integral) and not isinstance(bs, bool) and bs >= 1)):
+            raise ValueError(f"block_size must be an integer >= 1, 'auto' or None, got "
+                             f"{bs!r}.")
         _check_int("checkpoint_every", self.checkpoint_every, 1)
         _check_int("verbose", int(self.verbose) if isinstance(self.verbose, bool)
                    else self.verbose, 0)
@@ -263,8 +267,33 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         return X
 
     def _get_backend(self, X: Any = None) -> Backend:
-        return get_backend(self.backend, X=X, devices=self.devices,
+        # inside _dispatch X is the host copy: "auto" must see the caller's CuPy input
+        source = getattr(self, "_source_input", None)
+        return get_backend(self.backend, X=X if source is None else source,
+                           devices=self.devices,
                            distributed=getattr(self, "distributed", False))
+
+    def _dispatch(self, method: Callable[..., Any], X: Any, *args: Any) -> Any:
+        """``method(X, *args)`` on host input, its array result in ``X``'s namespace.
+
+        As scikit-learn's array API dispatch: a CuPy ``X`` (dense or sparse) gives a
+        CuPy result on ``X``'s device, anything else NumPy, whatever backend computed
+        it. CuPy input is copied to the host once (validation, pruning and the column
+        blocks are host work; the blocks then go to the devices) and ``backend="auto"``
+        picks CuPy for it. Scalars and ``self`` are returned as they are.
+        """
+        device = cupy_device(X)
+        if device is None:
+            with compute_context(X):
+                return method(X, *args)
+        self._source_input = X
+        try:
+            X_host = from_device(X)
+            with compute_context(X_host):
+                out = method(X_host, *args)
+        finally:
+            del self._source_input
+        return to_device(out, device)
 
     def _prepare(self, X: sp.csr_matrix, *, fitting: bool,
                  pool_rows: int = 0, rng: np.random.RandomState | None = None,

@@ -16,7 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
-from ._base import Problem, _BaseNPEFF, _check_choice, compute_context
+from ..backends import cupy_device, from_device
+from ._base import Problem, _BaseNPEFF, _check_choice
 from ._updates import DIAG_UPDATES, diag_loss, diag_solve_w
 
 __all__ = ["DiagonalNPEFF"]
@@ -91,8 +92,12 @@ class DiagonalNPEFF(_BaseNPEFF):
         Run as one rank of a ``torch.distributed`` job (launched with ``torchrun``):
         every rank passes the same X, owns a contiguous range of column blocks, and all
         ranks end with identical ``W`` and ``components_``.
-    block_size : int, default=4096
-        Parameters per column block (a block's slice of the factor should fit in cache).
+    block_size : int, "auto" or None, default="auto"
+        Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPU (a
+        block's slice of the factor stays in cache) and the whole partition on GPUs
+        (one block per device: cuSPARSE gains nothing from cache-sized blocks). ``None``:
+        one block per partition on any backend. Blocks are always cut where they would
+        hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
     checkpoint_path : str or path-like, optional
         Save the fit's state (components, coefficients, loss curve) to this ``.npz`` file
         every ``checkpoint_every`` iterations and when interrupted with Ctrl-C. If the
@@ -143,6 +148,20 @@ class DiagonalNPEFF(_BaseNPEFF):
     the next W step. The loss is evaluated from the same small products,
     ``||X||^2 - 2 sum(W * (X @ Ft)) + sum((W.T W) * (Ft.T Ft))``, in float64.
 
+    **CuPy input.** :meth:`fit_transform`, :meth:`transform` and
+    :meth:`inverse_transform` return a CuPy array on the input's device when ``X`` is a
+    CuPy array or ``cupyx.scipy.sparse`` matrix, and NumPy otherwise, whatever backend or
+    devices computed them (as scikit-learn's array API dispatch); :meth:`partial_fit`
+    accepts CuPy batches.
+    ``backend="auto"`` computes on the input's device. The input is copied to the host
+    once (validation, pruning and the column blocks are host work; the blocks then go to
+    the devices). The fitted attributes (``components_``, ``kept_columns_``, ...) stay
+    NumPy whatever the input, unlike scikit-learn's convention: ``components_`` is dense
+    ``(n_components, n_params)``, gigabytes at model scale, and is better off the device
+    once the fit is done; the tools that consume it (:class:`~sknpeff.GuidedPerturber`,
+    :class:`~sknpeff.ComponentExpander`, :mod:`sknpeff.inspection`) work on NumPy.
+    ``cupy.asarray(est.components_)`` gives a device copy.
+
     Examples
     --------
     >>> from sknpeff.datasets import make_planted_diagonal
@@ -171,7 +190,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         backend: Any = "auto",
         devices: Any = None,
         distributed: bool = False,
-        block_size: int = 4096,
+        block_size: int | str | None = "auto",
         checkpoint_path: Any = None,
         checkpoint_every: int = 50,
         verbose: int = 0,
@@ -222,7 +241,6 @@ class DiagonalNPEFF(_BaseNPEFF):
                     ) -> tuple[Any, list[Any]]:
         """Initial ``W`` (n, r) on the backend and ``Ft`` split into partitions."""
         blocks = prob.blocks
-        xp = blocks.backend.xp
         n, m = prob.n_samples, blocks.n_cols
         r = self.n_components
         dtype = np.dtype(prob.dtype)
@@ -237,11 +255,14 @@ class DiagonalNPEFF(_BaseNPEFF):
             return blocks.backend.asarray(W), parts
         W, parts = self._nndsvd(prob, rng)
         fill = mean if init == "nndsvda" else 0.0
+        backend = blocks.backend
         if fill > 0:
             W[W == 0] = fill
-            for p in parts:
-                p[p == 0] = fill
-        return W.astype(dtype, copy=False), [xp.asarray(p, dtype=dtype) for p in parts]
+            for i, p in enumerate(parts):
+                with backend.device(i):  # each part is worked on where it lives
+                    p[p == 0] = fill
+        return W.astype(dtype, copy=False), [backend.asarray(p, dtype=dtype, partition=i)
+                                             for i, p in enumerate(parts)]
 
     def _nndsvd(self, prob: Problem, rng: np.random.RandomState) -> tuple[Any, list[Any]]:
         """NNDSVD from a randomized truncated SVD through the blocked products."""
@@ -364,13 +385,13 @@ class DiagonalNPEFF(_BaseNPEFF):
         Returns
         -------
         W : ndarray of shape (n_examples, n_components)
-            Non-negative coefficients of the final components, same dtype as ``X``.
+            Non-negative coefficients of the final components, same dtype as ``X``
+            (CuPy on ``X``'s device for CuPy ``X``).
             They are fitted exactly as :meth:`transform` fits them (W steps only, from
             the cached products of the last iteration: no extra pass over ``X``), so
             ``fit_transform(X)`` and ``fit(X).transform(X)`` agree.
         """
-        with compute_context(X):
-            return self._fit_impl(X)
+        return self._dispatch(self._fit_impl, X)
 
     def _fit_with_frozen(self, X: Any, frozen_components: np.ndarray) -> np.ndarray:
         """Fit ``n_components`` components of which the first ``r0`` are given and frozen.
@@ -383,8 +404,8 @@ class DiagonalNPEFF(_BaseNPEFF):
         -------
         W : ndarray of shape (n_examples, n_components)
         """
-        with compute_context(X):
-            return self._fit_impl(X, frozen_components)
+        # NumPy whatever the input: ComponentExpander, the hook's caller, works on NumPy
+        return from_device(self._dispatch(self._fit_impl, X, frozen_components))
 
     def _fit_impl(self, X: Any, frozen: np.ndarray | None = None) -> np.ndarray:
         self._check_params()
@@ -544,10 +565,10 @@ class DiagonalNPEFF(_BaseNPEFF):
         Returns
         -------
         W : ndarray of shape (n_examples, n_components)
-            Non-negative coefficients, same dtype as ``X``.
+            Non-negative coefficients, same dtype as ``X`` (CuPy on ``X``'s device for
+            CuPy ``X``).
         """
-        with compute_context(X):
-            return self._transform(X)
+        return self._dispatch(self._transform, X)
 
     def _transform(self, X: Any) -> np.ndarray:
         self._check_fitted()
@@ -568,15 +589,27 @@ class DiagonalNPEFF(_BaseNPEFF):
         Returns
         -------
         X_original : ndarray of shape (n_examples, n_params)
-            Dense reconstruction.
+            Dense reconstruction; a CuPy array on ``X``'s device when ``X`` is a CuPy
+            array (computed there: the result is the large side of the product).
         """
         self._check_fitted()
+        device = cupy_device(X)
+        if device is not None:
+            import cupy
+
+            with cupy.cuda.Device(device):
+                W = X.toarray() if not isinstance(X, cupy.ndarray) else X
+                self._check_coefficients(W)
+                return W @ cupy.asarray(self.components_)
         W = np.asarray(X.toarray() if sp.issparse(X) else X)
+        self._check_coefficients(W)
+        return W @ self.components_
+
+    def _check_coefficients(self, W: Any) -> None:
         if W.ndim != 2 or W.shape[1] != self.components_.shape[0]:
             raise ValueError(
                 f"X must have shape (n_samples, {self.components_.shape[0]}), got {W.shape}."
             )
-        return W @ self.components_
 
     # ---------------------------------------------------------------- partial fit
     def partial_fit(self, X: Any, y: Any = None) -> DiagonalNPEFF:
@@ -605,8 +638,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         self : DiagonalNPEFF
             The updated estimator.
         """
-        with compute_context(X):
-            return self._partial_fit(X)
+        return self._dispatch(self._partial_fit, X)
 
     def _partial_fit(self, X: Any) -> DiagonalNPEFF:
         first = not hasattr(self, "components_")
@@ -639,7 +671,10 @@ class DiagonalNPEFF(_BaseNPEFF):
             stat_XtW, stat_WtW = XtW, WtW
         else:
             prev = blocks.split_factor(self._stat_XtW, dtype=X.dtype)
-            stat_XtW = [rho * a + b for a, b in zip(prev, XtW, strict=True)]
+            stat_XtW = []
+            for i, (a, b) in enumerate(zip(prev, XtW, strict=True)):
+                with backend.device(i):
+                    stat_XtW.append(rho * a + b)
             stat_WtW = rho * backend.asarray(self._stat_WtW, dtype=X.dtype) + WtW
         update = self._update()
         WtWs = blocks.replicate(stat_WtW)  # a copy on each partition's device
@@ -701,9 +736,10 @@ def _gram_f64(backend: Any, parts: list[Any], chunk: int = 1 << 13) -> Any:
     xp = backend.xp
     outs = []
     for i, p in enumerate(parts):
-        g = xp.zeros((p.shape[1], p.shape[1]), dtype=xp.float64)
-        for s in range(0, p.shape[0], chunk):
-            c = p[s:s + chunk].astype(xp.float64)
-            g += c.T @ c
-        outs.append(backend.move(g, i) if i else g)
+        with backend.device(i):  # each partial sum on its part's device
+            g = xp.zeros((p.shape[1], p.shape[1]), dtype=xp.float64)
+            for s in range(0, p.shape[0], chunk):
+                c = p[s:s + chunk].astype(xp.float64)
+                g += c.T @ c
+        outs.append(g)
     return backend.allreduce(outs)

@@ -9,13 +9,13 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
+from ..backends import from_device
 from ._base import (
     Problem,
     _BaseNPEFF,
     _check_choice,
     _check_float,
     _check_int,
-    compute_context,
 )
 from ._updates import (
     DIAG_UPDATES,
@@ -109,8 +109,12 @@ class LowRankNPEFF(_BaseNPEFF):
         Run as one rank of a ``torch.distributed`` job (launched with ``torchrun``):
         every rank passes the same X, owns a contiguous range of column blocks, and
         all ranks end with identical ``W`` and ``components_``.
-    block_size : int, default=4096
-        Parameters per column block (cache block on CPU, shard unit on devices).
+    block_size : int, "auto" or None, default="auto"
+        Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPU (a
+        block's slice of the factor stays in cache) and the whole partition on GPUs
+        (one block per device: cuSPARSE gains nothing from cache-sized blocks). ``None``:
+        one block per partition on any backend. Blocks are always cut where they would
+        hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
     checkpoint_path : str or path-like, optional
         Save the fit's state (components, coefficients, step size, loss curve) to this
         ``.npz`` file every ``checkpoint_every`` iterations and when interrupted with
@@ -141,6 +145,22 @@ class LowRankNPEFF(_BaseNPEFF):
     n_features_in_ : int
         ``n_classes * n_params``.
 
+    Notes
+    -----
+    **CuPy input.** :meth:`fit_transform` and :meth:`transform` return a CuPy array on
+    the input's device when ``X`` is a CuPy array or ``cupyx.scipy.sparse`` matrix, and
+    NumPy otherwise, whatever backend or devices computed them (as scikit-learn's array
+    API dispatch); :meth:`loss` and :meth:`score` return Python floats and
+    :meth:`partial_fit` accepts CuPy batches.
+    ``backend="auto"`` computes on the input's device. The input is copied to the host
+    once (validation, pruning and the column blocks are host work; the blocks then go to
+    the devices). The fitted attributes (``components_``, ``kept_columns_``, ...) stay
+    NumPy whatever the input, unlike scikit-learn's convention: ``components_`` is dense
+    ``(n_components, n_params)``, gigabytes at model scale, and is better off the device
+    once the fit is done; the tools that consume it (:class:`~sknpeff.GuidedPerturber`,
+    :class:`~sknpeff.ComponentExpander`, :mod:`sknpeff.inspection`) work on NumPy.
+    ``cupy.asarray(est.components_)`` gives a device copy.
+
     Examples
     --------
     >>> from sknpeff.datasets import make_planted_lowrank
@@ -160,7 +180,7 @@ class LowRankNPEFF(_BaseNPEFF):
                  tol: float = 1e-5, transform_max_iter: int = 200,
                  random_state: Any = None, min_nnz_per_column: int = 1,
                  backend: Any = "auto", devices: Any = None, distributed: bool = False,
-                 block_size: int = 4096, checkpoint_path: Any = None,
+                 block_size: int | str | None = "auto", checkpoint_path: Any = None,
                  checkpoint_every: int = 50, verbose: int = 0) -> None:
         self.n_components = n_components
         self.n_classes = n_classes
@@ -309,10 +329,9 @@ class LowRankNPEFF(_BaseNPEFF):
         Returns
         -------
         W : ndarray of shape (n_examples, n_components)
-            Non-negative coefficients.
+            Non-negative coefficients (CuPy on ``X``'s device for CuPy ``X``).
         """
-        with compute_context(X):
-            return self._fit_transform(X)
+        return self._dispatch(self._fit_transform, X)
 
     def _fit_transform(self, X: Any) -> np.ndarray:
         self._check_params()
@@ -448,7 +467,12 @@ class LowRankNPEFF(_BaseNPEFF):
         Returns
         -------
         W : ndarray of shape (n_examples, n_components)
+            NumPy whatever the input (ComponentExpander, the hook's caller, works on
+            NumPy).
         """
+        return from_device(self._dispatch(self._fit_frozen_impl, X, frozen_components))
+
+    def _fit_frozen_impl(self, X: Any, frozen_components: np.ndarray) -> np.ndarray:
         self._check_params()
         X = self._validate_lrm(X, reset=True)
         frozen_components = np.asarray(frozen_components)
@@ -492,9 +516,9 @@ class LowRankNPEFF(_BaseNPEFF):
         Returns
         -------
         W : ndarray of shape (n_examples, n_components)
+            Non-negative coefficients (CuPy on ``X``'s device for CuPy ``X``).
         """
-        with compute_context(X):
-            return self._transform(X)
+        return self._dispatch(self._transform, X)
 
     def _transform(self, X: Any) -> np.ndarray:
         self._check_fitted()
@@ -529,8 +553,7 @@ class LowRankNPEFF(_BaseNPEFF):
         -------
         self : LowRankNPEFF
         """
-        with compute_context(X):
-            return self._partial_fit(X)
+        return self._dispatch(self._partial_fit, X)
 
     def _partial_fit(self, X: Any) -> LowRankNPEFF:
         first = not hasattr(self, "components_")
@@ -597,23 +620,36 @@ class LowRankNPEFF(_BaseNPEFF):
         ----------
         X : {array-like, sparse matrix} of shape (n_examples, n_classes * n_params)
         W : ndarray of shape (n_examples, n_components), optional
-            Coefficients; fitted with :meth:`transform` when omitted.
+            Coefficients (NumPy or CuPy); fitted as :meth:`transform` fits them when
+            omitted.
 
         Returns
         -------
         loss : float
         """
         self._check_fitted()
-        if W is None:
-            W = self.transform(X)
+        return float(self._dispatch(self._loss, X, from_device(W)))
+
+    def _loss(self, X: Any, W: np.ndarray | None) -> float:
         X = self._validate_lrm(X, reset=False)
+        if W is not None:
+            W = np.asarray(W)
+            if W.shape != (X.shape[0], self.components_.shape[0]):
+                raise ValueError(f"W must have shape (n_examples, n_components) = "
+                                 f"{(X.shape[0], self.components_.shape[0])}, got {W.shape}.")
         prob = self._prepare(X, fitting=False, transpose=False)
-        xp = prob.blocks.backend.xp
+        be = prob.blocks.backend
+        xp = be.xp
         parts = prob.blocks.split_factor(self._Ft, dtype=prob.dtype)
         P = prob.blocks.matmul(parts)
         Q = prob.blocks.gram(parts)
         N = lowrank_sq_proj(xp, P, prob.n_slots)
-        return lowrank_loss(xp, prob.const, xp.asarray(W, dtype=prob.dtype), N, Q)
+        if W is None:  # the coefficients transform(X) gives, from the same products
+            QQ = Q * Q
+            W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
+        else:
+            W = be.asarray(W, dtype=prob.dtype)
+        return lowrank_loss(xp, prob.const, W, N, Q)
 
 
 __all__ = ["LowRankNPEFF"]
