@@ -9,7 +9,8 @@ Each rank fits on the same planted data and saves its results to ``OUT_DIR/rank<
 * ``partial_fit`` of both estimators over two batches;
 * verbose fits (stdout of rank ``r`` in ``OUT_DIR/stdout_rank<r>.txt``) with a checkpoint
   path of the rank's own (``OUT_DIR/ckpt_rank<r>.npz``: only rank 0 may write it), then a
-  fit checkpointed to one shared path and a longer fit resumed from it on every rank.
+  fit checkpointed to one shared path and a longer fit resumed from it on every rank;
+* both estimators with ``backend="cupy"`` on the fake CuPy of ``_fake_cupy.py``.
 """
 
 import contextlib
@@ -34,6 +35,23 @@ DIAG_PARAMS = dict(n_components=5, random_state=3, max_iter=30, tol=0, block_siz
 VERBOSE_PARAMS = dict(PARAMS, max_iter=10, checkpoint_every=5, verbose=1)
 #: iterations of the fit resumed from the shared checkpoint
 RESUMED_MAX_ITER = 15
+
+
+def _install_fake_cupy() -> None:
+    """Put tests/_fake_cupy.py in sys.modules as ``cupy`` (for good: a worker process)."""
+    import os
+
+    class _Patch:  # the two monkeypatch methods install() uses
+        def setitem(self, mapping, key, value):
+            mapping[key] = value
+
+        def delitem(self, mapping, key, raising=True):
+            mapping.pop(key, None)
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _fake_cupy
+
+    _fake_cupy.install(_Patch())
 
 
 def main(out_dir: str) -> None:
@@ -81,6 +99,14 @@ def main(out_dir: str) -> None:
                                    distributed=True, checkpoint_path=shared)
             res["resumed_W"] = resumed.fit_transform(X)
             res["resumed_n_iter"] = resumed.n_iter_
+        # the CuPy glue of the distributed backend (DLPack views, device syncs) on the
+        # fake CuPy: last, since it replaces the cupy modules of this process
+        _install_fake_cupy()
+        gpu = LowRankNPEFF(**PARAMS, backend="cupy", distributed=True)
+        res["cupy_W"] = gpu.fit_transform(X)
+        res["cupy_components"] = gpu.components_
+        gpu_diag = DiagonalNPEFF(**DIAG_PARAMS, backend="cupy", distributed=True)
+        res["cupy_diag_W"] = gpu_diag.fit_transform(Xd)
     np.savez(f"{out_dir}/rank{rank}.npz", **res)
     dist.barrier()
     dist.destroy_process_group()

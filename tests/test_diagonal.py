@@ -207,6 +207,8 @@ def test_partitions_give_same_fit(solver, init):
     np.testing.assert_allclose(three.components_, one.components_, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(W3, W1, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(three.loss_curve_, one.loss_curve_, rtol=1e-5)
+    # transform on partitions goes through the column blocks of the kept columns
+    np.testing.assert_allclose(three.transform(X), one.transform(X), rtol=1e-5, atol=1e-7)
 
 
 def test_block_size_does_not_change_fit():

@@ -118,6 +118,16 @@ def test_two_ranks_diagonal_and_partial_fit(two_ranks):
                                rtol=1e-8, atol=1e-10)
 
 
+def test_two_ranks_cupy_glue_on_fake_cupy(two_ranks):
+    """DistributedBackend over CupyBackend (DLPack views, syncs) on the fake CuPy: the
+    fits equal the CPU ranks' fits (same partitions, same sums)."""
+    out_dir, _, _ = two_ranks
+    r0, r1 = _ranks(out_dir)
+    for key in ("W", "components", "diag_W"):
+        np.testing.assert_array_equal(r0[f"cupy_{key}"], r1[f"cupy_{key}"])
+        np.testing.assert_allclose(r0[f"cupy_{key}"], r0[key], rtol=1e-10, atol=1e-12)
+
+
 def test_two_ranks_only_rank0_prints_and_checkpoints(two_ranks):
     out_dir, _, launcher_out = two_ranks
     w = _worker_settings()

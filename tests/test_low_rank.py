@@ -338,9 +338,13 @@ def test_ctrl_c_keeps_state_and_saves_checkpoint(tmp_path, monkeypatch):
     est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, tol=0, max_iter=50,
                        checkpoint_path=ckpt)
     _interrupt_on_call(monkeypatch, "lowrank_loss", 8)  # once per iteration
-    with pytest.warns(RuntimeWarning, match="interrupted after 7 iterations.*checkpoint"):
+    with pytest.warns(RuntimeWarning, match="interrupted after 7 iterations.*checkpoint"
+                      r" \(last loss [0-9.e+-]+[,)]") as rec:
         W = est.fit_transform(X)
     assert est.n_iter_ == 7 and np.isfinite(W).all()
+    # the message names the lowest loss when the last one is not it
+    last, best = est.loss_curve_[6], min(est.loss_curve_[:7])
+    assert (f"lowest {best:.6e}" in str(rec[0].message)) == (best < last)
     with np.load(ckpt) as f:
         assert int(f["n_iter"]) == 7
     monkeypatch.undo()

@@ -157,6 +157,13 @@ class CupyBackend(Backend):
 
     # -------------------------------------------------------------- products
     def csr(self, indptr, indices, data, shape, partition: int = 0) -> Any:
+        # int32 indices (any CuPy): ColumnBlocks keeps blocks within range; refuse to
+        # wrap silently anything that is not
+        limit = np.iinfo(np.int32).max
+        if len(data) > limit or max(int(s) for s in shape) > limit:
+            raise ValueError(f"the CuPy backend takes sparse blocks of at most {limit} "
+                             f"nonzeros and rows/columns, got shape {tuple(shape)} with "
+                             f"{len(data)} nonzeros; split it with ColumnBlocks.")
         with self.device(partition):
             return cusparse_matrix.csr_matrix(
                 (cupy.asarray(data), cupy.asarray(np.asarray(indices, dtype=np.int32)),

@@ -387,9 +387,18 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             if checkpoint is not None:
                 checkpoint(n_iter, losses)
                 saved = " and saved to the checkpoint"
+            # the latest state is kept, not a copy of the best one (that would cost a
+            # second factor on every device): it is the best for DiagonalNPEFF, whose
+            # updates never raise the loss; the losses say how far off it is otherwise
+            where = ""
+            if losses:
+                best = int(np.argmin(losses))
+                where = f" (last loss {losses[-1]:.6e}"
+                where += ")" if best == len(losses) - 1 else \
+                    f", lowest {losses[best]:.6e} at iteration {best + 1})"
             warnings.warn(
                 f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
-                f"fitted so far is kept{saved}.", RuntimeWarning, stacklevel=3)
+                f"fitted so far is kept{saved}{where}.", RuntimeWarning, stacklevel=3)
             return losses, n_iter
         if max_iter > 0 and self.tol > 0:
             warnings.warn(

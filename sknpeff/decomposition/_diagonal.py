@@ -528,9 +528,18 @@ class DiagonalNPEFF(_BaseNPEFF):
     def _frozen_products(self, X: sp.csr_matrix, backend: Any) -> tuple[Any, Any]:
         """``X @ H.T`` and ``H @ H.T`` for the fitted components, computed once.
 
-        One sparse product over the full parameter space (``components_`` is zero on
-        pruned columns): no re-indexing or blocking of ``X`` is needed.
+        On one CPU partition: one sparse product over the full parameter space
+        (``components_`` is zero on pruned columns), no re-indexing or blocking of ``X``.
+        Anywhere else (several partitions or ranks, GPUs) through the column blocks of
+        the kept columns, as the fit: each device gets only its columns of ``X`` and
+        ``H`` (an input larger than one device is split before it is moved), and every
+        block stays within the int32 index range of CuPy's sparse matrices.
         """
+        if backend.xp is not np or backend.n_partitions() > 1:
+            prob = self._prepare(X, fitting=False, transpose=False)
+            blocks = prob.blocks
+            parts = blocks.split_factor(self._factor_from_components(X.dtype), dtype=X.dtype)
+            return blocks.matmul(parts), blocks.gram(parts)
         if not X.has_sorted_indices:
             X = X.sorted_indices()  # a copy; the caller's matrix is left alone
         a = backend.csr(X.indptr, X.indices, X.data, X.shape)
