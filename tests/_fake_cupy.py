@@ -62,6 +62,14 @@ class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
             res._dev = FakeState.current
         return res
 
+    def __setitem__(self, key, value):
+        # a write is a kernel too: it runs on the current device
+        devs = {self._dev} | ({value._dev} if isinstance(value, ndarray) else set())
+        if devs - {FakeState.current}:
+            FakeState.cross_device_reads.append(
+                f"setitem: {sorted(devs)} under {FakeState.current}")
+        super().__setitem__(key, value)
+
     @property
     def device(self):
         return types.SimpleNamespace(id=self._dev)

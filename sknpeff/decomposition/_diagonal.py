@@ -333,8 +333,8 @@ class DiagonalNPEFF(_BaseNPEFF):
         ch = ch.astype(dtype)
         for i, (s0, e0) in enumerate(blocks.partition_ranges):  # pass 2: the factor
             b = Bt[i]
-            if isinstance(b, np.ndarray) and b.flags.c_contiguous and b.dtype == dtype \
-                    and b.shape[1] >= r:
+            if backend.xp is np and b.flags.c_contiguous and b.dtype == dtype \
+                    and b.shape[1] >= r:  # a host buffer (not a device array)
                 # write the factor into X.T @ Q's own buffer: row j of F lands before row
                 # j of Bt (r <= q columns), and each chunk of Bt is read before the rows
                 # it overwrites are written, so no second (m', r) array is needed
@@ -436,11 +436,12 @@ class DiagonalNPEFF(_BaseNPEFF):
         for i, (s0, e0) in enumerate(prob.blocks.partition_ranges):
             if r0:
                 block = frozen[:, self.kept_columns_[s0:e0]].T.astype(parts[i].dtype)
-                parts[i][:, :r0] = backend.asarray(block, partition=i)
+                with backend.device(i):
+                    parts[i][:, :r0] = backend.asarray(block, partition=i)
         W, losses, n_iter, loss = self._iterate(prob, W, parts, n_frozen=r0)
         # one CPU partition already is the whole factor; otherwise gather it
         Ft = parts[0] if prob.blocks.n_global_partitions == 1 and \
-            isinstance(parts[0], np.ndarray) else prob.blocks.gather_factor(parts)
+            backend.xp is np else prob.blocks.gather_factor(parts)
         # free the blocked copy of X before the full-size components are allocated
         del prob, parts
         self.components_ = self._full_components(Ft, self.n_features_in_)

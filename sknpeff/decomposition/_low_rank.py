@@ -436,7 +436,7 @@ class LowRankNPEFF(_BaseNPEFF):
         final = lowrank_loss(xp, prob.const, W, N, Q)
         # the whole factor on the host (one CPU partition: it already is; otherwise a
         # gather across devices or ranks)
-        Ft = parts[0] if blocks.n_global_partitions == 1 and isinstance(parts[0], np.ndarray) \
+        Ft = parts[0] if blocks.n_global_partitions == 1 and be.xp is np \
             else blocks.gather_factor(parts)
         # the blocks (about twice the input) are not needed any more: free them before
         # the output arrays are made
