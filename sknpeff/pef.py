@@ -248,9 +248,92 @@ def _block_max_abs(blocks: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.amax(blocks, dim=1), torch.amin(blocks, dim=1).neg_())
 
 
+def _wants_blocks(state: dict | None) -> bool:
+    """Whether :func:`_select_topk` will use the block filter on its next call."""
+    return state is None or state.get("block_frac", 0.0) < 0.25 \
+        or state.get("calls", 0) % 16 == 0
+
+
+class _BlockMax:
+    """Maximum magnitude of every ``_BLOCK``-entry block of rows being assembled.
+
+    The assemblers fill it parameter by parameter while the parameter's entries are still
+    in cache (:meth:`scan`), or without reading them at all for outer-product gradients
+    (:meth:`outer`), so that the selection needs no separate pass over the rows.
+    """
+
+    def __init__(self, R: int, n_pad: int, dtype, device, signed: bool) -> None:
+        self.bmag = torch.zeros((R, n_pad // _BLOCK), dtype=dtype, device=device)
+        self.signed = signed
+        self._plans: dict = {}
+
+    def _reduce(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        if not self.signed:
+            return torch.amax(t, dim=dim)
+        return torch.maximum(torch.amax(t, dim=dim), torch.amin(t, dim=dim).neg_())
+
+    def _edge(self, rows: torch.Tensor, lo: int, hi: int) -> None:
+        # a block only partly in [lo, hi): combine with what other parameters put there
+        if hi > lo:
+            b = lo // _BLOCK
+            self.bmag[:, b] = torch.maximum(self.bmag[:, b], self._reduce(rows[:, lo:hi], 1))
+
+    def _split(self, lo: int, hi: int) -> tuple[int, int]:
+        return -(-lo // _BLOCK), hi // _BLOCK  # first and one-past-last whole block
+
+    def scan(self, rows: torch.Tensor, lo: int, hi: int) -> None:
+        """Record the blocks of columns ``[lo, hi)`` of ``rows`` (R, N_pad) by reading them."""
+        b0, b1 = self._split(lo, hi)
+        if b0 > b1:  # inside one block
+            self._edge(rows, lo, hi)
+            return
+        self._edge(rows, lo, b0 * _BLOCK)
+        self._edge(rows, b1 * _BLOCK, hi)
+        if b1 > b0:
+            whole = rows[:, b0 * _BLOCK : b1 * _BLOCK].unflatten(1, (b1 - b0, _BLOCK))
+            self.bmag[:, b0:b1] = self._reduce(whole, 2)
+
+    def outer(self, rows: torch.Tensor, lo: int, ga: torch.Tensor, xa: torch.Tensor) -> None:
+        """Record columns ``[lo, lo + Q * I)`` holding ``ga[:, q] * xa[:, i]`` at ``q * I + i``.
+
+        ``ga`` (R, Q) and ``xa`` (R, I) are non-negative. The maximum of a block is
+        ``ga[q] * max(xa over the block's part of row q)`` (at most two rows when
+        ``I >= _BLOCK``), exactly the maximum of the stored products: rounding a product
+        by a fixed factor is monotonic. Ranges come from a sliding-window, a suffix and a
+        prefix maximum of ``xa``, so the cost is ``O(I * _BLOCK + n_blocks)`` per row
+        instead of a pass over ``Q * I`` entries. Needs ``I >= _BLOCK``.
+        """
+        Q, I = ga.shape[1], xa.shape[1]
+        hi = lo + Q * I
+        b0, b1 = self._split(lo, hi)
+        if b1 <= b0:
+            self.scan(rows, lo, hi)
+            return
+        self._edge(rows, lo, b0 * _BLOCK)
+        self._edge(rows, b1 * _BLOCK, hi)
+        key = (lo, Q, I, str(xa.device))
+        plan = self._plans.get(key)
+        if plan is None:
+            local = torch.arange(b0, b1, device=xa.device) * _BLOCK - lo
+            q1 = torch.div(local, I, rounding_mode="floor")
+            i1 = local - q1 * I
+            fits = i1 + _BLOCK <= I
+            plan = (q1, i1, fits, (q1 + 1).clamp(max=Q - 1),
+                    (i1 + _BLOCK - I - 1).clamp(min=0), i1.clamp(max=I - _BLOCK))
+            self._plans[key] = plan
+        q1, i1, fits, q2, e, i1w = plan
+        win = F.max_pool1d(xa[:, None], _BLOCK, stride=1)[:, 0]  # max over [i, i + B)
+        suf = torch.flip(torch.cummax(torch.flip(xa, (1,)), 1).values, (1,))
+        pre = torch.cummax(xa, 1).values
+        first = ga[:, q1] * torch.where(fits, win[:, i1w], suf[:, i1])
+        second = torch.where(fits, torch.zeros_like(first), ga[:, q2] * pre[:, e])
+        self.bmag[:, b0:b1] = torch.maximum(first, second)
+
+
 def _select_topk(
     values: torch.Tensor, k: int, *, signed: bool, n_valid: int | None = None,
     generator: torch.Generator | None = None, state: dict | None = None,
+    block_max=None,
 ) -> torch.Tensor:
     """Column indices of the ``k`` entries of largest magnitude of each row of ``values``.
 
@@ -269,6 +352,10 @@ def _select_topk(
     state : dict, default=None
         Carried between calls on similar rows: remembers whether the block filter was
         selective, to skip it when it is not (re-probed every 16 calls).
+    block_max : callable, default=None
+        Returns the ``(R, N_pad // _BLOCK)`` maximum magnitudes of the blocks (computed by
+        the caller when it can do so more cheaply than a pass over ``values``); called
+        only when the block filter is used.
 
     Returns
     -------
@@ -302,11 +389,11 @@ def _select_topk(
         t = torch.full((R,), tiny, dtype=values.dtype, device=device)
     else:
         s = int(math.ceil(32.0 * N / k))
-        if s * 2 >= N:
+        r = int(math.ceil(s * 2.0 * k / N))
+        if s * 2 >= N or r >= s:  # k close to N: a subsample cannot estimate t
             mag = values[:, :N].abs()
             vals, idx = torch.topk(mag, k, dim=1, sorted=False)
             return idx.masked_fill(vals <= 0, -1)
-        r = int(math.ceil(s * 2.0 * k / N))
         sub_idx = torch.randint(0, N, (s,), generator=generator, device="cpu").to(device)
         sub = values.index_select(1, sub_idx)
         if signed:
@@ -314,15 +401,18 @@ def _select_topk(
         t = torch.topk(sub, r, dim=1, sorted=False).values.min(dim=1).values
         t = torch.clamp(t, min=tiny)
     nb = Np // _BLOCK
-    use_blocks = state is None or state.get("block_frac", 0.0) < 0.25 \
-        or state.get("calls", 0) % 16 == 0
+    use_blocks = _wants_blocks(state)
     if state is not None:
         state["calls"] = state.get("calls", 0) + 1
     if use_blocks:
-        # one pass for the max |value| of every block; gather only blocks reaching t
+        # the max |value| of every block (one pass unless given); gather only blocks
+        # reaching t
         blocks = values.reshape(R * nb, _BLOCK)
-        bmag = _block_max_abs(blocks) if signed else torch.amax(blocks, dim=1)
-        bflat = torch.nonzero((bmag.view(R, nb) >= t[:, None]).view(-1)).squeeze(1)
+        if block_max is not None:
+            bmag = block_max()
+        else:
+            bmag = _block_max_abs(blocks) if signed else torch.amax(blocks, dim=1)
+        bflat = torch.nonzero((bmag.reshape(R, nb) >= t[:, None]).view(-1)).squeeze(1)
         if state is not None:
             state["block_frac"] = bflat.numel() / max(1, R * nb)
         cand = blocks.index_select(0, bflat)  # (n_blocks, _BLOCK)
@@ -419,22 +509,41 @@ def _supported(module) -> bool:
 class _Contrib:
     """A per-example, per-class gradient contribution to one parameter.
 
-    Three forms, all meaning a ``(c, Bc, numel)`` block:
+    Four forms, all meaning a ``(c, Bc, numel)`` block:
 
     * ``block``: the block itself;
     * outer (``g`` ``(c, Bc, O)``, ``x`` ``(Bc, I)``): ``block[c, b] = outer(g[c, b], x[b])``;
     * product (``left`` ``(Bc, c, G, O, L)``, ``right`` ``(Bc, 1, G, L, K)``):
-      ``block[c, b] = (left[b, c] @ right[b, 0])`` flattened (sequence Linear, conv).
+      ``block[c, b] = (left[b, c] @ right[b, 0])`` flattened (sequence Linear, conv);
+    * per-class product (``lefts``, a list of ``c`` tensors ``(Bc, O, L)``, ``right``
+      ``(Bc, L, K)``): ``block[j, b] = lefts[j][b] @ right[b]`` flattened. The backward
+      passes give one cotangent tensor per class; stacking them for one large ``bmm``
+      costs a copy as large as the layer's output times ``c`` (measured: 14 of 20 ms of a
+      32-example first conv layer), so this form multiplies class by class instead.
     """
 
-    __slots__ = ("block", "g", "x", "left", "right")
+    __slots__ = ("block", "g", "x", "_left", "lefts", "right")
 
-    def __init__(self, block=None, g=None, x=None, left=None, right=None):
-        self.block, self.g, self.x, self.left, self.right = block, g, x, left, right
+    def __init__(self, block=None, g=None, x=None, left=None, right=None, lefts=None):
+        self.block, self.g, self.x, self.right = block, g, x, right
+        self._left, self.lefts = left, lefts
 
     @property
     def is_outer(self) -> bool:
         return self.g is not None
+
+    @property
+    def is_product(self) -> bool:
+        return self._left is not None or self.lefts is not None
+
+    @property
+    def left(self) -> torch.Tensor | None:
+        """The product form's ``left`` (stacked from ``lefts`` on first use)."""
+        if self._left is None and self.lefts is not None:
+            self._left = torch.stack(self.lefts, dim=1)[:, :, None]
+            self.right = self.right[:, None, None]
+            self.lefts = None
+        return self._left
 
     def materialize(self) -> torch.Tensor:
         """The ``(c, Bc, numel)`` block."""
@@ -465,23 +574,44 @@ class _Contrib:
             gb = self.g.transpose(0, 1)
             torch.mul(gb[:, :, :, None], self.x[:, None, None, :],
                       out=dest.view(Bc, c, gb.shape[2], self.x.shape[1]))
-        elif self.left is not None:
-            G, O, K = self.left.shape[2], self.left.shape[3], self.right.shape[4]
+        elif self.lefts is not None:
+            O, K = self.lefts[0].shape[1], self.right.shape[2]
+            for j, lj in enumerate(self.lefts):  # bmm writes into the strided view
+                torch.bmm(lj, self.right, out=dest[:, j].view(Bc, O, K))
+        elif self._left is not None:
+            G, O, K = self._left.shape[2], self._left.shape[3], self.right.shape[4]
             if G == 1 and dest.stride(1) == O * K and dest.stride(2) == 1:
                 # (c, O*K) contiguous per example: the bmm writes in place
-                lhs = self.left.reshape(Bc, c * O, -1)
+                lhs = self._left.reshape(Bc, c * O, -1)
                 torch.bmm(lhs, self.right[:, 0, 0], out=dest.view(Bc, c * O, K))
             else:
                 dest.view(Bc, c, G, O, K).copy_(self._product())
         else:
             dest.copy_(self.block.transpose(0, 1))
 
+    def write_sq_sum(self, dest: torch.Tensor) -> None:
+        """Store ``sum_j block[j] ** 2`` into ``dest`` of shape ``(Bc, numel)`` (product forms)."""
+        if self.lefts is not None:
+            Bc, O, K = dest.shape[0], self.lefts[0].shape[1], self.right.shape[2]
+            d = dest.view(Bc, O, K)
+            for j, lj in enumerate(self.lefts):
+                p = torch.bmm(lj, self.right)
+                if j == 0:
+                    torch.mul(p, p, out=d)
+                else:
+                    d.addcmul_(p, p)
+            return
+        Bc, c, G, O, L = self.left.shape
+        prod = self._product_raw()  # (Bc*G, c*O, K), fresh and contiguous
+        prod.mul_(prod)
+        torch.sum(prod.view(Bc, G, c, O, -1), dim=2, out=dest.view(Bc, G, O, prod.shape[-1]))
+
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         """``sum_{j,b} w[j, b] block[j, b]`` (flat, ``numel``) for weights ``w`` ``(c, Bc)``."""
         if self.g is not None:
             h = torch.einsum("cbo,cb->bo", self.g, w)
             return (h.T @ self.x).reshape(-1)
-        if self.left is not None:
+        if self.is_product:
             Bc, c, G, O, L = self.left.shape
             h = torch.einsum("bcgol,cb->gobl", self.left, w).reshape(G, O, Bc * L)
             r = self.right[:, 0].permute(1, 0, 2, 3).reshape(G, Bc * L, -1)
@@ -518,18 +648,57 @@ def _conv_patches(mod, x):
     return F.unfold(x, ks, dilation=dl, padding=padding, stride=st)
 
 
-def _module_contribs(mod, x, g, pid_of: dict) -> list[tuple[int, _Contrib]]:
+def _uses_per_class(mod, x: torch.Tensor) -> bool:
+    """Whether ``mod``'s weight gradient takes the per-class product form."""
+    if isinstance(mod, nn.Linear):
+        return x.dim() > 2 and x[0].numel() > x.shape[-1]  # a sequence Linear
+    return isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == 1
+
+
+def _per_class_bias(mod, lst: list) -> torch.Tensor:
+    """``(c, Bc, C)`` bias gradients of a conv or sequence Linear from per-class cotangents."""
+    Bc = lst[0].shape[0]
+    if isinstance(mod, nn.Linear):
+        return torch.stack([t.reshape(Bc, -1, t.shape[-1]).sum(1) for t in lst])
+    return torch.stack([t.reshape(Bc, mod.out_channels, -1).sum(-1) for t in lst])
+
+
+def _module_contribs(mod, x, g, pid_of: dict, bias: torch.Tensor | None = None
+                     ) -> list[tuple[int, _Contrib]]:
     """Per-example, per-class gradient contributions of ``mod``'s selected parameters.
 
-    ``x`` is the module input ``(Bc, ...)``, ``g`` the output cotangents ``(c, Bc, ...)``.
+    ``x`` is the module input ``(Bc, ...)``, ``g`` the output cotangents: a ``(c, Bc, ...)``
+    tensor, or a list of ``c`` tensors ``(Bc, ...)`` (one per class, as the backward passes
+    give them). Weights of convolutions and sequence Linears use the list as it is (the
+    per-class product form); every other rule gets it stacked. ``bias``, when given, is the
+    bias gradient of those two (:func:`_per_class_bias`, computed once for the whole
+    batch: per row chunk it would be ``c`` small reductions each).
     """
-    c, Bc = g.shape[0], g.shape[1]
+    lst = g if isinstance(g, list) else None
+    if lst is not None:
+        c, Bc = len(lst), lst[0].shape[0]
+        if not _uses_per_class(mod, x):
+            # (Bc, c, ...) contiguous, seen as (c, Bc, ...): the layout the rules want
+            g = torch.stack(lst, dim=1).transpose(0, 1)
+            lst = None
+    else:
+        c, Bc = g.shape[0], g.shape[1]
     out: list[tuple[int, _Contrib]] = []
     w_id = pid_of.get(id(mod.weight)) if getattr(mod, "weight", None) is not None else None
     b_id = pid_of.get(id(mod.bias)) if getattr(mod, "bias", None) is not None else None
     if isinstance(mod, nn.Linear):
-        I, O = x.shape[-1], g.shape[-1]
+        I = x.shape[-1]
         x3 = x.reshape(Bc, -1, I)
+        if lst is not None:
+            O = lst[0].shape[-1]
+            gl = [t.reshape(Bc, -1, O) for t in lst]  # (Bc, T, O) per class
+            if w_id is not None:
+                out.append((w_id, _Contrib(lefts=[t.transpose(1, 2) for t in gl], right=x3)))
+            if b_id is not None:
+                out.append((b_id, _Contrib(
+                    block=_per_class_bias(mod, lst) if bias is None else bias)))
+            return out
+        O = g.shape[-1]
         g4 = g.reshape(c, Bc, -1, O)
         if w_id is not None:
             if x3.shape[1] == 1:
@@ -541,15 +710,22 @@ def _module_contribs(mod, x, g, pid_of: dict) -> list[tuple[int, _Contrib]]:
             out.append((b_id, _Contrib(block=g4.sum(2))))
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         Cout, G = mod.out_channels, mod.groups
-        gg = g.reshape(c, Bc, Cout, -1)
         if w_id is not None:
             pt = _conv_patches(mod, x)  # (Bc, Cin*k, L)
             L = pt.shape[-1]
-            pt = pt.reshape(Bc, 1, G, -1, L).transpose(-1, -2)  # (Bc, 1, G, L, K)
-            left = gg.reshape(c, Bc, G, Cout // G, L).transpose(0, 1)
-            out.append((w_id, _Contrib(left=left, right=pt)))
+            if lst is not None:  # groups == 1
+                out.append((w_id, _Contrib(lefts=[t.reshape(Bc, Cout, L) for t in lst],
+                                           right=pt.transpose(1, 2))))
+            else:
+                pt = pt.reshape(Bc, 1, G, -1, L).transpose(-1, -2)  # (Bc, 1, G, L, K)
+                left = g.reshape(c, Bc, G, Cout // G, L).transpose(0, 1)
+                out.append((w_id, _Contrib(left=left, right=pt)))
         if b_id is not None:
-            out.append((b_id, _Contrib(block=gg.sum(-1))))
+            if lst is None:
+                bias = g.reshape(c, Bc, Cout, -1).sum(-1)
+            elif bias is None:
+                bias = _per_class_bias(mod, lst)
+            out.append((b_id, _Contrib(block=bias)))
     elif isinstance(mod, nn.LayerNorm):
         ns = tuple(mod.normalized_shape)
         n = math.prod(ns)
@@ -626,6 +802,7 @@ class _Engine:
         self.records: list[_Record] = []
         self.buffers: dict[str, torch.Tensor] = {}
         self.select_state: dict = {}
+        self.block_plans: dict = {}  # index plans of _BlockMax.outer, per region
         self.no_expand: set[int] = set()
         self.expanded: set[int] = set()
         self.batch_hint: int | None = None
@@ -826,6 +1003,7 @@ class _Engine:
         Each entry is a ``(c, B, ...)`` tensor or a list of ``c`` tensors ``(B, ...)``
         (stacked per row chunk, in the layout the per-layer rules want).
         """
+        self.bias_sums: dict[int, torch.Tensor] = {}
         outs = [r.out for r in self.records]
         if not outs:
             return []
@@ -833,15 +1011,22 @@ class _Engine:
 
     def _chunk_contribs(self, gouts, fb, b0, b1) -> dict[int, list[_Contrib]]:
         contribs: dict[int, list[_Contrib]] = {}
-        for rec, g in zip(self.records, gouts, strict=True):
+        for i, (rec, g) in enumerate(zip(self.records, gouts, strict=True)):
             if g is None:
                 continue
+            bias = None
             if isinstance(g, list):
-                # (Bc, c, ...) contiguous, seen as (c, Bc, ...)
-                gc = torch.stack([t[b0:b1] for t in g], dim=1).transpose(0, 1)
+                gc = [t[b0:b1] for t in g]
+                mod = rec.module
+                if (_uses_per_class(mod, rec.x) and getattr(mod, "bias", None) is not None
+                        and self.pid_of.get(id(mod.bias)) is not None):
+                    if i not in self.bias_sums:  # once per batch
+                        self.bias_sums[i] = _per_class_bias(mod, g)
+                    bias = self.bias_sums[i][:, b0:b1]
             else:
                 gc = g[:, b0:b1]
-            for pid, cb in _module_contribs(rec.module, rec.x[b0:b1], gc, self.pid_of):
+            for pid, cb in _module_contribs(rec.module, rec.x[b0:b1], gc, self.pid_of,
+                                            bias):
                 if pid in self.fallback:
                     continue
                 contribs.setdefault(pid, []).append(cb)
@@ -972,25 +1157,31 @@ class _Engine:
         step = -(-B // -(-B // step))  # equal chunks
         parts = []
         norms = []
+        lowrank = self.kind == "low_rank"
+        n_valid = c_eff * self.m if lowrank else self.m
+        col_map = self._lrm_col_map(c_eff) if lowrank else None
         with torch.no_grad():
             for b0 in range(0, B, step):
                 b1 = min(B, b0 + step)
                 contribs = self._chunk_contribs(gouts, fb, b0, b1)
-                if self.kind == "low_rank":
-                    vals, nrm = self._assemble_lrm(contribs, b1 - b0, c_eff, logits.dtype)
+                bm = None
+                if _wants_blocks(self.select_state):
+                    bm = _BlockMax(b1 - b0, _padded(n_valid), logits.dtype, self.device,
+                                   signed=lowrank)
+                    bm._plans = self.block_plans
+                if lowrank:
+                    vals, nrm = self._assemble_lrm(contribs, b1 - b0, c_eff, logits.dtype, bm)
                     scale = torch.where(nrm > 0, 1.0 / torch.sqrt(nrm.clamp(min=_EPS)),
                                         torch.zeros_like(nrm))
                 else:
-                    vals, nrm = self._assemble_diag(contribs, b1 - b0, logits.dtype)
+                    vals, nrm = self._assemble_diag(contribs, b1 - b0, logits.dtype, bm)
                     scale = torch.where(nrm > 0, 1.0 / nrm.clamp(min=_EPS),
                                         torch.zeros_like(nrm))
                 if not est.normalize:
                     scale = torch.ones_like(nrm)
-                n_valid = c_eff * self.m if self.kind == "low_rank" else self.m
-                sel = _select_topk(vals, self.k, signed=self.kind == "low_rank",
-                                   n_valid=n_valid, generator=self.generator,
-                                   state=self.select_state)
-                col_map = self._lrm_col_map(c_eff) if self.kind == "low_rank" else None
+                sel = _select_topk(vals, self.k, signed=lowrank, n_valid=n_valid,
+                                   generator=self.generator, state=self.select_state,
+                                   block_max=None if bm is None else (lambda bm=bm: bm.bmag))
                 parts.append(_rows_to_csr_parts(vals, sel, scale, self.out_dtype, col_map))
                 norms.append(nrm.cpu().numpy())
         counts = np.concatenate([p[0] for p in parts])
@@ -998,13 +1189,14 @@ class _Engine:
         data = np.concatenate([p[2] for p in parts])
         return counts, idx, data, np.concatenate(norms), logits_np
 
-    def _assemble_lrm(self, contribs, Bc, c, dtype):
+    def _assemble_lrm(self, contribs, Bc, c, dtype, bm: _BlockMax | None = None):
         """Rows of the a_ij in the *internal* parameter-major layout, and the PEF norms.
 
         Internally, parameter ``p``'s ``(c, n_p)`` block of every row is contiguous at
         column ``c * offset_p`` (so per-layer products write in place and Gram matrices
         read contiguous blocks); :meth:`_lrm_col_map` turns selected internal columns into
-        the slot-major output columns ``j * n_params + offset_p + r``.
+        the slot-major output columns ``j * n_params + offset_p + r``. ``bm``, when given,
+        receives the block maxima of the rows.
         """
         Np = _padded(c * self.m)
         Abuf = self._buf("A", Bc * Np, dtype).view(Bc, Np)
@@ -1022,10 +1214,14 @@ class _Engine:
                 gb = cl[0].g.transpose(0, 1)
                 x = cl[0].x
                 S += torch.bmm(gb, gb.transpose(1, 2)) * (x * x).sum(1)[:, None, None]
+                if bm is not None:
+                    self._outer_block_max(bm, Abuf, c * o, gb.abs().reshape(Bc, -1), x.abs())
                 continue
             for cb in cl[1:]:
                 blk.add_(cb.materialize().transpose(0, 1))
             S += torch.bmm(blk, blk.transpose(1, 2))
+            if bm is not None:
+                bm.scan(Abuf, c * o, c * (o + n))
         nrm = torch.sqrt((S.to(torch.float64) ** 2).sum((1, 2)))
         return Abuf, nrm
 
@@ -1047,7 +1243,14 @@ class _Engine:
 
         return col_map
 
-    def _assemble_diag(self, contribs, Bc, dtype):
+    @staticmethod
+    def _outer_block_max(bm: _BlockMax, rows, lo: int, ga, xa) -> None:
+        if xa.shape[1] >= _BLOCK:
+            bm.outer(rows, lo, ga, xa)
+        else:  # a block spans many rows: read it
+            bm.scan(rows, lo, lo + ga.shape[1] * xa.shape[1])
+
+    def _assemble_diag(self, contribs, Bc, dtype, bm: _BlockMax | None = None):
         Np = _padded(self.m)
         fbuf = self._buf("A", Bc * Np, dtype).view(Bc, Np)
         fbuf[:, self.m :].zero_()
@@ -1062,22 +1265,22 @@ class _Engine:
             if len(cl) == 1 and cl[0].is_outer:
                 g, x = cl[0].g, cl[0].x
                 g2 = (g * g).sum(0)  # (Bc, O)
-                torch.mul(g2[:, :, None], (x * x)[:, None, :],
+                x2 = x * x
+                torch.mul(g2[:, :, None], x2[:, None, :],
                           out=sl.view(Bc, g2.shape[1], x.shape[1]))
+                if bm is not None:
+                    self._outer_block_max(bm, fbuf, o, g2, x2)
                 continue
-            if len(cl) == 1 and cl[0].left is not None:
-                cb = cl[0]
-                Bc_, c, G, O, L = cb.left.shape
-                prod = cb._product_raw()  # (Bc*G, c*O, K), fresh and contiguous
-                prod.mul_(prod)
-                torch.sum(prod.view(Bc_, G, c, O, -1), dim=2,
-                          out=sl.view(Bc_, G, O, prod.shape[-1]))
-                continue
-            blk = cl[0].materialize()
-            for cb in cl[1:]:
-                blk = blk + cb.materialize()
-            blk = blk * blk
-            torch.sum(blk, dim=0, out=sl)
+            if len(cl) == 1 and cl[0].is_product:
+                cl[0].write_sq_sum(sl)
+            else:
+                blk = cl[0].materialize()
+                for cb in cl[1:]:
+                    blk = blk + cb.materialize()
+                blk = blk * blk
+                torch.sum(blk, dim=0, out=sl)
+            if bm is not None:
+                bm.scan(fbuf, o, o + n)
         nrm = torch.linalg.vector_norm(f, dim=1).to(torch.float64)
         return fbuf, nrm
 

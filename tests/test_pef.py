@@ -129,6 +129,73 @@ def test_topk_picks_largest_entries_of_normalized_row(kind, k):
     assert res.pefs.has_sorted_indices
 
 
+class _WideNet(nn.Module):
+    """Large enough rows (c * m ~ 5e5) for the block filter of the selection, with Linear
+    inputs wider than a block and parameter regions that start inside blocks."""
+
+    def __init__(self, k=7):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc1 = nn.Linear(6 * 10 * 10, 130)
+        self.fc2 = nn.Linear(130, k)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+@pytest.mark.parametrize("chunk", [None, 10**6])
+def test_topk_exact_on_wide_rows(kind, chunk):
+    # the block filter (and its block maxima computed while assembling, analytically for
+    # outer products) must give exactly the largest entries of the normalized rows
+    torch.manual_seed(1)
+    model = _WideNet().double().eval()
+    X = torch.randn(5, 3, 12, 12, dtype=torch.float64)
+    xs = [X[i : i + 1] for i in range(X.shape[0])]
+    k = 300 if kind == "low_rank" else 2000
+    tr = PEFTransformer(model, kind=kind, n_values=k, dtype="float64", batch_size=5)
+    if chunk:
+        tr._chunk_elements = chunk  # several row chunks per batch
+    res = tr.fit(X).compute(X)
+    rows, _ = _reference(model, xs, kind)
+    assert rows.shape[1] > 2 * 32 * rows.shape[1] / k  # the subsampled (block) path
+    np.testing.assert_allclose(res.pefs.toarray(), topk_dense(rows, k), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_block_max_matches_a_pass_over_the_rows(signed):
+    gen = torch.Generator().manual_seed(3)
+    B = pefmod._BLOCK
+    R, n_pad = 3, 40 * B
+    rows = torch.zeros(R, n_pad, dtype=torch.float64)
+    bm = pefmod._BlockMax(R, n_pad, torch.float64, "cpu", signed=signed)
+    lo = 0
+    # regions of every kind of alignment: inside one block, across one boundary, whole
+    # blocks, outer products with rows wider than a block starting mid-block
+    for kind, size in [("scan", 5), ("scan", 100), ("scan", 3 * B + 17), ("outer", (7, 200)),
+                       ("scan", 1), ("outer", (3, B)), ("outer", (2, 3 * B + 1)),
+                       ("scan", 2 * B - 1)]:
+        if kind == "scan":
+            v = torch.randn(R, size, generator=gen, dtype=torch.float64)
+            rows[:, lo : lo + size] = v if signed else v.abs()
+            bm.scan(rows, lo, lo + size)
+            lo += size
+        else:
+            Q, I = size
+            g = torch.randn(R, Q, generator=gen, dtype=torch.float64)
+            x = torch.randn(R, I, generator=gen, dtype=torch.float64)
+            if not signed:
+                g, x = g.abs(), x.abs()
+            rows[:, lo : lo + Q * I] = (g[:, :, None] * x[:, None, :]).reshape(R, -1)
+            bm.outer(rows, lo, g.abs(), x.abs())
+            lo += Q * I
+    assert lo < n_pad
+    blocks = rows.reshape(R * (n_pad // B), B)
+    want = pefmod._block_max_abs(blocks) if signed else blocks.amax(1)
+    assert torch.equal(bm.bmag.reshape(-1), want)
+
+
 def test_unnormalized():
     model, X, xs = _make("mlp")
     res = PEFTransformer(model, kind="low_rank", n_values=10**9, normalize=False,
@@ -157,7 +224,9 @@ def test_norms_equal_dense_fisher(kind):
 
 def test_selection_exact_against_torch_topk(monkeypatch):
     gen = torch.Generator().manual_seed(0)
-    cases = [(5, 100_000, 300), (3, 50_000, 5000), (4, 1000, 2000), (2, 300, 7)]
+    # (k close to N: no subsample can estimate the threshold, e.g. 2048 of 3818)
+    cases = [(5, 100_000, 300), (3, 50_000, 5000), (4, 1000, 2000), (2, 300, 7),
+             (2, 3818, 2048), (2, 10_000, 6000)]
     # state=None: block filter; block_frac=1: the entry-wise path
     for (R, N, k), state in itertools.product(cases, [None, {"block_frac": 1.0, "calls": 1}]):
         v = torch.randn(R, N, generator=gen) ** 3
