@@ -14,6 +14,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
+from .backends import cupy_device, to_device
+
 __all__ = ["ComponentExpander"]
 
 _OWN_PARAMS = ("estimator", "n_new_components")
@@ -167,6 +169,7 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Returns
         -------
         W : ndarray of shape (n_examples, r0 + n_new_components)
+            A CuPy array on ``X``'s device when ``X`` is a CuPy array or sparse matrix.
         """
         frozen, fit_params = self._check()
         r0 = frozen.shape[0]
@@ -193,7 +196,8 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.n_features_in_ = est.n_features_in_
         if hasattr(est, "feature_names_in_"):
             self.feature_names_in_ = est.feature_names_in_
-        return np.asarray(W)
+        # like transform and the estimators: CuPy input gives CuPy output on its device
+        return to_device(np.asarray(W), cupy_device(X))
 
     # --------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:

@@ -433,3 +433,17 @@ def test_gpu_benchmark_without_gpu_exits_cleanly(monkeypatch, capsys):
     assert "--cpu-only" in str(exc.value.code)
     _gpu_bench().main(SMOKE + ["--cpu-only"])
     assert "| CPU" in capsys.readouterr().out
+
+
+def test_expander_cupy_input_gives_cupy_output(cp):
+    from sknpeff import ComponentExpander
+
+    X, _, _ = make_planted_diagonal(n_examples=120, n_params=800, n_components=4,
+                                    support_size=80, random_state=1)
+    base = DiagonalNPEFF(n_components=2, random_state=0, max_iter=10, tol=0).fit(X)
+    exp = ComponentExpander(base, n_new_components=2)
+    W = exp.fit_transform(_to_cupy_csr(cp, X))
+    assert _on_device(cp, W, 0) and W.shape == (120, 4)
+    assert _on_device(cp, exp.transform(_to_cupy_csr(cp, X)), 0)
+    assert _is_numpy(exp.components_)
+    assert _is_numpy(ComponentExpander(base, n_new_components=2).fit_transform(X))
