@@ -33,6 +33,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m sknpeff``.
 
@@ -70,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-top", type=_positive_int, default=16,
                       help="top held-out examples per component for the KL ratio "
                            "(default: 16)")
+    demo.add_argument("--label-smoothing", type=_fraction, default=0.1, metavar="EPS",
+                      help="label smoothing of the CNN's training loss, in [0, 1) "
+                           "(default: 0.1; 0 trains a near-certain model whose tiny "
+                           "Fishers give pure but unperturbable components)")
+    demo.add_argument("--norm-floor", type=_fraction, default=0.0, metavar="F",
+                      help="zero the PEFs whose norm is below F times the median training "
+                           "norm (default: 0, keep all)")
     demo.add_argument("--threads", type=_positive_int, default=1,
                       help="torch/BLAS threads (default: 1, fastest for this small model "
                            "and robust on a busy machine)")
@@ -106,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             max_iter=args.max_iter,
             n_top=args.n_top,
+            label_smoothing=args.label_smoothing,
+            norm_floor=args.norm_floor,
             n_threads=args.threads,
             quiet=args.quiet,
         )
