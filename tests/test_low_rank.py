@@ -339,16 +339,48 @@ def test_ctrl_c_keeps_state_and_saves_checkpoint(tmp_path, monkeypatch):
                        checkpoint_path=ckpt)
     _interrupt_on_call(monkeypatch, "lowrank_loss", 8)  # once per iteration
     with pytest.warns(RuntimeWarning, match="interrupted after 7 iterations.*checkpoint"
-                      r" \(last loss [0-9.e+-]+[,)]") as rec:
+                      r" \(loss [0-9.e+-]+, coefficients re-solved; ") as rec:
         W = est.fit_transform(X)
     assert est.n_iter_ == 7 and np.isfinite(W).all()
-    # the message names the lowest loss when the last one is not it
-    last, best = est.loss_curve_[6], min(est.loss_curve_[:7])
-    assert (f"lowest {best:.6e}" in str(rec[0].message)) == (best < last)
+    # the message names the kept state's exact loss (the last entry of the curve) beside
+    # the lowest of the loop, and says whether the kept state is the best so far
+    msg = str(rec[0].message)
+    kept, best = est.loss_curve_[-1], min(est.loss_curve_[:7])
+    assert f"(loss {kept:.6e}, coefficients re-solved" in msg
+    assert f"lowest {best:.6e}" in msg or f"fit, {best:.6e}" in msg
+    assert ("the best state so far" in msg) == (kept <= best)
+    assert kept <= best  # the re-solved coefficients of the latest state: the best here
     with np.load(ckpt) as f:
         assert int(f["n_iter"]) == 7
     monkeypatch.undo()
     np.testing.assert_allclose(est.transform(X), W, rtol=1e-4, atol=1e-6)
+
+
+def test_interrupt_warning_compares_kept_loss_with_the_fit():
+    """The kept (latest) state's loss, beside the lowest loss of the loop; said to be the
+    best only when it is not above any loss of the fit."""
+    est = LowRankNPEFF(n_components=2, n_classes=1)
+    est._interrupted = (3, [5.0, 4.0, 4.5], False)
+    with pytest.warns(RuntimeWarning) as rec:
+        est._warn_if_interrupted(4.2)
+    msg = str(rec[0].message)
+    assert "interrupted after 3 iterations; the state fitted so far is kept (loss " \
+        "4.200000e+00" in msg
+    assert "above the lowest loss of the fit, 4.000000e+00 at iteration 2" in msg
+    assert "checkpoint" not in msg and "best state so far" not in msg
+    est._interrupted = (3, [5.0, 4.0, 4.5], True)
+    with pytest.warns(RuntimeWarning) as rec:
+        est._warn_if_interrupted(3.9)
+    msg = str(rec[0].message)
+    assert "saved to the checkpoint" in msg and "the best state so far" in msg
+    assert "lowest 4.000000e+00 at iteration 2" in msg
+    est._interrupted = (0, [], False)  # interrupted in the first iteration
+    with pytest.warns(RuntimeWarning, match=r"after 0 iterations.*\(loss 7.0+e\+00, "
+                      r"coefficients re-solved\)\.$"):
+        est._warn_if_interrupted(7.0)
+    with warnings.catch_warnings():  # nothing to say without an interrupt
+        warnings.simplefilter("error")
+        est._warn_if_interrupted(1.0)
 
 
 def test_ctrl_c_mid_sweep_leaves_consistent_state(monkeypatch):

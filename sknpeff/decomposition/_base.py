@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,6 +51,20 @@ def _check_float(name: str, value: Any, low: float, strict: bool = False) -> Non
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that names the first frame outside sknpeff
+    and scikit-learn's wrappers (the user's call, however deep inside the package the
+    warning is raised)."""
+    import sklearn
+
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+              os.path.dirname(os.path.abspath(sklearn.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass
@@ -352,12 +367,14 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
 
         Stops when the loss fell by less than ``tol`` times the first loss over the last
         ``check_every`` iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt``
-        ends the loop with the state reached so far and a warning; ``on_interrupt`` then
-        lets the caller make that state consistent, and the estimator stays usable.
+        ends the loop with the state reached so far; ``on_interrupt`` then lets the caller
+        make that state consistent, and the estimator stays usable. The caller, once it
+        has the kept state's final loss, calls :meth:`_warn_if_interrupted` to say so.
         A resumed fit passes ``start`` (iterations already done) and their ``losses``;
         ``checkpoint(n_done, losses)`` is called every ``checkpoint_every`` iterations
         and after an interrupt.
         """
+        self._interrupted: tuple[int, list[float], bool] | None = None
         losses = list(losses or [])
         t0 = time.perf_counter()
         self._loop_seconds = 0.0  # wall time of the iterations alone (for benchmarks)
@@ -383,22 +400,9 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         except KeyboardInterrupt:
             if on_interrupt is not None:
                 on_interrupt()
-            saved = ""
             if checkpoint is not None:
                 checkpoint(n_iter, losses)
-                saved = " and saved to the checkpoint"
-            # the latest state is kept, not a copy of the best one (that would cost a
-            # second factor on every device): it is the best for DiagonalNPEFF, whose
-            # updates never raise the loss; the losses say how far off it is otherwise
-            where = ""
-            if losses:
-                best = int(np.argmin(losses))
-                where = f" (last loss {losses[-1]:.6e}"
-                where += ")" if best == len(losses) - 1 else \
-                    f", lowest {losses[best]:.6e} at iteration {best + 1})"
-            warnings.warn(
-                f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
-                f"fitted so far is kept{saved}{where}.", RuntimeWarning, stacklevel=3)
+            self._interrupted = (n_iter, list(losses), checkpoint is not None)
             return losses, n_iter
         if max_iter > 0 and self.tol > 0:
             warnings.warn(
@@ -406,6 +410,37 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                 f"({label}); increase max_iter to improve the fit.", ConvergenceWarning,
                 stacklevel=3)
         return losses, n_iter
+
+    def _warn_if_interrupted(self, final_loss: float) -> None:
+        """After an interrupted loop: warn, naming the kept state's loss beside the fit's.
+
+        ``final_loss`` is the loss of the state the estimator keeps (its components with
+        their coefficients re-solved, as the fit's last step computes it). The latest
+        state is kept, not a copy of the best one: tracking the best would copy the
+        factor, as large as the data, at nearly every iteration (the loss falls at almost
+        every one). The exact loss of the kept state, computed after the interrupt, says
+        whether it is the best anyway; it usually is, since the re-solved coefficients can
+        only lower the loss.
+        """
+        info = getattr(self, "_interrupted", None)
+        self._interrupted = None
+        if info is None:
+            return
+        n_iter, losses, saved = info
+        text = (f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
+                f"fitted so far is kept" + (" and saved to the checkpoint" if saved else "")
+                + f" (loss {final_loss:.6e}, coefficients re-solved")
+        if losses:
+            k = int(np.argmin(losses))
+            if final_loss <= losses[k]:
+                text += (f"; no higher than any loss of the fit, lowest {losses[k]:.6e} at "
+                         f"iteration {k + 1}: the best state so far)")
+            else:
+                text += (f"; above the lowest loss of the fit, {losses[k]:.6e} at iteration "
+                         f"{k + 1}, whose state is not kept)")
+        else:
+            text += ")"
+        warnings.warn(text + ".", RuntimeWarning, stacklevel=_caller_stacklevel())
 
     @property
     def _speaks(self) -> bool:

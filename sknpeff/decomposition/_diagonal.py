@@ -523,7 +523,9 @@ class DiagonalNPEFF(_BaseNPEFF):
         # the returned coefficients are those of the final components, fitted exactly
         # as transform(X) fits them (no sparse product needed: XHt and HHt are at hand)
         W = self._solve_w(xp, XHt, HHt, self.max_iter)
-        return W, losses, n_iter, diag_loss(xp, prob.const, W, XHt, W.T @ W, HHt)
+        final = diag_loss(xp, prob.const, W, XHt, W.T @ W, HHt)
+        self._warn_if_interrupted(final)
+        return W, losses, n_iter, final
 
     # ------------------------------------------------------------------ transform
     def _frozen_products(self, X: sp.csr_matrix, backend: Any) -> tuple[Any, Any]:

@@ -434,6 +434,7 @@ class LowRankNPEFF(_BaseNPEFF):
         QQ = Q * Q
         W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
         final = lowrank_loss(xp, prob.const, W, N, Q)
+        self._warn_if_interrupted(final)
         # the whole factor on the host (one CPU partition: it already is; otherwise a
         # gather across devices or ranks)
         Ft = parts[0] if blocks.n_global_partitions == 1 and be.xp is np \
