@@ -256,6 +256,21 @@ class LowRankNPEFF(_BaseNPEFF):
         d = xp.maximum(xp.diagonal(QQ), 1e-30)
         return xp.maximum(N, 0) / (d * QQ.shape[0])
 
+    def _solve_w(self, xp: Any, N: Any, Q: Any) -> Any:
+        """Coefficients for fixed components, as :meth:`transform` fits them (from the
+        shared start, up to ``transform_max_iter`` steps)."""
+        QQ = Q * Q
+        return self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
+
+    def _frozen_products(self, prob: Problem) -> tuple[list[Any], Any, Any, Any]:
+        """The fitted factor split over ``prob``'s blocks and its products with them:
+        ``(parts, P = A Ft, Q = Ft^T Ft, N)``, ``N`` the per-example squared projections."""
+        blocks = prob.blocks
+        parts = blocks.split_factor(self._Ft, dtype=prob.dtype)
+        P = blocks.matmul(parts)
+        Q = blocks.gram(parts)
+        return parts, P, Q, lowrank_sq_proj(blocks.backend.xp, P, prob.n_slots)
+
     # ------------------------------------------------------------------- init
     def _init_factor(self, prob: Problem, rng: np.random.RandomState) -> np.ndarray:
         """Transposed factor ``Ft`` (m', r) on the host.
@@ -431,8 +446,7 @@ class LowRankNPEFF(_BaseNPEFF):
         # the loss can only fall.
         P, Q = state["P"], state["Q"]
         N = lowrank_sq_proj(xp, P, c)
-        QQ = Q * Q
-        W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
+        W = self._solve_w(xp, N, Q)
         final = lowrank_loss(xp, prob.const, W, N, Q)
         self._warn_if_interrupted(final)
         # the whole factor on the host (one CPU partition: it already is; otherwise a
@@ -526,13 +540,8 @@ class LowRankNPEFF(_BaseNPEFF):
         X = self._validate_lrm(X, reset=False)
         prob = self._prepare(X, fitting=False, transpose=False)
         be = prob.blocks.backend
-        xp = be.xp
-        parts = prob.blocks.split_factor(self._Ft, dtype=prob.dtype)
-        P = prob.blocks.matmul(parts)
-        Q = prob.blocks.gram(parts)
-        N = lowrank_sq_proj(xp, P, prob.n_slots)
-        QQ = Q * Q
-        W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
+        _, _, Q, N = self._frozen_products(prob)
+        W = self._solve_w(be.xp, N, Q)
         return np.asarray(be.to_numpy(W), dtype=prob.dtype)
 
     # ------------------------------------------------------------ partial_fit
@@ -576,12 +585,8 @@ class LowRankNPEFF(_BaseNPEFF):
         be = prob.blocks.backend
         xp = be.xp
         c = prob.n_slots
-        parts = prob.blocks.split_factor(self._Ft, dtype=prob.dtype)
-        P = prob.blocks.matmul(parts)
-        Q = prob.blocks.gram(parts)
-        N = lowrank_sq_proj(xp, P, c)
-        QQ = Q * Q
-        W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
+        parts, P, Q, N = self._frozen_products(prob)
+        W = self._solve_w(xp, N, Q)
         loss = lowrank_loss(xp, prob.const, W, N, Q)
         L = lowrank_curvature(xp, W, Q)
         stepk = 1.0 / xp.maximum(L, 1e-30)
@@ -641,13 +646,9 @@ class LowRankNPEFF(_BaseNPEFF):
         prob = self._prepare(X, fitting=False, transpose=False)
         be = prob.blocks.backend
         xp = be.xp
-        parts = prob.blocks.split_factor(self._Ft, dtype=prob.dtype)
-        P = prob.blocks.matmul(parts)
-        Q = prob.blocks.gram(parts)
-        N = lowrank_sq_proj(xp, P, prob.n_slots)
+        _, _, Q, N = self._frozen_products(prob)
         if W is None:  # the coefficients transform(X) gives, from the same products
-            QQ = Q * Q
-            W = self._fit_w(xp, N, QQ, self._w_start(xp, N, QQ), self.transform_max_iter)
+            W = self._solve_w(xp, N, Q)
         else:
             W = be.asarray(W, dtype=prob.dtype)
         return lowrank_loss(xp, prob.const, W, N, Q)
