@@ -249,11 +249,15 @@ def _verdict(summary: dict[str, float]) -> str:
         bad.append(f"not the yardstick's settings ({n_comp} components, "
                    f"K = {int(summary['n_values'])}; yardstick {int(y['n_components'])}, "
                    f"K = {int(y['n_values'])})")
+    ls = summary.get("label_smoothing", float("nan"))
+    recipe = (f" This run's model is trained with label smoothing {ls:g}; the yardstick's "
+              "training recipe is not stated." if np.isfinite(ls) and ls > 0 else "")
     if not bad:
         return ("  Verdict: at least as good as the yardstick on every number, and faster: "
-                + "; ".join(good) + ".")
+                + "; ".join(good) + "." + recipe)
     return ("  Verdict: below the yardstick on " + "; ".join(bad)
-            + (" (at or above it on " + "; ".join(good) + ")" if good else "") + ".")
+            + (" (at or above it on " + "; ".join(good) + ")" if good else "") + "."
+            + recipe)
 
 
 def format_summary(summary: dict[str, float], timings: dict[str, float]) -> str:

@@ -123,6 +123,10 @@ def test_summary_table_has_yardstick():
     assert verdict.startswith("  Verdict: below the yardstick on held-out purity 0.840 < 0.900")
     assert "median KL ratio 4.90 < 7.60" in verdict and "KL > norm 31/32" in verdict
     assert "(slower)" in verdict and "at or above" not in verdict
+    assert "label smoothing" not in verdict  # not given: nothing said about the recipe
+    smoothed = format_summary(dict(summary, label_smoothing=0.1), {}).splitlines()[-1]
+    assert smoothed.endswith("This run's model is trained with label smoothing 0.1; the "
+                             "yardstick's training recipe is not stated.")
     floored = format_summary(dict(summary, norm_floor=0.01, n_floored_train=5,
                                   n_floored_test=2), {})
     assert "norm floor 0.01 x median" in floored and "5 train, 2 held-out" in floored
