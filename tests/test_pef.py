@@ -135,12 +135,13 @@ class _WideNet(nn.Module):
 
     def __init__(self, k=7):
         super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3)
-        self.fc1 = nn.Linear(6 * 10 * 10, 130)
+        self.conv = nn.Conv2d(3, 8, 3)  # 27 inputs per output: per-class products
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=3)  # 72: stacked; 3x3 outputs: P P^T Gram
+        self.fc1 = nn.Linear(16 * 3 * 3, 130)
         self.fc2 = nn.Linear(130, k)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x)).flatten(1)
+        h = torch.relu(self.conv2(torch.relu(self.conv(x)))).flatten(1)
         return self.fc2(torch.relu(self.fc1(h)))
 
 
@@ -158,9 +159,30 @@ def test_topk_exact_on_wide_rows(kind, chunk):
     if chunk:
         tr._chunk_elements = chunk  # several row chunks per batch
     res = tr.fit(X).compute(X)
-    rows, _ = _reference(model, xs, kind)
+    rows, norms = _reference(model, xs, kind)
     assert rows.shape[1] > 2 * 32 * rows.shape[1] / k  # the subsampled (block) path
     np.testing.assert_allclose(res.pefs.toarray(), topk_dense(rows, k), rtol=1e-10, atol=0)
+    np.testing.assert_allclose(res.norms, norms, rtol=1e-10)
+
+
+def test_gram_without_reading_rows():
+    gen = torch.Generator().manual_seed(5)
+    Bc, c, O, L, K = 3, 4, 16, 9, 54
+    lefts = [torch.randn(Bc, O, L, generator=gen, dtype=torch.float64) for _ in range(c)]
+    right = torch.randn(Bc, L, K, generator=gen, dtype=torch.float64)
+    cb = pefmod._Contrib(lefts=lefts, right=right)
+    assert cb.gram_is_cheap()
+    assert not pefmod._Contrib(lefts=[t[:, :, :1].expand(Bc, O, 1024) for t in lefts],
+                               right=torch.zeros(Bc, 1024, 27)).gram_is_cheap()
+    rows = torch.stack([torch.bmm(t, right) for t in lefts], 1).reshape(Bc, c, -1)
+    want = torch.bmm(rows, rows.transpose(1, 2))
+    torch.testing.assert_close(cb.gram(), want, rtol=1e-12, atol=1e-12)
+    # the stacked form (Bc, c, G=1, O, L) @ (Bc, 1, 1, L, K) gives the same
+    stacked = pefmod._Contrib(left=torch.stack(lefts, 1)[:, :, None], right=right[:, None, None])
+    assert stacked.gram_is_cheap()
+    torch.testing.assert_close(stacked.gram(), want, rtol=1e-12, atol=1e-12)
+    grouped = pefmod._Contrib(left=torch.zeros(Bc, c, 2, O, L), right=torch.zeros(Bc, 1, 2, L, K))
+    assert not grouped.gram_is_cheap()
 
 
 @pytest.mark.parametrize("signed", [True, False])
