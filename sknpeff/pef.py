@@ -1548,8 +1548,30 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             raise ValueError("X holds no example.")
         return next(iter(_iter_batches(X, min(self.batch_size, 2))))
 
+    def _engine_key(self) -> tuple:
+        # what the per-layer plan and its one-batch check depend on
+        return (id(self.model), id(self.forward), repr(self.params), self.kind,
+                self.n_classes_, self.layout_)
+
     def _engine(self):
-        return _Engine(self, self.layout_, self.n_classes_)
+        eng = _Engine(self, self.layout_, self.n_classes_)
+        memo = getattr(self, "_engine_memo", None)
+        if memo is not None and memo[0] == self._engine_key():
+            # a later call on the same model: reuse what the first one learned (which
+            # parameters need the generic path, the one-batch check, the selection's
+            # statistics) instead of checking again
+            fallback, no_expand, select_state = memo[1]
+            eng.fallback |= fallback
+            eng._refresh_hooked()
+            eng.no_expand = set(no_expand)
+            eng.select_state = dict(select_state)
+            eng.verified = True
+        return eng
+
+    def _remember(self, eng: _Engine) -> None:
+        if eng.verified:
+            self._engine_memo = (self._engine_key(), (set(eng.fallback), set(eng.no_expand),
+                                                      dict(eng.select_state)))
 
     # -- sklearn API ---------------------------------------------------------------------------
     def fit(self, X, y=None):
@@ -1567,6 +1589,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self : PEFTransformer
         """
         self._validate()
+        self._engine_memo = None
         layout = ParameterLayout.from_model(self.model, self.params)
         batch = self._first_batch(X)
         p0 = next(self.model.parameters())
@@ -1654,6 +1677,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             for p, rg in zip(selected, saved_rg, strict=True):
                 p.requires_grad_(rg)
             progress.close()
+            self._remember(eng)
         if n_zero:
             warnings.warn(
                 f"{n_zero} example(s) have a zero PEF (zero Frobenius norm); they are kept "

@@ -218,6 +218,38 @@ def test_block_max_matches_a_pass_over_the_rows(signed):
     assert torch.equal(bm.bmag.reshape(-1), want)
 
 
+def test_later_calls_reuse_the_first_calls_check(monkeypatch):
+    # the one-batch check of the per-layer rules runs once per fitted model, not per call
+    calls = []
+    real = pefmod._Engine._verify
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(pefmod._Engine, "_verify", counting)
+    model, X, xs = _make("tied")
+    tr = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64", batch_size=2)
+    with pytest.warns(UserWarning, match="per-layer rules do not apply"):
+        first = tr.fit(X).compute(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the generic path is remembered: no new warning
+        second = tr.compute(X)
+        third = tr.transform(X[:3])
+    assert len(calls) == 1
+    rows, _ = _reference(model, xs, "low_rank")
+    for got in (first.pefs, second.pefs):
+        assert _rel(got.toarray(), rows) <= RTOL[torch.float64]
+    assert _rel(third.toarray(), rows[:3]) <= RTOL[torch.float64]
+    with pytest.warns(UserWarning, match="per-layer rules do not apply"):
+        tr.fit(X).compute(X)  # a new fit checks again
+    assert len(calls) == 2
+    # another transformer on another model is checked on its own
+    other = PEFTransformer(_make("mlp")[0], kind="low_rank", n_values=5)
+    other.fit(_make("mlp")[1]).compute(_make("mlp")[1])
+    assert len(calls) == 3
+
+
 def test_unnormalized():
     model, X, xs = _make("mlp")
     res = PEFTransformer(model, kind="low_rank", n_values=10**9, normalize=False,
