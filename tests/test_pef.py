@@ -147,20 +147,42 @@ class _WideNet(nn.Module):
 
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 @pytest.mark.parametrize("chunk", [None, 10**6])
-def test_topk_exact_on_wide_rows(kind, chunk):
-    # the block filter (and its block maxima computed while assembling, analytically for
-    # outer products) must give exactly the largest entries of the normalized rows
+@pytest.mark.parametrize("path", ["blocks", "fallback", "large_k"])
+def test_topk_exact_on_wide_rows(kind, chunk, path, monkeypatch):
+    # the block filter (its block maxima computed while assembling, analytically for
+    # outer products, whose entries are computed only where the selection looks) must
+    # give exactly the largest entries of the normalized rows; so must the paths that
+    # read whole rows: a threshold estimated too high, and k close to the row length
     torch.manual_seed(1)
     model = _WideNet().double().eval()
     X = torch.randn(5, 3, 12, 12, dtype=torch.float64)
     xs = [X[i : i + 1] for i in range(X.shape[0])]
     k = 300 if kind == "low_rank" else 2000
+    if path == "large_k":
+        k = 12_000 if kind == "diagonal" else 90_000
     tr = PEFTransformer(model, kind=kind, n_values=k, dtype="float64", batch_size=5)
+    if path == "fallback":
+        # every subsampled entry is the largest of row 0: its threshold is too high
+        top = int(np.abs(tr.fit(X).compute(X[:1]).pefs.toarray()[0]).argmax())
+        if kind == "low_rank":  # to the internal, parameter-major column
+            lay, c = tr.layout_, tr.n_classes_
+            j, col = divmod(top, lay.n_params)
+            p = int(np.searchsorted(np.asarray(lay.offsets), col, side="right")) - 1
+            top = c * lay.offsets[p] + j * lay.sizes[p] + col - lay.offsets[p]
+        real = torch.randint
+
+        def biased(low, high, size, **kw):
+            if size and size[0] > 100:
+                return torch.full(size, top, dtype=torch.long)
+            return real(low, high, size, **kw)
+
+        monkeypatch.setattr(pefmod.torch, "randint", biased)
     if chunk:
         tr._chunk_elements = chunk  # several row chunks per batch
     res = tr.fit(X).compute(X)
     rows, norms = _reference(model, xs, kind)
-    assert rows.shape[1] > 2 * 32 * rows.shape[1] / k  # the subsampled (block) path
+    if path != "large_k":
+        assert rows.shape[1] > 2 * 32 * rows.shape[1] / k  # the subsampled (block) path
     np.testing.assert_allclose(res.pefs.toarray(), topk_dense(rows, k), rtol=1e-10, atol=0)
     np.testing.assert_allclose(res.norms, norms, rtol=1e-10)
 
