@@ -18,22 +18,25 @@ Peers (10 classes, batches of 32, K = --n-values kept entries, rows normalized):
 
 Ratios are ours / peer examples per second, best of ``--repeats`` interleaved runs.
 
-Measured 2026-11-22 on the shared 2-core CI machine (other jobs running; load average
-given), full run:
+Measured 2026-11-22 (second session) on the 2-core machine, quiet (load 1.0-1.5), three
+full runs with 2 threads; ratios per run:
 
-    2 threads, load 2.0-3.0            ratio    |  --threads 1, load 6.1-4.5    ratio
-    mlp low_rank  loop+topk        38.3 ->  449.7  11.7x  |   6.5 ->  56.7           8.7x
-    mlp diagonal  loop+topk       138.9 -> 1420.1  10.2x  |  31.6 -> 219.9           7.0x
-    mlp diagonal  backpack+select 525.0 -> 1420.1   2.7x  |  72.4 -> 219.9           3.0x
-    cnn low_rank  loop+topk        49.2 ->  207.8   4.2x  |  18.5 ->  75.6           4.1x
-    cnn diagonal  loop+topk        91.1 ->  248.2   2.7x  |  52.0 ->  98.2           1.9x
-    cnn diagonal  backpack+select 182.7 ->  248.2   1.4x  |  70.3 ->  98.2           1.4x
-    peak RSS streaming 128 vs 1024 examples: 498/506 MB (mlp low rank), 647/657 MB (cnn
-    low rank), 429/431 MB (mlp diagonal), 738/738 MB (cnn diagonal)
+    mlp low_rank  loop+topk         16.3x  16.9x  17.0x   (ours 616-672 ex/s, loop 36-42)
+    mlp diagonal  loop+topk         10.5x  10.3x   9.6x
+    mlp diagonal  backpack+select    2.7x   2.9x   2.6x
+    cnn low_rank  loop+topk          4.6x   4.7x   4.7x   (ours 237-243 ex/s, loop 50-53)
+    cnn diagonal  loop+topk          2.8x   2.8x   2.7x
+    cnn diagonal  backpack+select    1.3x   1.4x   1.3x
+    peak RSS streaming 128 vs 1024 examples: 500/511 MB (mlp low rank), 626/630 MB (cnn
+    low rank), 429/431 MB (mlp diagonal), 695/699 MB (cnn diagonal)
 
-With two threads and other processes on the cores every parallel op can stall for
-milliseconds; the single-row selection line is then not meaningful (seen: 106 ms vs
-topk 19.6 ms with 2 threads, 6.7 ms vs 18.5 ms with 1 thread).
+The first session measured 11.7x (mlp) and 4.2x (cnn) for low rank. The loop peer's
+speed depends on the state of the allocator: alone in a fresh process it computes the CNN
+rows at 31-35 ex/s (each example allocates about 9 MB, which glibc maps and unmaps every
+time); with glibc's mmap threshold raised it reaches 50-52 ex/s (seen with
+``MALLOC_MMAP_THRESHOLD_=33554432``, and after ours in the same process, as here: glibc
+raises the threshold when large blocks are freed). The ratios above are the conservative
+ones, against the faster peer.
 Peak memory is the peak RSS of a fresh process computing PEFs of n examples (it must not
 grow with n).
 """
