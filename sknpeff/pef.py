@@ -1235,6 +1235,8 @@ class _Engine:
                 sel = _select_topk(vals, self.k, signed=lowrank, n_valid=n_valid,
                                    generator=self.generator, state=self.select_state,
                                    block_max=None if bm is None else (lambda bm=bm: bm.bmag))
+                if est.min_norm is not None:  # below the floor: an empty row
+                    sel[nrm < float(est.min_norm)] = -1
                 # the values leave the reused buffer now; sorting and conversion to CSR
                 # run once per batch
                 sels.append(sel)
@@ -1401,6 +1403,13 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     normalize : bool, default=True
         Divide each PEF by its Frobenius norm (low rank: the ``a_ij`` by its square root)
         before sparsification.
+    min_norm : float, default=None
+        PEFs whose Frobenius norm is below this value are stored as empty rows (their
+        norms are still returned, and the count is reported in a warning). A model
+        near-certain of an example has an almost-zero Fisher for it, whose normalized
+        entries are mostly rounding noise; pick the floor from the ``norms`` of a first
+        :meth:`compute` (e.g. a small fraction of their median). ``None``: keep every
+        nonzero PEF.
     params : list of str or callable, default=None
         Parameters to include: names, or a predicate ``(name, param) -> bool``.
         ``None``: every parameter with ``requires_grad=True``.
@@ -1459,6 +1468,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         n_classes: int | None = None,
         min_class_prob: float | None = None,
         normalize: bool = True,
+        min_norm: float | None = None,
         params: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         batch_size: int = 32,
@@ -1473,6 +1483,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self.n_classes = n_classes
         self.min_class_prob = min_class_prob
         self.normalize = normalize
+        self.min_norm = min_norm
         self.params = params
         self.forward = forward
         self.batch_size = batch_size
@@ -1500,6 +1511,13 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         ):
             raise ValueError(
                 f"min_class_prob must be None or a float in [0, 1]; got {self.min_class_prob!r}."
+            )
+        if self.min_norm is not None and not (
+            isinstance(self.min_norm, numbers.Real) and not isinstance(self.min_norm, bool)
+            and math.isfinite(self.min_norm) and self.min_norm >= 0
+        ):
+            raise ValueError(
+                f"min_norm must be None or a finite float >= 0; got {self.min_norm!r}."
             )
         if (not isinstance(self.batch_size, numbers.Integral) or isinstance(self.batch_size, bool)
                 or self.batch_size < 1):
@@ -1652,7 +1670,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         selected = eng.params
         saved_rg = [p.requires_grad for p in selected]
         progress = _Progress(n, self.verbose, f"PEFs ({self.kind})")
-        n_zero = 0
+        n_zero = n_floored = 0
+        floor = self.min_norm
         try:
             for p in selected:
                 p.requires_grad_(True)
@@ -1663,6 +1682,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 indptr = np.zeros(B + 1, dtype=np.int64)
                 np.cumsum(counts, out=indptr[1:])
                 n_zero += int((norms <= 0).sum())
+                if floor is not None:
+                    n_floored += int(((norms > 0) & (norms < floor)).sum())
                 pefs = _make_csr(data, idx, indptr, (B, self.n_features_out_))
                 yield PEFResult(
                     pefs=pefs,
@@ -1682,6 +1703,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"{n_zero} example(s) have a zero PEF (zero Frobenius norm); they are kept "
                 "as empty rows.",
+                stacklevel=2,
+            )
+        if n_floored:
+            warnings.warn(
+                f"{n_floored} example(s) have a PEF norm below min_norm={floor!r}; they are "
+                "stored as empty rows.",
                 stacklevel=2,
             )
 

@@ -272,6 +272,26 @@ def test_later_calls_reuse_the_first_calls_check(monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+def test_min_norm_empties_rows_below_the_floor(kind):
+    model, X, _ = _make("conv")
+    tr = PEFTransformer(model, kind=kind, n_values=50, dtype="float64", batch_size=4).fit(X)
+    ref = tr.compute(X)
+    floor = float(np.median(ref.norms))
+    low = ref.norms < floor
+    assert 0 < low.sum() < len(low)
+    tr.set_params(min_norm=floor)
+    with pytest.warns(UserWarning, match=f"{low.sum()} example.*below min_norm"):
+        res = tr.compute(X)
+    np.testing.assert_array_equal(res.norms, ref.norms)  # the true norms are reported
+    counts = np.diff(res.pefs.indptr)
+    assert (counts[low] == 0).all()
+    np.testing.assert_array_equal(res.pefs[~low].toarray(), ref.pefs[~low].toarray())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.set_params(min_norm=0.0).compute(X)  # 0: nothing is floored, nothing said
+
+
 def test_unnormalized():
     model, X, xs = _make("mlp")
     res = PEFTransformer(model, kind="low_rank", n_values=10**9, normalize=False,
@@ -468,6 +488,8 @@ def test_train_mode_refused():
         ({"n_classes": 0}, "n_classes"),
         ({"n_classes": 5}, "n_classes=5 is larger"),
         ({"min_class_prob": 1.5}, "min_class_prob"),
+        ({"min_norm": -1.0}, "min_norm"),
+        ({"min_norm": float("nan")}, "min_norm"),
         ({"batch_size": 0}, "batch_size"),
         ({"dtype": "int8"}, "dtype"),
         ({"params": ["nope"]}, "params"),
