@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="entries kept per PEF (default: 2048)")
     demo.add_argument("--epochs", type=_positive_int, default=30,
                       help="training epochs of the CNN (default: 30)")
-    demo.add_argument("--max-iter", type=_positive_int, default=500,
-                      help="maximum LowRankNPEFF iterations (default: 500)")
+    demo.add_argument("--max-iter", type=_positive_int, default=1000,
+                      help="maximum LowRankNPEFF iterations (default: 1000)")
     demo.add_argument("--n-top", type=_positive_int, default=16,
                       help="top held-out examples per component for the KL ratio "
                            "(default: 16)")

@@ -347,7 +347,7 @@ def run_demo(
     n_components: int = 32,
     n_values: int = 2048,
     epochs: int = 30,
-    max_iter: int = 500,
+    max_iter: int = 1000,
     n_top: int = 16,
     k: int = 16,
     label_smoothing: float = 0.1,
@@ -371,7 +371,7 @@ def run_demo(
         Entries kept per low-rank PEF (``K``).
     epochs : int, default=30
         Training epochs of the CNN.
-    max_iter : int, default=500
+    max_iter : int, default=1000
         Maximum iterations of :class:`~sknpeff.decomposition.LowRankNPEFF` (it stops
         earlier when the loss settles).
     n_top : int, default=16
