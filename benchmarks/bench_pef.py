@@ -18,17 +18,18 @@ Peers (10 classes, batches of 32, K = --n-values kept entries, rows normalized):
 
 Ratios are ours / peer examples per second, best of ``--repeats`` interleaved runs.
 
-Measured 2026-11-22 (second session) on the 2-core machine, quiet (load 1.0-1.5), three
-full runs with 2 threads; ratios per run:
+Measured 2026-11-22 (second session, final code) on the quiet 2-core machine (load
+1.0-1.5), three full runs with 2 threads; ratios per run:
 
-    mlp low_rank  loop+topk         16.3x  16.9x  17.0x   (ours 616-672 ex/s, loop 36-42)
-    mlp diagonal  loop+topk         10.5x  10.3x   9.6x
-    mlp diagonal  backpack+select    2.7x   2.9x   2.6x
-    cnn low_rank  loop+topk          4.6x   4.7x   4.7x   (ours 237-243 ex/s, loop 50-53)
-    cnn diagonal  loop+topk          2.8x   2.8x   2.7x
-    cnn diagonal  backpack+select    1.3x   1.4x   1.3x
-    peak RSS streaming 128 vs 1024 examples: 500/511 MB (mlp low rank), 626/630 MB (cnn
-    low rank), 429/431 MB (mlp diagonal), 695/699 MB (cnn diagonal)
+    mlp low_rank  loop+topk         10.3x  17.2x  17.2x   (ours 675-696 ex/s, loop 40-66)
+    mlp diagonal  loop+topk         10.0x  10.3x  10.2x
+    mlp diagonal  backpack+select    2.6x   2.8x   2.8x
+    cnn low_rank  loop+topk          4.8x   4.7x   4.8x   (ours 251-254 ex/s, loop 52-54)
+    cnn diagonal  loop+topk          2.7x   2.7x   2.8x
+    cnn diagonal  backpack+select    1.3x   1.3x   1.4x
+    peak RSS streaming 128 vs 1024 examples: 503-508/510-515 MB (mlp low rank),
+    620-631/628-634 MB (cnn low rank), 428-429/431-434 MB (mlp diagonal), 695-703/698-703
+    MB (cnn diagonal)
 
 The first session measured 11.7x (mlp) and 4.2x (cnn) for low rank. The loop peer's
 speed depends on the state of the allocator: alone in a fresh process it computes the CNN
