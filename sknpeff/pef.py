@@ -239,13 +239,15 @@ class _ForwardWrapper(nn.Module):
 _BLOCK = 128
 
 
-def _block_max_abs(blocks: torch.Tensor) -> torch.Tensor:
-    """``blocks.abs().amax(1)`` without a temporary: two reads, two large ops.
+def _max_magnitude(t: torch.Tensor, dim: int, signed: bool) -> torch.Tensor:
+    """``t.abs().amax(dim)`` without a temporary (``t.amax(dim)`` when not ``signed``).
 
     (A loop over cache-sized pieces is faster on an idle machine but degrades badly
     when other processes compete for the cores: many small parallel regions.)
     """
-    return torch.maximum(torch.amax(blocks, dim=1), torch.amin(blocks, dim=1).neg_())
+    if not signed:
+        return torch.amax(t, dim=dim)
+    return torch.maximum(torch.amax(t, dim=dim), torch.amin(t, dim=dim).neg_())
 
 
 def _wants_blocks(state: dict | None) -> bool:
@@ -262,15 +264,15 @@ class _BlockMax:
     (:meth:`outer`), so that the selection needs no separate pass over the rows.
     """
 
-    def __init__(self, R: int, n_pad: int, dtype, device, signed: bool) -> None:
+    def __init__(self, R: int, n_pad: int, dtype, device, signed: bool,
+                 plans: dict | None = None) -> None:
         self.bmag = torch.zeros((R, n_pad // _BLOCK), dtype=dtype, device=device)
         self.signed = signed
-        self._plans: dict = {}
+        # index plans of :meth:`outer` per region, shareable between row chunks
+        self._plans = {} if plans is None else plans
 
     def _reduce(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        if not self.signed:
-            return torch.amax(t, dim=dim)
-        return torch.maximum(torch.amax(t, dim=dim), torch.amin(t, dim=dim).neg_())
+        return _max_magnitude(t, dim, self.signed)
 
     def _edge(self, rows: torch.Tensor, lo: int, hi: int) -> None:
         # a block only partly in [lo, hi): combine with what other parameters put there
@@ -301,12 +303,13 @@ class _BlockMax:
         ``I >= _BLOCK``), exactly the maximum of the stored products: rounding a product
         by a fixed factor is monotonic. Ranges come from a sliding-window, a suffix and a
         prefix maximum of ``xa``, so the cost is ``O(I * _BLOCK + n_blocks)`` per row
-        instead of a pass over ``Q * I`` entries. Needs ``I >= _BLOCK``.
+        instead of a pass over ``Q * I`` entries. With ``I < _BLOCK`` (a block spans many
+        rows) or no whole block, the columns are read (:meth:`scan`).
         """
         Q, I = ga.shape[1], xa.shape[1]
         hi = lo + Q * I
         b0, b1 = self._split(lo, hi)
-        if b1 <= b0:
+        if b1 <= b0 or I < _BLOCK:
             self.scan(rows, lo, hi)
             return
         self._edge(rows, lo, b0 * _BLOCK)
@@ -333,7 +336,7 @@ class _BlockMax:
 def _select_topk(
     values: torch.Tensor, k: int, *, signed: bool, n_valid: int | None = None,
     generator: torch.Generator | None = None, state: dict | None = None,
-    block_max=None,
+    block_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Column indices of the ``k`` entries of largest magnitude of each row of ``values``.
 
@@ -352,10 +355,9 @@ def _select_topk(
     state : dict, default=None
         Carried between calls on similar rows: remembers whether the block filter was
         selective, to skip it when it is not (re-probed every 16 calls).
-    block_max : callable, default=None
-        Returns the ``(R, N_pad // _BLOCK)`` maximum magnitudes of the blocks (computed by
-        the caller when it can do so more cheaply than a pass over ``values``); called
-        only when the block filter is used.
+    block_max : tensor of shape (R, N_pad // _BLOCK), default=None
+        Maximum magnitudes of the blocks, when the caller computed them more cheaply than
+        a pass over ``values``; used only by the block filter.
 
     Returns
     -------
@@ -408,10 +410,7 @@ def _select_topk(
         # the max |value| of every block (one pass unless given); gather only blocks
         # reaching t
         blocks = values.reshape(R * nb, _BLOCK)
-        if block_max is not None:
-            bmag = block_max()
-        else:
-            bmag = _block_max_abs(blocks) if signed else torch.amax(blocks, dim=1)
+        bmag = _max_magnitude(blocks, 1, signed) if block_max is None else block_max
         bflat = torch.nonzero((bmag.reshape(R, nb) >= t[:, None]).view(-1)).squeeze(1)
         if state is not None:
             state["block_frac"] = bflat.numel() / max(1, R * nb)
@@ -606,12 +605,13 @@ class _Contrib:
         else:
             dest.copy_(self.block.transpose(0, 1))
 
-    def _gram_parts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(G (Bc, c, O, L), P (Bc, L, K))`` of an ungrouped product form, else None."""
+    def _ungrouped_dims(self) -> tuple[int, int, int, int] | None:
+        """``(c, O, L, K)`` of an ungrouped product form, else None."""
         if self.lefts is not None:
-            return torch.stack(self.lefts, dim=1), self.right
+            return len(self.lefts), *self.lefts[0].shape[1:], self.right.shape[2]
         if self._left is not None and self._left.shape[2] == 1:
-            return self._left[:, :, 0], self.right[:, 0, 0]
+            _, c, _, O, L = self._left.shape
+            return c, O, L, self.right.shape[4]
         return None
 
     def gram_is_cheap(self) -> bool:
@@ -621,13 +621,10 @@ class _Contrib:
         factor 32 between them was measured on CPU (e.g. a 128-channel 8x8 convolution
         with 576 inputs per output: 0.11 vs 0.34 ms per example).
         """
-        if self.lefts is not None:
-            c, (O, L), K = len(self.lefts), self.lefts[0].shape[1:], self.right.shape[2]
-        elif self._left is not None and self._left.shape[2] == 1:
-            c, O, L, K = (self._left.shape[1], self._left.shape[3], self._left.shape[4],
-                          self.right.shape[4])
-        else:
+        dims = self._ungrouped_dims()
+        if dims is None:
             return False
+        c, O, L, K = dims
         flops = L * L * K + c * O * L * L + c * c * O * L
         return flops < 32 * c * O * K
 
@@ -635,7 +632,10 @@ class _Contrib:
         """``(Bc, c, c)`` Gram matrices of the rows of an ungrouped product form, without
         reading them: ``<G_j P, G_k P> = <G_j (P P^T), G_k>``, an ``L x L`` product
         instead of the ``O x K`` rows."""
-        G, P = self._gram_parts()
+        if self.lefts is not None:
+            G, P = torch.stack(self.lefts, dim=1), self.right
+        else:
+            G, P = self._left[:, :, 0], self.right[:, 0, 0]
         Bc, c, O, L = G.shape
         M = torch.bmm(P, P.transpose(1, 2))  # (Bc, L, L)
         G = G.reshape(Bc, c * O, L)
@@ -867,6 +867,7 @@ class _Engine:
         self.buffers: dict[str, torch.Tensor] = {}
         self.select_state: dict = {}
         self.block_plans: dict = {}  # index plans of _BlockMax.outer, per region
+        self.bias_sums: dict[int, torch.Tensor] = {}  # per batch, see _chunk_contribs
         self.no_expand: set[int] = set()
         self.expanded: set[int] = set()
         self.batch_hint: int | None = None
@@ -1230,8 +1231,7 @@ class _Engine:
                 bm = None
                 if _wants_blocks(self.select_state):
                     bm = _BlockMax(b1 - b0, _padded(n_valid), logits.dtype, self.device,
-                                   signed=lowrank)
-                    bm._plans = self.block_plans
+                                   signed=lowrank, plans=self.block_plans)
                 if lowrank:
                     vals, nrm = self._assemble_lrm(contribs, b1 - b0, c_eff, logits.dtype, bm)
                     scale = torch.where(nrm > 0, 1.0 / torch.sqrt(nrm.clamp(min=_EPS)),
@@ -1244,7 +1244,7 @@ class _Engine:
                     scale = torch.ones_like(nrm)
                 sel = _select_topk(vals, self.k, signed=lowrank, n_valid=n_valid,
                                    generator=self.generator, state=self.select_state,
-                                   block_max=None if bm is None else (lambda bm=bm: bm.bmag))
+                                   block_max=None if bm is None else bm.bmag)
                 if est.min_norm is not None:  # below the floor: an empty row
                     sel[nrm < float(est.min_norm)] = -1
                 # the values leave the reused buffer now; sorting and conversion to CSR
@@ -1283,7 +1283,7 @@ class _Engine:
                 x = cl[0].x
                 S += torch.bmm(gb, gb.transpose(1, 2)) * (x * x).sum(1)[:, None, None]
                 if bm is not None:
-                    self._outer_block_max(bm, Abuf, c * o, gb.abs().reshape(Bc, -1), x.abs())
+                    bm.outer(Abuf, c * o, gb.abs().reshape(Bc, -1), x.abs())
                 continue
             if len(cl) == 1 and cl[0].is_product and cl[0].gram_is_cheap():
                 S += cl[0].gram()
@@ -1314,13 +1314,6 @@ class _Engine:
 
         return col_map
 
-    @staticmethod
-    def _outer_block_max(bm: _BlockMax, rows, lo: int, ga, xa) -> None:
-        if xa.shape[1] >= _BLOCK:
-            bm.outer(rows, lo, ga, xa)
-        else:  # a block spans many rows: read it
-            bm.scan(rows, lo, lo + ga.shape[1] * xa.shape[1])
-
     def _assemble_diag(self, contribs, Bc, dtype, bm: _BlockMax | None = None):
         Np = _padded(self.m)
         fbuf = self._buf("A", Bc * Np, dtype).view(Bc, Np)
@@ -1340,7 +1333,7 @@ class _Engine:
                 torch.mul(g2[:, :, None], x2[:, None, :],
                           out=sl.view(Bc, g2.shape[1], x.shape[1]))
                 if bm is not None:
-                    self._outer_block_max(bm, fbuf, o, g2, x2)
+                    bm.outer(fbuf, o, g2, x2)
                 continue
             if len(cl) == 1 and cl[0].is_product:
                 cl[0].write_sq_sum(sl)
