@@ -211,7 +211,8 @@ class csr_matrix(spmatrix):  # noqa: N801 - mirrors cupyx.scipy.sparse.csr_matri
 
     @property
     def device(self):
-        return self.data.device
+        # as in CuPy 14: the sparse matrix does not know its device (its ``data`` does)
+        raise NotImplementedError
 
     def get(self):
         """A SciPy copy on the host (as ``cupyx.scipy.sparse.csr_matrix.get``)."""

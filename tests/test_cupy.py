@@ -118,25 +118,26 @@ def test_auto_backend_computes_on_the_input_device(cp):
 
 # ------------------------------------------------------------------- block plans
 @pytest.mark.parametrize("n_devices", [1, 2])
-def test_gpu_default_is_one_block_per_device(cp, n_devices):
+def test_gpu_blocks_default_and_one_per_device(cp, n_devices):
     from sknpeff.backends._cupy import CupyBackend
 
     _need_devices(cp, n_devices)
     A = sp.random(60, 5000, density=0.05, format="csr", random_state=0)
     be = CupyBackend(devices=list(range(n_devices)))
-    blocks = ColumnBlocks(A, be)  # block_size="auto": the backend's choice
-    assert blocks.block_size is None
+    auto = ColumnBlocks(A, be)  # block_size="auto": cache-sized, as on the CPU
+    assert auto.block_size == 4096 and len(auto.blocks) == 2
+    blocks = ColumnBlocks(A, be, block_size=None)  # one block per device
     assert len(blocks.blocks) == n_devices
     assert [b.partition for b in blocks.blocks] == list(range(n_devices))
     # under the nonzero cap, blocks are cut only where they would pass it
-    capped = ColumnBlocks(A, be, max_block_nnz=A.nnz // 7)
+    capped = ColumnBlocks(A, be, block_size=None, max_block_nnz=A.nnz // 7)
     assert len(capped.blocks) > n_devices
     assert all(b.nnz <= A.nnz // 7 for b in capped.blocks)
-    # the CPU keeps its cache-sized blocks
+    # the CPU has the same default
     cpu = ColumnBlocks(A, NumpyBackend(n_partitions=n_devices))
     assert cpu.block_size == 4096 and len(cpu.blocks) == 2
     F = np.random.default_rng(0).standard_normal((5000, 3))
-    for b in (blocks, capped):
+    for b in (auto, blocks, capped):
         np.testing.assert_allclose(be.to_numpy(b.matmul(b.split_factor(F))), A @ F,
                                    rtol=1e-10)
 
@@ -264,10 +265,11 @@ def test_gpu_equals_cpu(cp):
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(gpu.components_, cpu.components_, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(gpu.transform(X), cpu.transform(X), rtol=1e-5, atol=1e-7)
-    # the GPU default (one block per device) computes the same fit
-    whole = LowRankNPEFF(**{**_kw(), "block_size": "auto"}, backend="cupy", devices=[0])
-    np.testing.assert_allclose(whole.fit_transform(X), cpu.transform(X), rtol=1e-5,
-                               atol=1e-7)
+    # the GPU default (4096-column blocks) and one block per device compute the same fit
+    for bs in ("auto", None):
+        other = LowRankNPEFF(**{**_kw(), "block_size": bs}, backend="cupy", devices=[0])
+        np.testing.assert_allclose(other.fit_transform(X), cpu.transform(X), rtol=1e-5,
+                                   atol=1e-7)
 
 
 def test_two_gpus_equal_one(cp):

@@ -323,13 +323,14 @@ def test_selection_exact_against_torch_topk(monkeypatch):
     # (k close to N: no subsample can estimate the threshold, e.g. 2048 of 3818)
     cases = [(5, 100_000, 300), (3, 50_000, 5000), (4, 1000, 2000), (2, 300, 7),
              (2, 3818, 2048), (2, 10_000, 6000)]
-    # state=None: block filter; block_frac=1: the entry-wise path
-    for (R, N, k), state in itertools.product(cases, [None, {"block_frac": 1.0, "calls": 1}]):
+    # state=None: block filter; block_frac=1: the entry-wise path; "topk": the GPU's rule
+    paths = [(None, "auto"), ({"block_frac": 1.0, "calls": 1}, "filter"), (None, "topk")]
+    for (R, N, k), (state, method) in itertools.product(cases, paths):
         v = torch.randn(R, N, generator=gen) ** 3
         v[0, : N // 2] = 0  # many zeros
         v[1, :] = 0
         v[1, :5] = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.1])
-        sel = _select_topk(v, k, signed=True, state=state)
+        sel = _select_topk(v, k, signed=True, state=state, method=method)
         for r in range(R):
             got = set(sel[r][sel[r] >= 0].tolist())
             mag = v[r].abs()
@@ -353,6 +354,21 @@ def test_selection_exact_against_torch_topk(monkeypatch):
     sel = _select_topk(v, 50, signed=True)
     monkeypatch.setattr(pefmod.torch, "randint", real_randint)
     assert set(sel[0].tolist()) == set(torch.topk(v[0].abs(), 50).indices.tolist())
+    with pytest.raises(ValueError, match="method must be"):
+        _select_topk(v, 50, signed=True, method="sort")
+
+
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+def test_gpu_selection_rule_on_cpu(kind, monkeypatch):
+    """The engine as it runs on a GPU (one topk per row, no block maxima) gives the
+    CPU's PEFs."""
+    model, X, _ = _make("conv", torch.float32)
+    want = PEFTransformer(model, kind=kind, n_values=50).fit(X).compute(X)
+    monkeypatch.setattr(pefmod, "_topk_is_faster", lambda device: True)
+    monkeypatch.setattr(pefmod, "_BlockMax", None)  # must not be built
+    got = PEFTransformer(model, kind=kind, n_values=50).fit(X).compute(X)
+    assert np.allclose(got.norms, want.norms, rtol=1e-6)
+    _assert_same_topk(got.pefs.toarray(), want.pefs.toarray(), atol=1e-6)
 
 
 def test_input_types_agree():
@@ -599,4 +615,32 @@ def test_cuda_matches_cpu(kind):
     gpu_model = copy.deepcopy(model).cuda()
     res = PEFTransformer(gpu_model, kind=kind, n_values=50).fit(X).compute(X)
     assert np.allclose(res.norms, cpu.norms, rtol=1e-4)
-    assert np.allclose(res.pefs.toarray(), cpu.pefs.toarray(), atol=1e-4 * abs(cpu.pefs).max())
+    _assert_same_topk(res.pefs.toarray(), cpu.pefs.toarray(), atol=1e-4 * abs(cpu.pefs).max())
+
+
+def _assert_same_topk(got, want, atol):
+    """Rows of kept entries agree up to the order of ties at the cut-off.
+
+    The conv model's diagonal rows have exact ties at the 50th value (row 1), and
+    which of the tied entries a selection keeps is up to its order of operations (the
+    GPU keeps the other one): where the kept sets differ, every entry kept by only one
+    side must lie at the other side's cut-off magnitude (the entry it displaced).
+    """
+    for g, w in zip(got, want, strict=True):
+        sg, sw = np.flatnonzero(g), np.flatnonzero(w)
+        assert sg.size == sw.size
+        both = np.intersect1d(sg, sw)
+        assert np.allclose(g[both], w[both], atol=atol)
+        for row, only, other in ((g, np.setdiff1d(sg, sw), w), (w, np.setdiff1d(sw, sg), g)):
+            cut = np.abs(other[other != 0]).min()
+            assert np.allclose(np.abs(row[only]), cut, atol=atol)
+
+
+def test_same_topk_helper_allows_ties_only():
+    tied = np.array([[3.0, 2.0, 0.0, 0.0, 0.0]])
+    ref = np.array([[3.0, 0.0, 2.0, 0.0, 0.0]])
+    _assert_same_topk(tied, ref, atol=1e-9)  # the tie at the cut-off: either may be kept
+    with pytest.raises(AssertionError):
+        _assert_same_topk(np.array([[3.0, 0.0, 0.0, 0.0, 1.0]]), ref, atol=1e-9)
+    with pytest.raises(AssertionError):
+        _assert_same_topk(np.array([[3.0, 2.5, 0.0, 0.0, 0.0]]), ref, atol=1e-9)

@@ -43,7 +43,10 @@ def cupy_device(x: Any) -> int | None:
     """
     if not is_cupy_array(x):
         return None
-    arr = x if hasattr(x, "device") else x.data  # sparse matrices: their values' device
+    cupy = sys.modules.get("cupy")
+    # a CuPy sparse matrix has a ``device`` property that raises NotImplementedError
+    # (CuPy 14), so its values array says where it lives
+    arr = x if cupy is not None and isinstance(x, cupy.ndarray) else x.data
     return int(arr.device.id)
 
 

@@ -38,8 +38,8 @@ class Backend(ABC):
     #: On a CPU the gathered rows of ``R`` then come from a cache-sized slice.
     row_chunk: int | None = None
     #: columns per block when an estimator's ``block_size`` is ``"auto"``; None: one
-    #: block per partition (cut only at the int32 nonzero cap). CPUs want cache-sized
-    #: blocks; GPUs want as few kernel launches as possible.
+    #: block per partition (cut only at the int32 nonzero cap). CPUs and GPUs both want
+    #: blocks whose slice of the factor stays in cache (see ``benchmarks/gpu.py``).
     default_block_size: int | None = 4096
 
     @abstractmethod

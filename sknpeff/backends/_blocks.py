@@ -281,9 +281,9 @@ class ColumnBlocks:
         Supplies the sparse matrix type, products, placement and all-reduce.
     block_size : int, "auto" or None, default="auto"
         Columns per block. ``"auto"``: the backend's choice
-        (:attr:`Backend.default_block_size`): 4096 on CPU, where it keeps a block's slice
-        of a float32 factor with 64 components (1 MiB) in a 2-core machine's L2/L3 cache;
-        the whole partition on GPUs. ``None``: one block per partition (columns
+        (:attr:`Backend.default_block_size`): 4096, which keeps a block's slice of a
+        float32 factor with 64 components (1 MiB) in a 2-core machine's L2/L3 cache and
+        in a GPU's L2 cache. ``None``: one block per partition (columns
         balanced by nonzeros), cut only where a block would exceed ``max_block_nnz``.
         Integer blocks are cut smaller when there would otherwise be fewer blocks than
         partitions.

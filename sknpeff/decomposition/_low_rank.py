@@ -110,9 +110,8 @@ class LowRankNPEFF(_BaseNPEFF):
         every rank passes the same X, owns a contiguous range of column blocks, and
         all ranks end with identical ``W`` and ``components_``.
     block_size : int, "auto" or None, default="auto"
-        Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPU (a
-        block's slice of the factor stays in cache) and the whole partition on GPUs
-        (one block per device: cuSPARSE gains nothing from cache-sized blocks). ``None``:
+        Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPUs and
+        GPUs (a block's slice of the factor stays in cache). ``None``:
         one block per partition on any backend. Blocks are always cut where they would
         hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
     checkpoint_path : str or path-like, optional
