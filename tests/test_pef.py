@@ -3,6 +3,8 @@
 import copy
 import itertools
 import pickle
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -478,6 +480,78 @@ def test_model_left_unchanged():
     assert not model.training
 
 
+def _threads_of_run_batch(monkeypatch) -> set:
+    """Record the threads that run batches from now on."""
+    seen = set()
+    real = pefmod._Engine.run_batch
+
+    def spy(self, batch):
+        seen.add(threading.get_ident())
+        return real(self, batch)
+
+    monkeypatch.setattr(pefmod._Engine, "run_batch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["conv", "mlp", "tied"])
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+def test_n_jobs_gives_the_same_pefs(name, kind, monkeypatch):
+    model, X, _ = _make(name)
+    kw = dict(kind=kind, n_values=40, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied model's generic-path warning
+        want = PEFTransformer(model, **kw).fit(X).compute(X)
+        n_threads = torch.get_num_threads()
+        n_hooks = sum(len(m._forward_hooks) for m in model.modules())
+        tr = PEFTransformer(model, **kw, n_jobs=3).fit(X)
+        threads = _threads_of_run_batch(monkeypatch)
+        # pauses inside every layer's forward interleave the threads' forward passes, so
+        # each engine's hooks see the others' layers run (they must record their own only)
+        pauses = [m.register_forward_pre_hook(lambda *_: time.sleep(0.002))
+                  for m in model.modules() if not list(m.children())]
+        for _ in range(2):  # the first call checks the rules on batch 1 alone
+            got = tr.compute(X)
+            assert np.allclose(got.norms, want.norms, rtol=1e-12)
+            assert np.array_equal(got.logits, want.logits)
+            _assert_same_topk(got.pefs.toarray(), want.pefs.toarray(), atol=1e-12)
+        for h in pauses:
+            h.remove()
+    assert torch.get_num_threads() == n_threads
+    assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks
+    assert all(p.grad is None for p in model.parameters())
+    if name == "tied":  # generic path (it swaps parameters): the calling thread alone
+        assert threads == {threading.get_ident()}
+    else:
+        assert len(threads - {threading.get_ident()}) >= 2
+
+
+def test_n_jobs_stops_cleanly(monkeypatch):
+    model, X, _ = _make("conv")
+    X = torch.cat([X] * 4)
+    n_threads = torch.get_num_threads()
+    tr = PEFTransformer(model, kind="low_rank", n_values=20, batch_size=2, n_jobs=2).fit(X)
+    tr.compute(X[:2])  # checked: later calls are threaded from the first batch
+    it = tr.iter_compute(X)
+    next(it)
+    it.close()  # an early stop (or Ctrl-C in the consumer) ends the workers first
+    assert torch.get_num_threads() == n_threads
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert all(p.requires_grad for p in model.parameters())
+
+    def forward(m, batch):  # fails on the last, odd-sized batch, in a worker thread
+        if batch.shape[0] == 1:
+            raise RuntimeError("bad batch")
+        return m(batch)
+
+    tr = PEFTransformer(model, kind="low_rank", n_values=20, batch_size=2, n_jobs=2,
+                        forward=forward).fit(X)
+    tr.compute(X[:2])
+    with pytest.raises(RuntimeError, match="bad batch"):
+        tr.compute(X[:7])
+    assert torch.get_num_threads() == n_threads
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
 def test_train_mode_refused():
     model, X, _ = _make("mlp")
     model.train()
@@ -507,6 +581,9 @@ def test_train_mode_refused():
         ({"min_norm": -1.0}, "min_norm"),
         ({"min_norm": float("nan")}, "min_norm"),
         ({"batch_size": 0}, "batch_size"),
+        ({"n_jobs": 0}, "n_jobs"),
+        ({"n_jobs": -2}, "n_jobs"),
+        ({"n_jobs": 1.5}, "n_jobs"),
         ({"dtype": "int8"}, "dtype"),
         ({"params": ["nope"]}, "params"),
         ({"params": "net.0.weight"}, "params"),
