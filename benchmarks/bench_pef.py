@@ -125,6 +125,25 @@ def loop_topk(model, X, k, kind):
     return out
 
 
+def loop_threads(model, X, k, kind, n_threads):
+    """``loop_topk`` on ``n_threads`` Python threads (one slice of X each), torch's
+    intra-op threads divided among them: the loop peer given the same use of the cores
+    as ``PEFTransformer(n_jobs=n_threads)``."""
+    import threading
+
+    total = torch.get_num_threads()
+    torch.set_num_threads(max(1, total // n_threads))
+    try:
+        parts = X.tensor_split(n_threads)
+        ths = [threading.Thread(target=loop_topk, args=(model, p, k, kind)) for p in parts]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+    finally:
+        torch.set_num_threads(total)
+
+
 def backpack_select(model, X, k, batch_size=32):
     from backpack import backpack, extend
     from backpack.extensions import BatchDiagGGNExact
@@ -198,30 +217,42 @@ def peak_memory(model, kind, n, k, threads, device) -> dict:
 
 
 def bench_model(name, k, n_ours, n_loop, repeats, have_backpack, device) -> list[tuple]:
+    """Rows (model, params, kind, peer, peer ex/s, ours ex/s, ours with n_jobs ex/s)."""
     model, X = make_model(name, device)
     m = sum(p.numel() for p in model.parameters())
     Xo, Xl = X[:n_ours], X[:n_loop]
-    trs = {kind: PEFTransformer(model, kind=kind, n_values=k).fit(Xo)
-           for kind in ("low_rank", "diagonal")}
-    for tr in trs.values():  # warm-up
-        tr.compute(Xo[:32])
+    nt = torch.get_num_threads()
+    jobs = nt > 1 and device == "cpu"  # n_jobs acts on CPUs only
+    trs = {(kind, nj): PEFTransformer(model, kind=kind, n_values=k, n_jobs=nj).fit(Xo)
+           for kind in ("low_rank", "diagonal") for nj in ((None, nt) if jobs else (None,))}
+    for tr in trs.values():  # warm-up (and the one-batch check of the per-layer rules)
+        tr.compute(Xo[:64])
     best: dict[str, float] = {}
+
+    def keep(key, r):
+        best[key] = max(best.get(key, 0.0), r)
+
     for _ in range(repeats):  # interleaved, best of `repeats` (the machine is shared)
-        for kind, tr in trs.items():
-            r = rate(lambda tr=tr: tr.compute(Xo), n_ours)
-            best[f"ours-{kind}"] = max(best.get(f"ours-{kind}", 0.0), r)
-            r = rate(lambda kind=kind: loop_topk(model, Xl, k, kind), n_loop)
-            best[f"loop-{kind}"] = max(best.get(f"loop-{kind}", 0.0), r)
+        for (kind, nj), tr in trs.items():
+            keep(f"ours-{kind}-{nj}", rate(lambda tr=tr: tr.compute(Xo), n_ours))
+        for kind in ("low_rank", "diagonal"):
+            keep(f"loop-{kind}", rate(lambda kind=kind: loop_topk(model, Xl, k, kind), n_loop))
+            if jobs:
+                keep(f"loopx-{kind}", rate(lambda kind=kind: loop_threads(model, Xl, k, kind, nt),
+                                           n_loop))
         if have_backpack:
-            r = rate(lambda: backpack_select(model, Xo, k), n_ours)
-            best["backpack"] = max(best.get("backpack", 0.0), r)
-    rows = [(name, m, "low_rank", "loop+topk", best["loop-low_rank"], best["ours-low_rank"]),
-            (name, m, "diagonal", "loop+topk", best["loop-diagonal"], best["ours-diagonal"])]
+            keep("backpack", rate(lambda: backpack_select(model, Xo, k), n_ours))
+    rows = []
+    for kind in ("low_rank", "diagonal"):
+        ours = (best[f"ours-{kind}-None"], best.get(f"ours-{kind}-{nt}"))
+        rows.append((name, m, kind, "loop+topk", best[f"loop-{kind}"], *ours))
+        if jobs:
+            rows.append((name, m, kind, f"loop+topk x{nt} thr", best[f"loopx-{kind}"], *ours))
     if have_backpack:
         rows.append((name, m, "diagonal", "backpack+select", best["backpack"],
-                     best["ours-diagonal"]))
+                     best["ours-diagonal-None"], best.get(f"ours-diagonal-{nt}")))
         # sanity: BackPACK's exact GGN diagonal is the D-PEF
-        res = trs["diagonal"].compute(Xo[:8])
+        res = trs[("diagonal", None)].compute(Xo[:8])
         bp = backpack_select(model, Xo[:8], k, batch_size=8)[0]
         rel = float(abs((res.norms - bp[1].cpu().numpy()) / res.norms).max())
         print(f"{name}: max relative difference of D-PEF norms vs BackPACK: {rel:.2e}")
@@ -247,7 +278,7 @@ def main() -> None:
         return
     k = args.n_values
     gpu = args.device != "cpu"
-    n_ours = (512 if gpu else 128) if args.quick else (2048 if gpu else 320)
+    n_ours = (512 if gpu else 128) if args.quick else (2048 if gpu else 640)
     n_loop = 32 if args.quick else 64
     try:
         import backpack  # noqa: F401
@@ -265,10 +296,15 @@ def main() -> None:
         rows += bench_model(name, k, n_ours, n_loop, args.repeats, have_backpack,
                             args.device)
     print()
-    print(f"{'model':5} {'params':>8} {'kind':9} {'peer':16} {'peer ex/s':>10} "
-          f"{'ours ex/s':>10} {'ratio':>7}")
-    for name, m, kind, peer, rp, ro in rows:
-        print(f"{name:5} {m:8d} {kind:9} {peer:16} {rp:10.1f} {ro:10.1f} {ro / rp:6.1f}x")
+    nj = f"n_jobs={torch.get_num_threads()}"
+    print(f"{'model':5} {'params':>8} {'kind':9} {'peer':18} {'peer ex/s':>10} "
+          f"{'ours ex/s':>10} {nj:>10} {'ratio':>7}")
+    for name, m, kind, peer, rp, ro, rj in rows:
+        best = max(ro, rj or 0.0)
+        print(f"{name:5} {m:8d} {kind:9} {peer:18} {rp:10.1f} {ro:10.1f} "
+              f"{(f'{rj:.1f}' if rj else '-'):>10} {best / rp:6.1f}x")
+    print("(ratio: the faster of ours over the peer; 'x2 thr' peers run the loop on one "
+          "Python thread per core, as n_jobs does)")
     if not have_backpack:
         print("backpack+select rows skipped: backpack-for-pytorch is not installed")
 
