@@ -19,8 +19,27 @@ Peers (10 classes, batches of 32, K = --n-values kept entries, rows normalized):
 
 Ratios are ours / peer examples per second, best of ``--repeats`` interleaved runs.
 
-Measured 2026-11-22 (second session, final code) on the quiet 2-core machine (load
-1.0-1.5), three full runs with 2 threads; ratios per run:
+Measured 2026-11-22 (third session, final code), two full runs with 2 threads; ours
+with the default ``n_jobs=None`` / with ``n_jobs=2``, ratio of the faster:
+
+    mlp low_rank  loop+topk          18.0x  17.6x  (ours 671-697 / 703-704 ex/s, loop 39-40)
+    mlp low_rank  loop+topk x2 thr   12.2x  12.2x  (loop 58)
+    mlp diagonal  loop+topk          10.6x  10.4x  (ours 1524-1533 / 1369-1449)
+    mlp diagonal  backpack+select     2.6x   2.7x  (backpack 576-582)
+    cnn low_rank  loop+topk           5.2x   5.2x  (ours 251 / 269-271 ex/s, loop 52)
+    cnn low_rank  loop+topk x2 thr    4.6x   4.6x  (loop 58-59)
+    cnn diagonal  loop+topk           3.2x   3.2x  (ours 308-311 / 285-288)
+    cnn diagonal  backpack+select     1.6x   1.5x  (backpack 200-202)
+    peak RSS streaming 128 vs 1024 examples: 499-501/515-521 MB (mlp low rank),
+    627-629/629-632 MB (cnn low rank), 430/432-433 MB (mlp diagonal), 694-695/696-699
+    MB (cnn diagonal)
+
+With the default one job, the cnn's low-rank ratio is 4.8-4.9x. The "x2 thr" peer is the
+same loop on one Python thread per core (what ``n_jobs`` does for ours); against it the
+cnn's low-rank ratio is 4.6x.
+
+Second session (before ``n_jobs``), on the quiet 2-core machine (load 1.0-1.5), three
+full runs with 2 threads; ratios per run:
 
     mlp low_rank  loop+topk         10.3x  17.2x  17.2x   (ours 675-696 ex/s, loop 40-66)
     mlp diagonal  loop+topk         10.0x  10.3x  10.2x

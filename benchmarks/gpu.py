@@ -29,6 +29,18 @@ blocks) or each ``--gpu-block-size`` given, and with the CPU's column blocks of
 
 Without CuPy or a CUDA device the script exits with a message saying so (status 1);
 ``--cpu-only`` times the CPU column alone.
+
+Measured 2026-11-22 on one H100 80GB HBM3 (CuPy 14.2, CUDA 13, 16 host cores for the CPU
+column), full size, ``--repeats 3``:
+
+    | backend                     | s / iteration | A @ Ft ms | A.T @ R ms | iteration vs CPU |
+    | CPU NumpyBackend, 4096      | 0.139         | 18.6      | 38.9       | 1.0x             |
+    | GPU, blocks of 4096         | 0.031         | 9.9       | 19.2       | 4.5x             |
+    | GPU, one block per device   | 0.040         | 20.2      | 18.2       | 3.5x             |
+
+``--no-cpu --gpu-block-size -1 4096 -1 4096`` (interleaved): 0.041/0.041 s per iteration
+with one block, 0.031/0.033 s with 4096-column blocks, hence the default. The products
+reach 17-33% of the H100's 3.35 TB/s (cuSPARSE SpMM with 64 dense columns).
 """
 
 from __future__ import annotations
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=4096)
     ap.add_argument("--gpu-block-size", type=int, nargs="+", default=[0],
-                    help="columns per GPU block, one row each; 0: the backend's default")
+                    help="columns per GPU block, one row each; 0: the backend's default, "
+                    "-1: one block per device")
     ap.add_argument("--devices", type=int, nargs="+", default=[0])
     ap.add_argument("--peak-gbs", type=float, default=None)
     ap.add_argument("--cpu-only", action="store_true", help="skip the GPU (no CuPy needed)")
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         name, peak = device_info(args.devices[0])
         peak = args.peak_gbs or peak
         print(f"# device {args.devices[0]}: {name}, peak memory bandwidth {peak:.0f} GB/s")
-        sizes = [bs or "auto" for bs in args.gpu_block_size]
+        sizes = [None if bs == -1 else bs or "auto" for bs in args.gpu_block_size]
         if args.block_size not in sizes:  # the CPU's blocks, for comparison
             sizes.append(args.block_size)
         configs = [([args.devices[0]], bs) for bs in sizes]
@@ -213,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             be = CupyBackend(devices=devs)
             prods = time_products(A, be, bs, r, args.repeats)
             it = seconds_per_iteration(X, c, r, args.iters, backend=be, block_size=bs)
-            what = "default blocks" if bs == "auto" else f"blocks of {bs}"
+            what = ("default blocks" if bs == "auto" else "one block per device" if bs is None
+                    else f"blocks of {bs}")
             rows.append((f"GPU {devs}, {what}", peak * len(devs), prods, it))
 
     cpu_row = rows[0] if not args.no_cpu else None

@@ -1462,11 +1462,11 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     n_jobs : int, default=None
         Batches computed at once on a CPU, each in its own thread with an equal share of
         torch's intra-op threads (restored afterwards). ``None``: 1; ``-1``: one per
-        intra-op thread (``torch.get_num_threads()``). On 2 cores, two jobs computed a
-        small CNN's PEFs 9% faster than one job with 2 intra-op threads, an MLP's
-        low-rank PEFs equally fast and its diagonal PEFs 12% slower (640 examples,
-        ``benchmarks/bench_pef.py``): it pays where layers are convolutions. Memory
-        grows to ``n_jobs`` batches' buffers.
+        intra-op thread (``torch.get_num_threads()``). On 2 cores, against one job
+        with 2 intra-op threads (``benchmarks/bench_pef.py``, two runs), two jobs
+        computed low-rank PEFs 7-8% faster for a small CNN and 1-5% faster for an MLP,
+        but diagonal PEFs 7% (CNN) and 5-10% (MLP) slower: measure on your model.
+        Memory grows to ``n_jobs`` batches' buffers.
         Results and their order do not depend on it. It has no effect on a GPU, and
         when a parameter needs the generic ``torch.func`` path (which swaps the model's
         parameters while it runs); a custom ``forward`` must then be thread-safe.

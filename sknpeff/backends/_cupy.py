@@ -12,10 +12,11 @@ interface, and is tested on the CPU with a fake multi-device backend
   matrices took only int32 indices until int64 support landed); ColumnBlocks keeps
   every block under 2**31 nonzeros so that int32 always suffices, and any CuPy works.
 * By default blocks are 4096 columns, as on the CPU (``default_block_size``): measured
-  on an H100 (``benchmarks/gpu.py``, 30,000 x 200,000, 40.8M nonzeros, r = 64), an
-  iteration took 0.031 s with 4096-column blocks against 0.040 s with one block per
-  device, and ``A @ Ft`` 9.9 ms against 20.2 ms: the block's slice of the factor stays
-  in the GPU's L2 cache, as it stays in the CPU's.
+  on an H100 (``benchmarks/gpu.py --no-cpu --gpu-block-size -1 4096 -1 4096``, 30,000 x
+  200,000, 40.8M nonzeros, r = 64), an iteration took 0.031-0.033 s with 4096-column
+  blocks against 0.041 s with one block per device, and ``A @ Ft`` 9.9 ms against
+  20.5-20.7 ms: the block's slice of the factor stays in the GPU's L2 cache, as it stays
+  in the CPU's.
 * ``spmm`` is cuSPARSE SpMM through ``a @ b``.
 * ``allreduce`` over several devices uses NCCL (``cupy.cuda.nccl``, one communicator per
   device, in-place all-reduce in a group), falling back to peer copies summed on the
