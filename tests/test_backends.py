@@ -446,11 +446,8 @@ def test_local_partitions_default_is_all():
 # ------------------------------------------------- CuPy glue on a fake CuPy (CPU)
 @pytest.fixture
 def fake_cupy(monkeypatch):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    try:
-        import _fake_cupy
-    finally:
-        sys.path.pop(0)
+    from tests import _fake_cupy
+
     _fake_cupy.install(monkeypatch)
     yield _fake_cupy
     sys.modules.pop("sknpeff.backends._cupy", None)

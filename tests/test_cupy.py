@@ -19,6 +19,7 @@ from sknpeff.backends import ColumnBlocks, NumpyBackend, get_backend
 from sknpeff.backends._blocks import INT32_MAX_NNZ, plan_partition_blocks
 from sknpeff.datasets import make_planted_diagonal, make_planted_lowrank
 from sknpeff.decomposition import DiagonalNPEFF, LowRankNPEFF
+from tests import _fake_cupy
 from tests._helpers import matched_cos
 
 HERE = Path(__file__).resolve().parent
@@ -39,21 +40,12 @@ def _gpu_skip_reason() -> str | None:
 GPU_SKIP = _gpu_skip_reason()
 
 
-def _fake_module():
-    sys.path.insert(0, str(HERE))
-    try:
-        import _fake_cupy
-    finally:
-        sys.path.remove(str(HERE))
-    return _fake_cupy
-
-
 @pytest.fixture(params=["fake", pytest.param("gpu", marks=[
     pytest.mark.gpu, pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))])])
 def cp(request, monkeypatch):
     """The ``cupy`` module: the fake one on the CPU, or the real one on a GPU."""
     if request.param == "fake":
-        fake = _fake_module()
+        fake = _fake_cupy
         module = fake.install(monkeypatch)
         yield module
         sys.modules.pop("sknpeff.backends._cupy", None)

@@ -38,15 +38,6 @@ def _launch(n_ranks: int, out_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def _worker_settings():
-    sys.path.insert(0, str(HERE))
-    try:
-        import _distributed_worker
-    finally:
-        sys.path.remove(str(HERE))
-    return _distributed_worker
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """One torchrun launch of 2 gloo ranks (the worker runs every scenario); its output
@@ -72,7 +63,7 @@ def _ranks(out_dir):
 
 def test_two_ranks_equal_single_process(two_ranks):
     out_dir, elapsed, _ = two_ranks
-    w = _worker_settings()
+    from tests import _distributed_worker as w
     r0, r1 = _ranks(out_dir)
     # every rank ends with identical W and components_ (bit for bit)
     for key in r0.files:
@@ -98,7 +89,7 @@ def test_two_ranks_equal_single_process(two_ranks):
 
 def test_two_ranks_diagonal_and_partial_fit(two_ranks):
     out_dir, _, _ = two_ranks
-    w = _worker_settings()
+    from tests import _distributed_worker as w
     r0, _ = _ranks(out_dir)
     Xd, _, _ = make_planted_diagonal(**w.DIAG_DATA)
     ref = DiagonalNPEFF(**w.DIAG_PARAMS)
@@ -130,7 +121,7 @@ def test_two_ranks_cupy_glue_on_fake_cupy(two_ranks):
 
 def test_two_ranks_only_rank0_prints_and_checkpoints(two_ranks):
     out_dir, _, launcher_out = two_ranks
-    w = _worker_settings()
+    from tests import _distributed_worker as w
     out0 = (out_dir / "stdout_rank0.txt").read_text()
     out1 = (out_dir / "stdout_rank1.txt").read_text()
     assert out1 == "", f"rank 1 printed:\n{out1}"
