@@ -242,6 +242,119 @@ def test_block_max_matches_a_pass_over_the_rows(signed):
     assert torch.equal(bm.bmag.reshape(-1), want)
 
 
+def _deferred_rows(gen, R=3, signed=True):
+    """Rows with outer-product regions written (``full``) and deferred over NaN
+    (``rows``, ``dfr``, ``bm``), regions starting mid-block, one crossing many blocks."""
+    B = pefmod._BLOCK
+    layout = [("dense", 37), ("outer", (5, 3 * B + 1)), ("dense", B + 3), ("outer", (9, B)),
+              ("outer", (4, 200)), ("outer", (6, 50)), ("dense", 11)]  # I < B: written
+    n = sum(v if k == "dense" else v[0] * v[1] for k, v in layout)
+    n_pad = -(-n // B) * B
+    full = torch.zeros(R, n_pad, dtype=torch.float64)
+    rows = torch.full((R, n_pad), float("nan"), dtype=torch.float64)
+    rows[:, n:] = 0
+    bm = pefmod._BlockMax(R, n_pad, torch.float64, "cpu", signed=signed)
+    dfr = pefmod._Deferred(rows)
+    lo = 0
+    for kind, size in layout:
+        if kind == "dense":
+            v = torch.randn(R, size, generator=gen, dtype=torch.float64)
+            v = v if signed else v.abs()
+            full[:, lo : lo + size] = rows[:, lo : lo + size] = v
+            bm.scan(rows, lo, lo + size)
+            lo += size
+            continue
+        Q, I = size
+        u = torch.randn(R, Q, generator=gen, dtype=torch.float64)
+        x = torch.randn(R, I, generator=gen, dtype=torch.float64)
+        if not signed:
+            u, x = u.abs(), x.abs()
+        full[:, lo : lo + Q * I] = (u[:, :, None] * x[:, None, :]).reshape(R, -1)
+        if bm.outer_reads(lo, Q, I):
+            rows[:, lo : lo + Q * I] = full[:, lo : lo + Q * I]
+        else:
+            dfr.add(lo, u, x)
+        bm.outer(rows, lo, u.abs(), x.abs())
+        lo += Q * I
+    return full, rows, dfr, bm, n
+
+
+def test_deferred_regions_read_like_written_ones():
+    gen = torch.Generator().manual_seed(5)
+    full, rows, dfr, bm, n = _deferred_rows(gen)
+    B = pefmod._BLOCK
+    assert len(dfr.regions) == 3 and bool(torch.isnan(rows).any())
+    # block maxima from the factors are those of the written rows
+    assert torch.equal(bm.bmag.reshape(-1), full.reshape(-1, B).abs().amax(1))
+    R, n_pad = rows.shape
+    # entries anywhere (shared columns, per-row columns), whole blocks, and everything
+    cols = torch.randint(0, n_pad, (1, 500), generator=gen)
+    got = rows[:, cols[0]].clone()
+    dfr.patch(got, torch.arange(R)[:, None], cols)
+    assert torch.equal(got, full[:, cols[0]])
+    cols = torch.randint(0, n_pad, (R, 400), generator=gen)
+    got = rows.gather(1, cols)
+    dfr.patch(got, torch.arange(R)[:, None], cols)
+    assert torch.equal(got, full.gather(1, cols))
+    blk_rows = torch.arange(R).repeat_interleave(n_pad // B)
+    blk = torch.arange(n_pad // B).repeat(R)
+    got = rows.reshape(-1, B).clone()
+    dfr.patch_blocks(got, blk_rows, blk)
+    assert torch.equal(got, full.reshape(-1, B))
+    dfr.materialize()
+    assert not dfr and torch.equal(rows, full)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("path", ["blocks", "entries", "fallback", "topk", "large_k"])
+def test_selection_with_deferred_regions(signed, path, monkeypatch):
+    # every path of the selection gives on deferred rows (NaN where not written) what it
+    # gives on written ones: entries are computed where read, or the rows written first
+    gen = torch.Generator().manual_seed(6)
+    full, rows, dfr, bm, n = _deferred_rows(gen, signed=signed)
+    k = 3000 if path == "large_k" else 200  # k < N / 2: a subsample estimates t
+    state, method = None, "filter"
+    if path == "entries":
+        state = {"block_frac": 1.0, "calls": 1}
+    elif path == "topk":
+        method = "topk"
+    elif path == "fallback":
+        top = int(full[0].abs().argmax())
+        monkeypatch.setattr(pefmod.torch, "randint",
+                            lambda low, high, size, **kw: torch.full(size, top, dtype=torch.long))
+    sel = _select_topk(rows, k, signed=signed, n_valid=n, state=state, method=method,
+                       block_max=bm.bmag, deferred=dfr)
+    for r in range(rows.shape[0]):
+        want = set(torch.topk(full[r, :n].abs(), k).indices.tolist())
+        assert set(sel[r][sel[r] >= 0].tolist()) == want
+    if path in ("blocks", "large_k"):
+        assert bool(torch.isnan(rows).any()) == (path == "blocks")  # only read where needed
+    with pytest.raises(ValueError, match="block maxima"):
+        _select_topk(rows, k, signed=signed, deferred=pefmod._Deferred(rows))
+
+
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+def test_deferred_outer_products_change_nothing(kind, monkeypatch):
+    # the engine with Linear blocks left unwritten gives the PEFs of the one that writes them
+    torch.manual_seed(2)
+    model = _WideNet().eval()
+    X = torch.randn(6, 3, 12, 12)
+    added = []
+    real_add = pefmod._Deferred.add
+    monkeypatch.setattr(pefmod._Deferred, "add",
+                        lambda self, *a: (added.append(a[0]), real_add(self, *a))[1])
+    res = {}
+    for defer in (False, True):
+        tr = PEFTransformer(model, kind=kind, n_values=400, batch_size=3)
+        tr._defer_outer = defer
+        res[defer] = tr.fit(X).compute(X)
+        assert bool(added) == defer
+    assert np.array_equal(res[True].pefs.indices, res[False].pefs.indices)
+    assert np.array_equal(res[True].pefs.indptr, res[False].pefs.indptr)
+    np.testing.assert_allclose(res[True].pefs.data, res[False].pefs.data, rtol=1e-6)
+    np.testing.assert_allclose(res[True].norms, res[False].norms, rtol=1e-6)
+
+
 def test_later_calls_reuse_the_first_calls_check(monkeypatch):
     # the one-batch check of the per-layer rules runs once per fitted model, not per call
     calls = []
