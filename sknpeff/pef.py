@@ -46,6 +46,7 @@ selection, small products) use two cores poorly, two batches at once use them fu
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import queue
@@ -360,6 +361,9 @@ class _BlockMax:
         self.bmag[:, b0:b1] = torch.maximum(first, second)
 
 
+_DEFER_MAX_FRAC = 0.15
+
+
 class _Deferred:
     """Outer-product regions of assembled rows, left unwritten until an entry is read.
 
@@ -376,6 +380,7 @@ class _Deferred:
     def __init__(self, rows: torch.Tensor | None = None) -> None:
         self.rows = rows  # (R, N_pad); the assemblers set it
         self.regions: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        self._ext: dict[int, torch.Tensor] = {}  # see patch_blocks
 
     def __bool__(self) -> bool:
         return bool(self.regions)
@@ -394,48 +399,53 @@ class _Deferred:
                 self.rows[:, a:b] = u[:, local // I] * v[:, local % I]
         self.regions.append((lo, hi, u, v))
 
-    def _values(self, region, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Deferred values at ``(rows, cols)`` (broadcast; columns clamped into the region)."""
-        lo, hi, u, v = region
-        Q, I = u.shape[1], v.shape[1]
-        local = (cols - lo).clamp(0, Q * I - 1)
-        q = torch.div(local, I, rounding_mode="floor")
-        return torch.take(u, rows * Q + q) * torch.take(v, rows * I + (local - q * I))
-
     def patch(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Put the deferred values into ``out``, read from ``self.rows[rows, cols]``
-        (``rows`` and ``cols`` broadcast to ``out``'s shape)."""
-        for region in self.regions:
-            inside = (cols >= region[0]) & (cols < region[1])
-            torch.where(inside, self._values(region, rows, cols), out, out=out)
+        """Put the deferred values into ``out`` ``(R, w)``, read from
+        ``self.rows[rows, cols]``. ``rows`` is ``(R, 1)``; ``cols`` is ``(R, w)`` or, for
+        columns shared by all rows, ``(1, w)``."""
+        shared = cols.shape[0] == 1 and out.shape[0] > 1
+        flat_cols = cols[0] if shared else cols.reshape(-1)
+        for lo, hi, u, v in self.regions:
+            hit = torch.nonzero((flat_cols >= lo) & (flat_cols < hi)).squeeze(1)
+            if hit.numel() == 0:
+                continue
+            local = flat_cols[hit] - lo
+            I = v.shape[1]
+            q = torch.div(local, I, rounding_mode="floor")
+            if shared:  # each column located once, read in every row
+                out[:, hit] = u.index_select(1, q) * v.index_select(1, local - q * I)
+            else:
+                r = rows.expand(out.shape).reshape(-1)[hit]
+                out.view(-1)[hit] = (u.view(-1)[r * u.shape[1] + q]
+                                     * v.view(-1)[r * I + local - q * I])
 
     def patch_blocks(self, out: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor
                      ) -> None:
         """Put the deferred values into ``out`` ``(n, _BLOCK)``, read from blocks
         ``blocks`` (block numbers within the row) of rows ``rows``. Edge blocks of a
-        region were written by :meth:`add`; whole blocks are a slice of ``v`` times one
-        ``u`` (or two pieces where a block crosses a row of the outer product)."""
-        for region in self.regions:
-            lo, hi, u, v = region
-            I = v.shape[1]
-            w0, w1 = -(-lo // _BLOCK), hi // _BLOCK
-            hit = torch.nonzero((blocks >= w0) & (blocks < w1)).squeeze(1)
+        region were written by :meth:`add`; a whole block is a window of ``v`` times
+        ``u[q]``, or ``u[q + 1]`` past the end of the outer product's row ``q``."""
+        start = blocks * _BLOCK
+        for k, (lo, hi, u, v) in enumerate(self.regions):
+            hit = torch.nonzero((start >= lo) & (start + _BLOCK <= hi)).squeeze(1)
             if hit.numel() == 0:
                 continue
+            Q, I = u.shape[1], v.shape[1]
             r = rows[hit]
-            start = blocks[hit] * _BLOCK - lo
-            q = torch.div(start, I, rounding_mode="floor")
-            i = start - q * I
-            # windows of the flat v (index_select of rows of a strided view: 3x faster
-            # than indexing v.unfold(1, ...) by row and start)
-            win = v.reshape(-1).unfold(0, _BLOCK, 1).index_select(0, r * I + i.clamp(
-                max=I - _BLOCK))
-            vals = u[r, q][:, None] * win
-            cross = torch.nonzero(i > I - _BLOCK).squeeze(1)
-            if cross.numel():
-                cols = (start[cross] + lo)[:, None] + torch.arange(_BLOCK, device=r.device)
-                vals[cross] = self._values(region, r[cross][:, None], cols)
-            out[hit] = vals
+            local = start[hit] - lo
+            q = torch.div(local, I, rounding_mode="floor")
+            i = local - q * I
+            # each row of v with its first columns repeated at the end: any window of a
+            # row of the outer product is a window of it; windows of the flat tensor by
+            # index_select of rows of a strided view (3x faster than indexing by row and
+            # start)
+            if k not in self._ext:
+                self._ext[k] = torch.cat([v, v[:, : _BLOCK - 1]], 1).reshape(-1)
+            win = self._ext[k].unfold(0, _BLOCK, 1).index_select(0, r * (I + _BLOCK - 1) + i)
+            u1 = u.view(-1)[r * Q + q]
+            u2 = u.view(-1)[r * Q + torch.clamp(q + 1, max=Q - 1)]
+            past = torch.arange(_BLOCK, device=r.device) >= (I - i)[:, None]
+            out[hit] = win * torch.where(past, u2[:, None], u1[:, None])
 
     def materialize(self) -> None:
         """Write every deferred region into the rows (for passes that read them all)."""
@@ -443,7 +453,7 @@ class _Deferred:
         for lo, hi, u, v in self.regions:
             torch.mul(u[:, :, None], v[:, None, :],
                       out=self.rows[:, lo:hi].view(R, u.shape[1], v.shape[1]))
-        self.regions = []
+        self.regions, self._ext = [], {}
 
 
 def _select_topk(
@@ -987,6 +997,13 @@ def _padded(n: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # the engine (one per compute call; holds hooks and the parameter plan)
 # ---------------------------------------------------------------------------------------------
+_END = object()  # end of an iterator
+
+
+class _NeedsOneThread(Exception):
+    """A batch run on a worker thread needs parameters moved to the generic path."""
+
+
 class _Record:
     __slots__ = ("module", "x", "out", "version")
 
@@ -1030,6 +1047,8 @@ class _Engine:
         # worker threads hook the same modules
         self.recording_thread: int | None = None
         self.handles: list = []
+        # whether engines of other threads run batches of the same model concurrently
+        self.shared = False
         self.verified = False
         self.loop_warned = False
 
@@ -1359,6 +1378,11 @@ class _Engine:
             if not bad and not self.verified:
                 bad = self._verify(logits, gouts, cot_cb, B)
                 self.verified = True
+            if bad and self.shared:
+                # moving parameters to the generic path re-hooks modules and swaps their
+                # parameters, which other threads' forward passes would see: nothing is
+                # changed here, the caller goes on with one thread
+                raise _NeedsOneThread(bad)
             if bad:
                 warnings.warn(
                     "per-layer rules do not apply to parameters "
@@ -1390,7 +1414,11 @@ class _Engine:
                 if _wants_blocks(self.select_state, self.device):
                     bm = _BlockMax(b1 - b0, _padded(n_valid), logits.dtype, self.device,
                                    signed=lowrank, plans=self.block_plans)
-                    dfr = _Deferred() if self.defer else None
+                    # computing entries where read beats writing them only when the
+                    # filter reads few blocks (measured: 5-6% of them for the benchmark
+                    # models' low-rank rows: faster; 28-44% for their diagonal rows: not)
+                    frac = self.select_state.get("block_frac", 1.0)
+                    dfr = _Deferred() if self.defer and frac < _DEFER_MAX_FRAC else None
                 if lowrank:
                     vals, nrm = self._assemble_lrm(contribs, b1 - b0, c_eff, logits.dtype, bm,
                                                    dfr)
@@ -1622,9 +1650,11 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         computed low-rank PEFs 7-8% faster for a small CNN and 1-5% faster for an MLP,
         but diagonal PEFs 7% (CNN) and 5-10% (MLP) slower: measure on your model.
         Memory grows to ``n_jobs`` batches' buffers.
-        Results and their order do not depend on it. It has no effect on a GPU, and
+        Results and their order do not depend on it. It has no effect on a GPU, or
         when a parameter needs the generic ``torch.func`` path (which swaps the model's
-        parameters while it runs); a custom ``forward`` must then be thread-safe.
+        parameters while it runs): a batch found to need it on a worker thread is run
+        again, with every later batch, on the calling thread. With ``n_jobs > 1`` a
+        custom ``forward`` must be thread-safe.
     device : str or torch.device, default=None
         Where to compute; must be the device of the model's parameters (``None``: that
         device). Inputs are moved there.
@@ -1847,25 +1877,45 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 free.put(e)
 
         n_threads = torch.get_num_threads()
-        pending: deque = deque()
+        pending: deque = deque()  # (future, batch), in order
+        redo: list = []
         pool = ThreadPoolExecutor(n_jobs, thread_name_prefix="sknpeff-pef")
         try:
+            for e in engines:
+                e.shared = True
             for e in engines[1:]:
                 e.add_hooks()
             torch.set_num_threads(max(1, n_threads // n_jobs))
-            for batch in it:
-                pending.append(pool.submit(task, batch))
-                if len(pending) >= 2 * n_jobs:  # bounded look-ahead: bounded memory
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            exhausted = False
+            while True:
+                # bounded look-ahead (bounded memory): at most 2 * n_jobs batches pending
+                while not exhausted and len(pending) < 2 * n_jobs:
+                    batch = next(it, _END)
+                    exhausted = batch is _END
+                    if not exhausted:
+                        pending.append((pool.submit(task, batch), batch))
+                if not pending:
+                    break
+                fut, batch = pending.popleft()
+                try:
+                    res = fut.result()
+                except _NeedsOneThread:
+                    # a later batch needs the generic path: this one and every later one
+                    # are run again on this thread, whose engine moves the parameters
+                    redo = [batch, *(b for _, b in pending)]
+                    break
+                yield res
         finally:
             # on an error, an interrupt or an early close: drop what has not started,
             # let the running batches end, then undo everything
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(n_threads)
+            for e in engines:
+                e.shared = False
             for e in engines[1:]:
                 e.remove_hooks()
+        for batch in itertools.chain(redo, it):
+            yield eng.run_batch(batch)
 
     # -- sklearn API ---------------------------------------------------------------------------
     def fit(self, X, y=None):

@@ -155,6 +155,7 @@ def test_topk_exact_on_wide_rows(kind, chunk, path, monkeypatch):
     # outer products, whose entries are computed only where the selection looks) must
     # give exactly the largest entries of the normalized rows; so must the paths that
     # read whole rows: a threshold estimated too high, and k close to the row length
+    monkeypatch.setattr(pefmod, "_DEFER_MAX_FRAC", 2.0)  # Linear blocks always deferred
     torch.manual_seed(1)
     model = _WideNet().double().eval()
     X = torch.randn(5, 3, 12, 12, dtype=torch.float64)
@@ -339,6 +340,7 @@ def test_deferred_outer_products_change_nothing(kind, monkeypatch):
     torch.manual_seed(2)
     model = _WideNet().eval()
     X = torch.randn(6, 3, 12, 12)
+    monkeypatch.setattr(pefmod, "_DEFER_MAX_FRAC", 2.0)  # however many blocks it reads
     added = []
     real_add = pefmod._Deferred.add
     monkeypatch.setattr(pefmod._Deferred, "add",
@@ -636,6 +638,49 @@ def test_n_jobs_gives_the_same_pefs(name, kind, monkeypatch):
         assert threads == {threading.get_ident()}
     else:
         assert len(threads - {threading.get_ident()}) >= 2
+
+
+@pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
+def test_n_jobs_hands_a_generic_path_batch_back_to_one_thread(kind, monkeypatch):
+    # a later batch that the per-layer rules cannot take (here the odd last one, whose
+    # example goes through the model without its batch axis) moves parameters to the
+    # generic path, which swaps the model's parameters: that must not happen while other
+    # threads run forward passes, so the batch and those after it run on this thread
+    model, X, _ = _make("mlp")
+    X = torch.cat([X, X[:2]])  # 11 examples: batches of 2, then one of 1
+
+    def forward(m, batch):
+        if batch.shape[0] == 1:
+            return m(batch[0])[None]
+        return m(batch)
+
+    kw = dict(kind=kind, n_values=40, batch_size=2, forward=forward)
+    with pytest.warns(UserWarning, match="per-layer rules do not apply"):
+        want = PEFTransformer(model, **kw).fit(X).compute(X)
+    tr = PEFTransformer(model, **kw, n_jobs=2).fit(X)
+    tr.compute(X[:2])  # checked on a good batch: later calls start threaded
+    moved = []
+    real_move = pefmod._Engine.move_to_fallback
+
+    def move(self, pids):
+        moved.append(threading.get_ident())
+        return real_move(self, pids)
+
+    monkeypatch.setattr(pefmod._Engine, "move_to_fallback", move)
+    threads = _threads_of_run_batch(monkeypatch)
+    pauses = [m.register_forward_pre_hook(lambda *_: time.sleep(0.002))
+              for m in model.modules() if not list(m.children())]
+    with pytest.warns(UserWarning, match="per-layer rules do not apply"):
+        got = tr.compute(X)
+    for h in pauses:
+        h.remove()
+    assert moved == [threading.get_ident()]  # moved once, on the calling thread
+    assert len(threads - {threading.get_ident()}) >= 1  # the batches before: threaded
+    assert np.allclose(got.norms, want.norms, rtol=1e-12)
+    assert np.array_equal(got.logits, want.logits)
+    _assert_same_topk(got.pefs.toarray(), want.pefs.toarray(), atol=1e-12)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_n_jobs_stops_cleanly(monkeypatch):
