@@ -356,8 +356,10 @@ class _BlockMax:
         win = F.max_pool1d(xa[:, None], _BLOCK, stride=1)[:, 0]  # max over [i, i + B)
         suf = torch.flip(torch.cummax(torch.flip(xa, (1,)), 1).values, (1,))
         pre = torch.cummax(xa, 1).values
-        first = ga[:, q1] * torch.where(fits, win[:, i1w], suf[:, i1])
-        second = torch.where(fits, torch.zeros_like(first), ga[:, q2] * pre[:, e])
+        first = ga.index_select(1, q1) * torch.where(fits, win.index_select(1, i1w),
+                                                     suf.index_select(1, i1))
+        second = torch.where(fits, torch.zeros_like(first),
+                             ga.index_select(1, q2) * pre.index_select(1, e))
         self.bmag[:, b0:b1] = torch.maximum(first, second)
 
 
@@ -399,25 +401,24 @@ class _Deferred:
                 self.rows[:, a:b] = u[:, local // I] * v[:, local % I]
         self.regions.append((lo, hi, u, v))
 
-    def patch(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Put the deferred values into ``out`` ``(R, w)``, read from
-        ``self.rows[rows, cols]``. ``rows`` is ``(R, 1)``; ``cols`` is ``(R, w)`` or, for
-        columns shared by all rows, ``(1, w)``."""
+    def patch(self, out: torch.Tensor, cols: torch.Tensor) -> None:
+        """Put the deferred values into ``out`` ``(R, w)``, read from columns ``cols`` of
+        every row: ``cols`` is ``(R, w)``, or ``(1, w)`` for columns shared by all rows."""
         shared = cols.shape[0] == 1 and out.shape[0] > 1
         flat_cols = cols[0] if shared else cols.reshape(-1)
         for lo, hi, u, v in self.regions:
             hit = torch.nonzero((flat_cols >= lo) & (flat_cols < hi)).squeeze(1)
             if hit.numel() == 0:
                 continue
-            local = flat_cols[hit] - lo
+            local = flat_cols.index_select(0, hit) - lo
             I = v.shape[1]
             q = torch.div(local, I, rounding_mode="floor")
             if shared:  # each column located once, read in every row
                 out[:, hit] = u.index_select(1, q) * v.index_select(1, local - q * I)
             else:
-                r = rows.expand(out.shape).reshape(-1)[hit]
-                out.view(-1)[hit] = (u.view(-1)[r * u.shape[1] + q]
-                                     * v.view(-1)[r * I + local - q * I])
+                r = torch.div(hit, out.shape[1], rounding_mode="floor")
+                out.view(-1).index_copy_(0, hit, u.view(-1).index_select(0, r * u.shape[1] + q)
+                                         * v.view(-1).index_select(0, r * I + local - q * I))
 
     def patch_blocks(self, out: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor
                      ) -> None:
@@ -442,10 +443,14 @@ class _Deferred:
             if k not in self._ext:
                 self._ext[k] = torch.cat([v, v[:, : _BLOCK - 1]], 1).reshape(-1)
             win = self._ext[k].unfold(0, _BLOCK, 1).index_select(0, r * (I + _BLOCK - 1) + i)
-            u1 = u.view(-1)[r * Q + q]
-            u2 = u.view(-1)[r * Q + torch.clamp(q + 1, max=Q - 1)]
-            past = torch.arange(_BLOCK, device=r.device) >= (I - i)[:, None]
-            out[hit] = win * torch.where(past, u2[:, None], u1[:, None])
+            vals = win * u.view(-1).index_select(0, r * Q + q)[:, None]
+            cross = torch.nonzero(i > I - _BLOCK).squeeze(1)  # blocks crossing a row
+            if cross.numel():
+                rc, qc, ic = r[cross], q[cross], i[cross]
+                past = torch.arange(_BLOCK, device=r.device) >= (I - ic)[:, None]
+                u2 = u.view(-1).index_select(0, rc * Q + torch.clamp(qc + 1, max=Q - 1))
+                vals[cross] = torch.where(past, win[cross] * u2[:, None], vals[cross])
+            out[hit] = vals
 
     def materialize(self) -> None:
         """Write every deferred region into the rows (for passes that read them all)."""
@@ -540,10 +545,12 @@ def _select_topk(
             mag = values[:, :N].abs()
             vals, idx = torch.topk(mag, k, dim=1, sorted=False)
             return idx.masked_fill(vals <= 0, -1)
-        sub_idx = torch.randint(0, N, (s,), generator=generator, device="cpu").to(device)
+        # sorted: the gather then walks each row forward (the order does not matter)
+        sub_idx = torch.randint(0, N, (s,), generator=generator, device="cpu").sort().values
+        sub_idx = sub_idx.to(device)
         sub = values.index_select(1, sub_idx)
         if deferred:
-            deferred.patch(sub, torch.arange(R, device=device)[:, None], sub_idx[None, :])
+            deferred.patch(sub, sub_idx[None, :])
         if signed:
             sub = sub.abs()
         t = torch.topk(sub, r, dim=1, sorted=False).values.min(dim=1).values
@@ -568,11 +575,12 @@ def _select_topk(
             deferred.patch_blocks(cand, brow, bflat - brow * nb)
         if signed:
             cand = cand.abs()
-        hit = cand >= t[brow][:, None]
-        e_blk, e_off = torch.nonzero(hit, as_tuple=True)
-        rows = brow[e_blk]
-        cols = (bflat[e_blk] - rows * nb) * _BLOCK + e_off
-        evals = cand[e_blk, e_off]
+        hit = cand >= t.index_select(0, brow)[:, None]
+        flat = torch.nonzero(hit.view(-1)).squeeze(1)
+        e_blk = torch.div(flat, _BLOCK, rounding_mode="floor")
+        rows = brow.index_select(0, e_blk)
+        cols = (bflat.index_select(0, e_blk) - rows * nb) * _BLOCK + (flat - e_blk * _BLOCK)
+        evals = cand.view(-1).index_select(0, flat)
     else:
         # blocks are not selective on these rows (e.g. k / N large): compare entries
         mag = values.abs() if signed else values
@@ -587,11 +595,12 @@ def _select_topk(
     if maxc > 0:
         # entries come out sorted by row: position of each entry within its row
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(rows.numel(), device=device) - starts[rows]
+        pos = torch.arange(rows.numel(), device=device) - starts.index_select(0, rows)
+        at = rows * maxc + pos
         cvals = torch.full((R, maxc), -1.0, dtype=values.dtype, device=device)
-        cvals[rows, pos] = evals
+        cvals.view(-1).index_copy_(0, at, evals)
         cidx = torch.full((R, maxc), -1, dtype=torch.long, device=device)
-        cidx[rows, pos] = cols
+        cidx.view(-1).index_copy_(0, at, cols)
         if width < maxc:
             tv, tp = torch.topk(cvals, width, dim=1, sorted=False)
             out[:, :width] = cidx.gather(1, tp).masked_fill(tv < 0, -1)
@@ -1441,8 +1450,7 @@ class _Engine:
                 cols = sel.clamp(min=0)
                 picked.append(vals.gather(1, cols))
                 if dfr:
-                    dfr.patch(picked[-1], torch.arange(b1 - b0, device=self.device)[:, None],
-                              cols)
+                    dfr.patch(picked[-1], cols)
                 scales.append(scale)
                 norms.append(nrm)
         counts, idx, data = _rows_to_csr_parts(_pad_cat(picked, 0), _pad_cat(sels, -1),
@@ -1504,12 +1512,12 @@ class _Engine:
         m = self.m
 
         def col_map(sel: torch.Tensor) -> torch.Tensor:
-            u = sel.clamp(min=0)
-            p = torch.searchsorted(ends, u.reshape(-1), right=True).reshape(u.shape)
-            local = u - c * off[p]
-            n = size[p]
+            u = sel.clamp(min=0).reshape(-1)
+            p = torch.searchsorted(ends, u, right=True)
+            o, n = off.index_select(0, p), size.index_select(0, p)
+            local = u - c * o
             j = torch.div(local, n, rounding_mode="floor")
-            ext = j * m + off[p] + (local - j * n)
+            ext = (j * m + o + (local - j * n)).reshape(sel.shape)
             return torch.where(sel < 0, sel, ext)
 
         return col_map

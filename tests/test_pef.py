@@ -291,11 +291,11 @@ def test_deferred_regions_read_like_written_ones():
     # entries anywhere (shared columns, per-row columns), whole blocks, and everything
     cols = torch.randint(0, n_pad, (1, 500), generator=gen)
     got = rows[:, cols[0]].clone()
-    dfr.patch(got, torch.arange(R)[:, None], cols)
+    dfr.patch(got, cols)
     assert torch.equal(got, full[:, cols[0]])
     cols = torch.randint(0, n_pad, (R, 400), generator=gen)
     got = rows.gather(1, cols)
-    dfr.patch(got, torch.arange(R)[:, None], cols)
+    dfr.patch(got, cols)
     assert torch.equal(got, full.gather(1, cols))
     blk_rows = torch.arange(R).repeat_interleave(n_pad // B)
     blk = torch.arange(n_pad // B).repeat(R)
