@@ -20,8 +20,9 @@ Measured 2026-11-22 on one H100 80GB HBM3 (torch 2.11.0+cu130), ``--device cuda 
 memory allocated 4662 MiB for both. The host's peak RSS, 2001 and 2322 MiB, grows with
 what this script keeps: 128 more inputs are 77 MB and their PEFs (65,536 values with
 int64 indices each) 101 MB; the rest of the 321 MiB was not traced. ``iter_compute``
-streams without keeping either (``bench_pef.py`` shows a flat peak). On the 2-core CPU the
-second session measured 2.00 ex/s with a flat peak RSS of 1.68-1.71 GB (8 examples).
+streams without keeping either (``bench_pef.py`` shows a flat peak). On the 2-core CPU
+(default command) the fourth session measured 2.24 ex/s (4 examples) and 2.29 ex/s (8),
+peak RSS 1717 and 1697 MiB; the second session 2.00 ex/s with 1.68-1.71 GB.
 """
 
 from __future__ import annotations

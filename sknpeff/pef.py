@@ -35,13 +35,18 @@ at a time), so memory depends on ``batch_size`` and the model, never on the numb
 examples. Top-K selection is exact without a full ``topk`` of each row: a threshold is
 estimated from a random subsample, one pass finds the blocks of 128 entries whose
 largest magnitude reaches it, an exact ``topk`` runs among the entries of those blocks
-(rows where the estimate was too high fall back to a full ``topk``). On a GPU one
-``topk`` per row is faster and is used instead.
+(rows where the estimate was too high fall back to a full ``topk``). The maxima of the
+blocks of outer-product gradients (Linear layers) come from their two factors, and when
+the filter reads few blocks those gradients are not written at all: the entries it
+reads (subsample, candidate blocks, picked entries) are computed from the factors, the
+same products bit for bit. On a GPU one ``topk`` per row is faster and is used instead.
 
 With ``n_jobs > 1`` on a CPU, batches run concurrently in worker threads, each with its
 own engine (buffers, hooks that record only their own thread's forward pass) and an
 equal share of torch's intra-op threads: many of the per-batch ops (index plans, the
-selection, small products) use two cores poorly, two batches at once use them fully.
+selection, small products) use two cores poorly, two batches at once use them fully. A
+batch that turns out to need the generic path (which swaps the model's parameters)
+hands itself and the later batches back to the calling thread.
 """
 
 from __future__ import annotations
@@ -1655,8 +1660,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         torch's intra-op threads (restored afterwards). ``None``: 1; ``-1``: one per
         intra-op thread (``torch.get_num_threads()``). On 2 cores, against one job
         with 2 intra-op threads (``benchmarks/bench_pef.py``, two runs), two jobs
-        computed low-rank PEFs 7-8% faster for a small CNN and 1-5% faster for an MLP,
-        but diagonal PEFs 7% (CNN) and 5-10% (MLP) slower: measure on your model.
+        computed low-rank PEFs 11% faster for a small CNN and 24-28% faster for an MLP,
+        but diagonal PEFs 3-5% (CNN) and 3-10% (MLP) slower: measure on your model.
         Memory grows to ``n_jobs`` batches' buffers.
         Results and their order do not depend on it. It has no effect on a GPU, or
         when a parameter needs the generic ``torch.func`` path (which swaps the model's
