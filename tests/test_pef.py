@@ -210,47 +210,23 @@ def test_gram_without_reading_rows():
     assert not grouped.gram_is_cheap()
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_block_max_matches_a_pass_over_the_rows(signed):
-    gen = torch.Generator().manual_seed(3)
-    B = pefmod._BLOCK
-    R, n_pad = 3, 40 * B
-    rows = torch.zeros(R, n_pad, dtype=torch.float64)
-    bm = pefmod._BlockMax(R, n_pad, torch.float64, "cpu", signed=signed)
-    lo = 0
-    # regions of every kind of alignment: inside one block, across one boundary, whole
-    # blocks, outer products with rows wider than a block starting mid-block
-    for kind, size in [("scan", 5), ("scan", 100), ("scan", 3 * B + 17), ("outer", (7, 200)),
-                       ("scan", 1), ("outer", (3, B)), ("outer", (2, 3 * B + 1)),
-                       ("scan", 2 * B - 1), ("outer", (20, 50))]:  # I < B: read
-        if kind == "scan":
-            v = torch.randn(R, size, generator=gen, dtype=torch.float64)
-            rows[:, lo : lo + size] = v if signed else v.abs()
-            bm.scan(rows, lo, lo + size)
-            lo += size
-        else:
-            Q, I = size
-            g = torch.randn(R, Q, generator=gen, dtype=torch.float64)
-            x = torch.randn(R, I, generator=gen, dtype=torch.float64)
-            if not signed:
-                g, x = g.abs(), x.abs()
-            rows[:, lo : lo + Q * I] = (g[:, :, None] * x[:, None, :]).reshape(R, -1)
-            bm.outer(rows, lo, g.abs(), x.abs())
-            lo += Q * I
-    assert lo < n_pad
-    blocks = rows.reshape(R * (n_pad // B), B)
-    want = blocks.abs().amax(1)  # the rows are non-negative when not signed
-    assert torch.equal(bm.bmag.reshape(-1), want)
+_B = pefmod._BLOCK
+# regions ("dense": written and scanned; "outer": Q x I outer products, deferred when the
+# block maxima need not read them) of every kind of alignment: inside one block, across
+# one boundary, whole blocks, outer products with rows wider than a block starting
+# mid-block, and narrower ones (I < _BLOCK: written and read)
+_ALIGNMENTS = [("dense", 5), ("dense", 100), ("dense", 3 * _B + 17), ("outer", (7, 200)),
+               ("dense", 1), ("outer", (3, _B)), ("outer", (2, 3 * _B + 1)),
+               ("dense", 2 * _B - 1), ("outer", (20, 50))]
+_DEFERRED = [("dense", 37), ("outer", (5, 3 * _B + 1)), ("dense", _B + 3),
+             ("outer", (9, _B)), ("outer", (4, 200)), ("outer", (6, 50)), ("dense", 11)]
 
 
-def _deferred_rows(gen, R=3, signed=True):
-    """Rows with outer-product regions written (``full``) and deferred over NaN
-    (``rows``, ``dfr``, ``bm``), regions starting mid-block, one crossing many blocks."""
-    B = pefmod._BLOCK
-    layout = [("dense", 37), ("outer", (5, 3 * B + 1)), ("dense", B + 3), ("outer", (9, B)),
-              ("outer", (4, 200)), ("outer", (6, 50)), ("dense", 11)]  # I < B: written
+def _assembled_rows(gen, layout, R=3, signed=True):
+    """Rows assembled region by region as the engine does: ``full`` (everything written)
+    and ``rows`` (NaN where a region is deferred to ``dfr``), block maxima in ``bm``."""
     n = sum(v if k == "dense" else v[0] * v[1] for k, v in layout)
-    n_pad = -(-n // B) * B
+    n_pad = -(-n // _B) * _B
     full = torch.zeros(R, n_pad, dtype=torch.float64)
     rows = torch.full((R, n_pad), float("nan"), dtype=torch.float64)
     rows[:, n:] = 0
@@ -280,9 +256,18 @@ def _deferred_rows(gen, R=3, signed=True):
     return full, rows, dfr, bm, n
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_block_max_matches_a_pass_over_the_rows(signed):
+    gen = torch.Generator().manual_seed(3)
+    full, _, dfr, bm, _ = _assembled_rows(gen, _ALIGNMENTS, signed=signed)
+    assert len(dfr.regions) == 3  # the others were read
+    # the rows are non-negative when not signed
+    assert torch.equal(bm.bmag.reshape(-1), full.reshape(-1, _B).abs().amax(1))
+
+
 def test_deferred_regions_read_like_written_ones():
     gen = torch.Generator().manual_seed(5)
-    full, rows, dfr, bm, n = _deferred_rows(gen)
+    full, rows, dfr, bm, n = _assembled_rows(gen, _DEFERRED)
     B = pefmod._BLOCK
     assert len(dfr.regions) == 3 and bool(torch.isnan(rows).any())
     # block maxima from the factors are those of the written rows
@@ -312,7 +297,7 @@ def test_selection_with_deferred_regions(signed, path, monkeypatch):
     # every path of the selection gives on deferred rows (NaN where not written) what it
     # gives on written ones: entries are computed where read, or the rows written first
     gen = torch.Generator().manual_seed(6)
-    full, rows, dfr, bm, n = _deferred_rows(gen, signed=signed)
+    full, rows, dfr, bm, n = _assembled_rows(gen, _DEFERRED, signed=signed)
     k = 3000 if path == "large_k" else 200  # k < N / 2: a subsample estimates t
     state, method = None, "filter"
     if path == "entries":
