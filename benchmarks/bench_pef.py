@@ -20,24 +20,27 @@ Peers (10 classes, batches of 32, K = --n-values kept entries, rows normalized):
 Ratios are ours / peer examples per second, best of ``--repeats`` interleaved runs.
 
 Measured 2026-11-22 (fourth session, final code: Linear blocks computed only where the
-selection reads them, index_select gathers, NumPy's argsort), two full runs with 2
+selection reads them, index_select gathers, NumPy's argsort), three full runs with 2
 threads; ours with the default ``n_jobs=None`` / with ``n_jobs=2``, ratio of the faster:
 
-    mlp low_rank  loop+topk          25.0x  23.9x  (ours 710-720 / 895-911 ex/s, loop 36-37)
-    mlp low_rank  loop+topk x2 thr   16.7x  16.8x  (loop 53-55)
-    mlp diagonal  loop+topk           9.4x  11.0x  (ours 1448-1563 / 1400-1412)
-    mlp diagonal  backpack+select     2.5x   2.7x  (backpack 575-581)
-    cnn low_rank  loop+topk           5.6x   5.6x  (ours 253-254 / 281-283 ex/s, loop 50-51)
-    cnn low_rank  loop+topk x2 thr    5.3x   5.1x  (loop 53-56)
-    cnn diagonal  loop+topk           3.2x   3.2x  (ours 300-305 / 289-290)
-    cnn diagonal  backpack+select     1.6x   1.6x  (backpack 191-192)
+    mlp low_rank  loop+topk          25.0x  23.9x  26.7x  (ours 710-730 / 895-932 ex/s,
+                                                           loop 35-37)
+    mlp low_rank  loop+topk x2 thr   16.7x  16.8x  17.0x  (loop 53-55)
+    mlp diagonal  loop+topk           9.4x  11.0x   9.8x  (ours 1448-1563 / 1400-1426)
+    mlp diagonal  backpack+select     2.5x   2.7x   2.8x  (backpack 530-581)
+    cnn low_rank  loop+topk           5.6x   5.6x   5.9x  (ours 241-254 / 281-283 ex/s,
+                                                           loop 47-51)
+    cnn low_rank  loop+topk x2 thr    5.3x   5.1x   5.3x  (loop 53-56)
+    cnn diagonal  loop+topk           3.2x   3.2x   3.2x  (ours 300-305 / 289-293)
+    cnn diagonal  backpack+select     1.6x   1.6x   1.6x  (backpack 189-192)
     peak RSS streaming 128 vs 1024 examples: 503-508/514-518 MB (mlp low rank),
-    632-634/634-636 MB (cnn low rank), 433/435-438 MB (mlp diagonal), 695/706 MB (cnn
-    diagonal)
+    630-634/633-636 MB (cnn low rank), 431-433/435-438 MB (mlp diagonal), 695-698/703-706
+    MB (cnn diagonal)
 
-With the default one job the cnn's low-rank ratio is 5.0-5.1x. The threaded loop peer
-varies most between runs: a run of the code before the last gather changes measured it
-at 62.8 ex/s (4.3x against ours' 272 then).
+With the default one job the cnn's low-rank ratio is 5.0-5.1x (253/50.0, 254/50.7,
+241/47.4). The threaded loop peer varies most between runs: a run of the code before the
+last gather changes measured it at 62.8 ex/s (4.3x against ours' 272 then; 4.5x against
+the 281-283 above).
 
 Third session (before the changes above), two full runs with 2 threads, same columns:
 

@@ -1659,8 +1659,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         Batches computed at once on a CPU, each in its own thread with an equal share of
         torch's intra-op threads (restored afterwards). ``None``: 1; ``-1``: one per
         intra-op thread (``torch.get_num_threads()``). On 2 cores, against one job
-        with 2 intra-op threads (``benchmarks/bench_pef.py``, two runs), two jobs
-        computed low-rank PEFs 11% faster for a small CNN and 24-28% faster for an MLP,
+        with 2 intra-op threads (``benchmarks/bench_pef.py``, three runs), two jobs
+        computed low-rank PEFs 11-16% faster for a small CNN and 24-28% for an MLP,
         but diagonal PEFs 3-5% (CNN) and 3-10% (MLP) slower: measure on your model.
         Memory grows to ``n_jobs`` batches' buffers.
         Results and their order do not depend on it. It has no effect on a GPU, or
