@@ -643,15 +643,10 @@ def _rows_to_csr_parts(vals: torch.Tensor, sel: torch.Tensor, scale: torch.Tenso
     if key.device.type == "cpu":
         # NumPy's vectorized argsort: 1.3 ms against torch.sort's 5.1 ms for 32 x 4096
         # int64 keys on one thread (measured with torch 2.13, NumPy 2.4)
-        key_np = key.numpy()
-        order = np.argsort(key_np, axis=1)
-        key_np = np.take_along_axis(key_np, order, axis=1)
-        vals_np = np.take_along_axis(vals.numpy(), order, axis=1).astype(np.float64)
-        vals_np *= scale.numpy()[:, None]
-        valid = key_np != big
-        return (valid.sum(axis=1).astype(np.int64), key_np[valid].astype(np.int64),
-                vals_np[valid].astype(out_dtype))
-    key, order = torch.sort(key, dim=1)
+        order = torch.from_numpy(np.argsort(key.numpy(), axis=1))
+        key = key.gather(1, order)
+    else:
+        key, order = torch.sort(key, dim=1)
     vals = vals.gather(1, order).to(torch.float64) * scale[:, None]
     valid = key != big
     counts = valid.sum(dim=1)
