@@ -14,3 +14,16 @@ def test_sklearn_compatible_estimator(estimator, check):
         # tiny random check data rarely converge within max_iter; that is not a failure
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
+
+
+def test_shared_docstring_paragraphs_filled_in():
+    # paragraphs both estimators state word for word are written once (_SHARED_DOCS)
+    import inspect
+    import re
+
+    from sknpeff.decomposition._base import _SHARED_DOCS
+
+    for est in (DiagonalNPEFF, LowRankNPEFF):
+        assert not re.search(r"^\s*\{\w+\}$", est.__doc__, flags=re.MULTILINE)
+        for text in _SHARED_DOCS.values():
+            assert text in inspect.cleandoc(est.__doc__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import sys
 import time
 import warnings
@@ -65,6 +66,41 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
+
+
+# docstring paragraphs that both estimators state word for word (see _shared_doc)
+_SHARED_DOCS = {
+    "block_size_param": """\
+block_size : int, "auto" or None, default="auto"
+    Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPUs and
+    GPUs (a block's slice of the factor stays in cache). ``None``:
+    one block per partition on any backend. Blocks are always cut where they would
+    hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
+""",
+    "cupy_host_attributes": """\
+``backend="auto"`` computes on the input's device. The input is copied to the host
+once (validation, pruning and the column blocks are host work; the blocks then go to
+the devices). The fitted attributes (``components_``, ``kept_columns_``, ...) stay
+NumPy whatever the input, unlike scikit-learn's convention: ``components_`` is dense
+``(n_components, n_params)``, gigabytes at model scale, and is better off the device
+once the fit is done; the tools that consume it (:class:`~sknpeff.GuidedPerturber`,
+:class:`~sknpeff.ComponentExpander`, :mod:`sknpeff.inspection`) work on NumPy.
+``cupy.asarray(est.components_)`` gives a device copy.
+""",
+}
+
+
+def _shared_doc(cls):
+    """Class decorator: put each paragraph of ``_SHARED_DOCS`` where the class docstring
+    has a line ``{name}`` alone, indented as that line."""
+
+    def fill(match: re.Match) -> str:
+        indent = match.group(1)
+        text = _SHARED_DOCS[match.group(2)].rstrip("\n")
+        return "\n".join(indent + line if line else line for line in text.split("\n"))
+
+    cls.__doc__ = re.sub(r"^([ \t]*)\{(\w+)\}$", fill, cls.__doc__, flags=re.MULTILINE)
+    return cls
 
 
 @dataclass

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
 from ..backends import cupy_device, from_device
-from ._base import Problem, _BaseNPEFF, _check_choice
+from ._base import Problem, _BaseNPEFF, _check_choice, _shared_doc
 from ._updates import DIAG_UPDATES, diag_loss, diag_solve_w
 
 __all__ = ["DiagonalNPEFF"]
@@ -42,6 +42,7 @@ def _check_non_negative(X: sp.csr_matrix, whom: str) -> None:
         )
 
 
+@_shared_doc
 class DiagonalNPEFF(_BaseNPEFF):
     """Diagonal NPEFF: non-negative factorization of sparse diagonal PEFs.
 
@@ -92,11 +93,7 @@ class DiagonalNPEFF(_BaseNPEFF):
         Run as one rank of a ``torch.distributed`` job (launched with ``torchrun``):
         every rank passes the same X, owns a contiguous range of column blocks, and all
         ranks end with identical ``W`` and ``components_``.
-    block_size : int, "auto" or None, default="auto"
-        Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPUs and
-        GPUs (a block's slice of the factor stays in cache). ``None``:
-        one block per partition on any backend. Blocks are always cut where they would
-        hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
+    {block_size_param}
     checkpoint_path : str or path-like, optional
         Save the fit's state (components, coefficients, loss curve) to this ``.npz`` file
         every ``checkpoint_every`` iterations and when interrupted with Ctrl-C. If the
@@ -152,14 +149,7 @@ class DiagonalNPEFF(_BaseNPEFF):
     CuPy array or ``cupyx.scipy.sparse`` matrix, and NumPy otherwise, whatever backend or
     devices computed them (as scikit-learn's array API dispatch); :meth:`partial_fit`
     accepts CuPy batches.
-    ``backend="auto"`` computes on the input's device. The input is copied to the host
-    once (validation, pruning and the column blocks are host work; the blocks then go to
-    the devices). The fitted attributes (``components_``, ``kept_columns_``, ...) stay
-    NumPy whatever the input, unlike scikit-learn's convention: ``components_`` is dense
-    ``(n_components, n_params)``, gigabytes at model scale, and is better off the device
-    once the fit is done; the tools that consume it (:class:`~sknpeff.GuidedPerturber`,
-    :class:`~sknpeff.ComponentExpander`, :mod:`sknpeff.inspection`) work on NumPy.
-    ``cupy.asarray(est.components_)`` gives a device copy.
+    {cupy_host_attributes}
 
     Examples
     --------

@@ -16,6 +16,7 @@ from ._base import (
     _check_choice,
     _check_float,
     _check_int,
+    _shared_doc,
 )
 from ._updates import (
     DIAG_UPDATES,
@@ -53,6 +54,7 @@ def _slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 22) -> f
     return total
 
 
+@_shared_doc
 class LowRankNPEFF(_BaseNPEFF):
     """Low-rank NPEFF (LRM-NPEFF): decompose exact low-rank per-example Fishers.
 
@@ -109,11 +111,7 @@ class LowRankNPEFF(_BaseNPEFF):
         Run as one rank of a ``torch.distributed`` job (launched with ``torchrun``):
         every rank passes the same X, owns a contiguous range of column blocks, and
         all ranks end with identical ``W`` and ``components_``.
-    block_size : int, "auto" or None, default="auto"
-        Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPUs and
-        GPUs (a block's slice of the factor stays in cache). ``None``:
-        one block per partition on any backend. Blocks are always cut where they would
-        hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
+    {block_size_param}
     checkpoint_path : str or path-like, optional
         Save the fit's state (components, coefficients, step size, loss curve) to this
         ``.npz`` file every ``checkpoint_every`` iterations and when interrupted with
@@ -151,14 +149,7 @@ class LowRankNPEFF(_BaseNPEFF):
     NumPy otherwise, whatever backend or devices computed them (as scikit-learn's array
     API dispatch); :meth:`loss` and :meth:`score` return Python floats and
     :meth:`partial_fit` accepts CuPy batches.
-    ``backend="auto"`` computes on the input's device. The input is copied to the host
-    once (validation, pruning and the column blocks are host work; the blocks then go to
-    the devices). The fitted attributes (``components_``, ``kept_columns_``, ...) stay
-    NumPy whatever the input, unlike scikit-learn's convention: ``components_`` is dense
-    ``(n_components, n_params)``, gigabytes at model scale, and is better off the device
-    once the fit is done; the tools that consume it (:class:`~sknpeff.GuidedPerturber`,
-    :class:`~sknpeff.ComponentExpander`, :mod:`sknpeff.inspection`) work on NumPy.
-    ``cupy.asarray(est.components_)`` gives a device copy.
+    {cupy_host_attributes}
 
     Examples
     --------
