@@ -11,3 +11,27 @@ def matched_cos(truth, components):
     S = np.abs(a @ b.T)
     rows, cols = linear_sum_assignment(-S)
     return S[rows, cols]
+
+
+def check_checkpoint_resume(Estimator, X, X_other, ckpt, kw, n_curve):
+    """A fit stopped at iteration 20 with a checkpoint and resumed to 30 matches an
+    uninterrupted 30-iteration fit; a checkpoint of other data is refused.
+
+    Returns the resumed and the uninterrupted estimator for further checks."""
+    import pytest
+
+    straight = Estimator(max_iter=30, **kw)
+    W_straight = straight.fit_transform(X)
+    Estimator(max_iter=20, checkpoint_path=ckpt, checkpoint_every=5, **kw).fit(X)
+    assert ckpt.exists()
+    with np.load(ckpt) as f:
+        assert int(f["n_iter"]) == 20
+    resumed = Estimator(max_iter=30, checkpoint_path=ckpt, checkpoint_every=5, **kw)
+    W_resumed = resumed.fit_transform(X)
+    assert resumed.n_iter_ == 30 and len(resumed.loss_curve_) == n_curve
+    np.testing.assert_allclose(resumed.loss_curve_, straight.loss_curve_, rtol=1e-7)
+    np.testing.assert_allclose(W_resumed, W_straight, rtol=1e-6, atol=1e-9)
+    # a checkpoint of other data is refused, not silently used
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        Estimator(max_iter=30, checkpoint_path=ckpt, **kw).fit(X_other)
+    return resumed, straight

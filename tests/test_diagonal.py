@@ -15,6 +15,7 @@ import sknpeff.decomposition._updates as upd
 from sknpeff.backends import NumpyBackend
 from sknpeff.datasets import make_planted_diagonal
 from sknpeff.decomposition import DiagonalNPEFF
+from tests._helpers import check_checkpoint_resume
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -550,24 +551,13 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path, monkeypatch):
 
     X, _, _ = make_planted_diagonal(n_examples=150, n_params=600, n_components=5,
                                     support_size=80, random_state=0, dtype=np.float64)
-    ckpt = tmp_path / "fit.npz"
-    kw = dict(n_components=5, random_state=0, tol=0)
-    straight = DiagonalNPEFF(max_iter=30, **kw)
-    W_straight = straight.fit_transform(X)
-    DiagonalNPEFF(max_iter=20, checkpoint_path=ckpt, checkpoint_every=5, **kw).fit(X)
-    with np.load(ckpt) as f:
-        assert int(f["n_iter"]) == 20
-    resumed = DiagonalNPEFF(max_iter=30, checkpoint_path=ckpt, checkpoint_every=5, **kw)
-    W_resumed = resumed.fit_transform(X)
-    assert resumed.n_iter_ == 30 and len(resumed.loss_curve_) == 30
-    np.testing.assert_allclose(resumed.loss_curve_, straight.loss_curve_, rtol=1e-7)
-    np.testing.assert_allclose(W_resumed, W_straight, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(resumed.components_, straight.components_, rtol=1e-6,
-                               atol=1e-12)
     X2, _, _ = make_planted_diagonal(n_examples=150, n_params=600, n_components=5,
                                      support_size=80, random_state=1, dtype=np.float64)
-    with pytest.raises(ValueError, match="checkpoint_path"):
-        DiagonalNPEFF(max_iter=30, checkpoint_path=ckpt, **kw).fit(X2)
+    ckpt = tmp_path / "fit.npz"
+    kw = dict(n_components=5, random_state=0, tol=0)
+    resumed, straight = check_checkpoint_resume(DiagonalNPEFF, X, X2, ckpt, kw, n_curve=30)
+    np.testing.assert_allclose(resumed.components_, straight.components_, rtol=1e-6,
+                               atol=1e-12)
     # Ctrl-C saves the state reached, and says so
     import sknpeff.decomposition._diagonal as dmod
 
