@@ -1,0 +1,24 @@
+"""Helpers shared by every part of sknpeff: parameter validation, thread limits, sparse
+matrices.
+
+One home for each job, so that every estimator rejects bad input with the same kind of
+message and every thread setting is restored the same way.
+"""
+
+from ._sparse import csr_from_parts
+from ._threads import limit_threads
+from ._validation import (
+    InvalidParameterError,
+    check_choice,
+    check_float,
+    check_int,
+)
+
+__all__ = [
+    "InvalidParameterError",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "csr_from_parts",
+    "limit_threads",
+]

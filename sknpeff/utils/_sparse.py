@@ -1,0 +1,42 @@
+"""Sparse-matrix helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["csr_from_parts"]
+
+
+def csr_from_parts(data, indices, indptr, shape, *, index_dtype=None) -> sp.csr_matrix:
+    """A CSR matrix that holds ``data``, ``indices`` and ``indptr`` without copying them.
+
+    Unlike ``scipy.sparse.csr_matrix((data, indices, indptr))`` nothing is checked,
+    sorted or converted, so memory-mapped arrays stay memory-mapped.
+
+    Parameters
+    ----------
+    data, indices, indptr : ndarray
+        The CSR arrays (trusted: the caller guarantees they are consistent).
+    shape : tuple of int
+        ``(n_rows, n_cols)``.
+    index_dtype : dtype, default=None
+        Convert ``indices`` and ``indptr`` to this dtype first; ``"auto"`` picks int32
+        unless the number of columns or of stored values passes ``2**31 - 1``, then
+        int64. ``None``: keep them as they are.
+
+    Returns
+    -------
+    matrix : scipy.sparse.csr_matrix
+    """
+    shape = tuple(int(s) for s in shape)
+    if index_dtype is not None:
+        if isinstance(index_dtype, str) and index_dtype == "auto":
+            nnz = int(indptr[-1]) if len(indptr) else 0
+            big = max(shape[1], nnz) > np.iinfo(np.int32).max
+            index_dtype = np.int64 if big else np.int32
+        indices = np.asarray(indices, dtype=index_dtype)
+        indptr = np.asarray(indptr, dtype=index_dtype)
+    m = sp.csr_matrix(shape, dtype=data.dtype)
+    m.data, m.indices, m.indptr = data, indices, indptr
+    return m

@@ -1,0 +1,128 @@
+"""Validation of scalar parameters, with messages that name the parameter."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["InvalidParameterError", "check_choice", "check_float", "check_int"]
+
+
+class InvalidParameterError(ValueError, TypeError):
+    """A parameter has the wrong type or value.
+
+    Inherits from both ``ValueError`` and ``TypeError``, as scikit-learn's own
+    ``InvalidParameterError`` does, so callers may catch either.
+    """
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None,
+              allow_none: bool = False) -> int | None:
+    """Return ``value`` as an ``int`` after checking it is an integer in ``[low, high]``.
+
+    Parameters
+    ----------
+    value : object
+        The value passed by the user. ``bool`` is refused (``True`` is not a count).
+    name : str
+        The parameter's name, used in the error message.
+    low, high : int, default=None
+        Inclusive bounds; ``None``: unbounded on that side.
+    allow_none : bool, default=False
+        Accept ``None`` (and return it).
+
+    Returns
+    -------
+    value : int or None
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the parameter, what was expected and what was given.
+    """
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok:
+        ok = (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        raise InvalidParameterError(
+            f"{name} must be {'None or ' if allow_none else ''}an integer"
+            f"{_bounds(low, high, False)}; got {value!r}."
+        )
+    return int(value)
+
+
+def check_float(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                strict: bool = False, allow_none: bool = False) -> float | None:
+    """Return ``value`` as a ``float`` after checking it is a finite number in range.
+
+    Parameters
+    ----------
+    value : object
+        The value passed by the user (any real number but ``bool``, NaN or infinity).
+    name : str
+        The parameter's name, used in the error message.
+    low, high : float, default=None
+        Bounds; ``None``: unbounded on that side.
+    strict : bool, default=False
+        Exclude the bounds themselves.
+    allow_none : bool, default=False
+        Accept ``None`` (and return it).
+
+    Returns
+    -------
+    value : float or None
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the parameter, what was expected and what was given.
+    """
+    if value is None and allow_none:
+        return None
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+    if ok:
+        if strict:
+            ok = (low is None or value > low) and (high is None or value < high)
+        else:
+            ok = (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        raise InvalidParameterError(
+            f"{name} must be {'None or ' if allow_none else ''}a finite number"
+            f"{_bounds(low, high, strict)}; got {value!r}."
+        )
+    return float(value)
+
+
+def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
+    """Return ``value`` after checking it is one of ``choices``.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the parameter and listing the choices.
+    """
+    choices = tuple(choices)
+    try:
+        ok = value in choices
+    except TypeError:  # unhashable or incomparable
+        ok = False
+    if not ok:
+        listed = ", ".join(repr(c) for c in choices)
+        raise InvalidParameterError(f"{name} must be one of {listed}; got {value!r}.")
+    return value
+
+
+def _bounds(low, high, strict: bool) -> str:
+    lo, hi = (">", "<") if strict else (">=", "<=")
+    if low is not None and high is not None:
+        return f" {lo} {low} and {hi} {high}"
+    if low is not None:
+        return f" {lo} {low}"
+    if high is not None:
+        return f" {hi} {high}"
+    return ""
