@@ -118,7 +118,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sknpeff.pef import PEFTransformer, _select_topk  # noqa: E402
+from sknpeff.pef import PEFTransformer  # noqa: E402
+from sknpeff.pef._topk import select_topk  # noqa: E402
 
 
 def make_model(name: str, device: str = "cpu") -> tuple[nn.Module, torch.Tensor]:
@@ -202,7 +203,7 @@ def backpack_select(model, X, k, batch_size=32):
         f = torch.cat([p.diag_ggn_exact_batch.reshape(xb.shape[0], -1) for p in params], 1)
         norms = torch.linalg.vector_norm(f.double(), dim=1)
         f = f / norms[:, None].float()
-        sel = _select_topk(f, k, signed=False)
+        sel = select_topk(f, k, signed=False)
         out.append((sel, norms, f))
         for p in params:
             p.grad = None
@@ -352,7 +353,7 @@ def main() -> None:
     # selection alone, one 10 x 272k row
     row = torch.randn(1, 10 * 272394, device=args.device)
     t_topk = min(_timeit(lambda: torch.topk(row.abs(), k)) for _ in range(3))
-    t_sel = min(_timeit(lambda: _select_topk(row, k, signed=True, method="filter"))
+    t_sel = min(_timeit(lambda: select_topk(row, k, signed=True, method="filter"))
                 for _ in range(3))
     print(f"\nselection of {k} of {row.shape[1]} values: torch.topk(|row|) "
           f"{t_topk * 1e3:.2f} ms, exact block-threshold filter {t_sel * 1e3:.2f} ms "

@@ -48,13 +48,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .layout import ParameterLayout
-from .pef import (
-    _as_logits,
-    _as_tensor,
-    _default_forward,
-    _iter_batches,
-    _n_examples,
-    _tree_map,
+from .pef._inputs import (
+    as_logits,
+    as_tensor,
+    default_forward,
+    iter_batches,
+    n_examples,
+    tree_map,
 )
 
 __all__ = ["GuidedPerturber", "KLRatioResult", "KLRatioResults"]
@@ -168,7 +168,7 @@ class KLRatioResults(list):
 # ---------------------------------------------------------------------------------------------
 def _n_rows(X: Any) -> int:
     """Number of examples in ``X`` (the PEF transformer's rules); it must be known."""
-    n = _n_examples(X)
+    n = n_examples(X)
     if n is None:
         raise ValueError("X must have a known length (a Dataset without __len__ cannot be "
                          "ranked into top examples).")
@@ -546,11 +546,11 @@ class GuidedPerturber:
     def _loss_grad_sign(self, X: Any, labels: np.ndarray | None) -> np.ndarray:
         """Sign of the gradient of the summed cross-entropy over ``X`` (flat, float64)."""
         params = self._params()
-        fwd = self.forward if self.forward is not None else _default_forward
+        fwd = self.forward if self.forward is not None else default_forward
         grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         start = 0
-        for batch in _iter_batches(X, int(self.batch_size)):
-            logits = _as_logits(fwd(self.model, self._to_device(batch)))
+        for batch in iter_batches(X, int(self.batch_size)):
+            logits = as_logits(fwd(self.model, self._to_device(batch)))
             b = logits.shape[0]
             if labels is None:
                 y = logits.detach().argmax(dim=1)
@@ -738,21 +738,21 @@ class GuidedPerturber:
         fdtype = self._params()[0].dtype
 
         def conv(v: Any) -> Any:
-            v = _as_tensor(v)
+            v = as_tensor(v)
             if isinstance(v, torch.Tensor):
                 if v.is_floating_point() and v.dtype != fdtype:
                     v = v.to(fdtype)
                 return v.to(dev)
             return v
 
-        return _tree_map(conv, batch)
+        return tree_map(conv, batch)
 
     def _log_probs(self, X: Any) -> np.ndarray:
-        fwd = self.forward if self.forward is not None else _default_forward
+        fwd = self.forward if self.forward is not None else default_forward
         out = []
         with torch.no_grad():
-            for batch in _iter_batches(X, int(self.batch_size)):
-                logits = _as_logits(fwd(self.model, self._to_device(batch)))
+            for batch in iter_batches(X, int(self.batch_size)):
+                logits = as_logits(fwd(self.model, self._to_device(batch)))
                 out.append(logits.detach().to("cpu", torch.float64).numpy())
         if not out:
             return np.zeros((0, 0))

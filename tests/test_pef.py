@@ -15,9 +15,13 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-import sknpeff.pef as pefmod
+import sknpeff.pef._engine as engmod
+import sknpeff.pef._topk as topkmod
 from sknpeff.layout import ParameterLayout
-from sknpeff.pef import PEFResult, PEFTransformer, _select_topk
+from sknpeff.pef import PEFResult, PEFTransformer
+from sknpeff.pef._topk import select_topk
+from sknpeff.pef.rules import Contribution
+from sknpeff.utils import csr_from_parts
 
 from ._pef_reference import (
     MLP,
@@ -155,7 +159,7 @@ def test_topk_exact_on_wide_rows(kind, chunk, path, monkeypatch):
     # outer products, whose entries are computed only where the selection looks) must
     # give exactly the largest entries of the normalized rows; so must the paths that
     # read whole rows: a threshold estimated too high, and k close to the row length
-    monkeypatch.setattr(pefmod, "_DEFER_MAX_FRAC", 2.0)  # Linear blocks always deferred
+    monkeypatch.setattr(engmod, "DEFER_MAX_FRAC", 2.0)  # Linear blocks always deferred
     torch.manual_seed(1)
     model = _WideNet().double().eval()
     X = torch.randn(5, 3, 12, 12, dtype=torch.float64)
@@ -179,7 +183,7 @@ def test_topk_exact_on_wide_rows(kind, chunk, path, monkeypatch):
                 return torch.full(size, top, dtype=torch.long)
             return real(low, high, size, **kw)
 
-        monkeypatch.setattr(pefmod.torch, "randint", biased)
+        monkeypatch.setattr(torch, "randint", biased)
     if chunk:
         tr._chunk_elements = chunk  # several row chunks per batch
     res = tr.fit(X).compute(X)
@@ -195,22 +199,22 @@ def test_gram_without_reading_rows():
     Bc, c, O, L, K = 3, 4, 16, 9, 54
     lefts = [torch.randn(Bc, O, L, generator=gen, dtype=torch.float64) for _ in range(c)]
     right = torch.randn(Bc, L, K, generator=gen, dtype=torch.float64)
-    cb = pefmod._Contrib(lefts=lefts, right=right)
+    cb = Contribution(lefts=lefts, right=right)
     assert cb.gram_is_cheap()
-    assert not pefmod._Contrib(lefts=[t[:, :, :1].expand(Bc, O, 1024) for t in lefts],
+    assert not Contribution(lefts=[t[:, :, :1].expand(Bc, O, 1024) for t in lefts],
                                right=torch.zeros(Bc, 1024, 27)).gram_is_cheap()
     rows = torch.stack([torch.bmm(t, right) for t in lefts], 1).reshape(Bc, c, -1)
     want = torch.bmm(rows, rows.transpose(1, 2))
     torch.testing.assert_close(cb.gram(), want, rtol=1e-12, atol=1e-12)
     # the stacked form (Bc, c, G=1, O, L) @ (Bc, 1, 1, L, K) gives the same
-    stacked = pefmod._Contrib(left=torch.stack(lefts, 1)[:, :, None], right=right[:, None, None])
+    stacked = Contribution(left=torch.stack(lefts, 1)[:, :, None], right=right[:, None, None])
     assert stacked.gram_is_cheap()
     torch.testing.assert_close(stacked.gram(), want, rtol=1e-12, atol=1e-12)
-    grouped = pefmod._Contrib(left=torch.zeros(Bc, c, 2, O, L), right=torch.zeros(Bc, 1, 2, L, K))
+    grouped = Contribution(left=torch.zeros(Bc, c, 2, O, L), right=torch.zeros(Bc, 1, 2, L, K))
     assert not grouped.gram_is_cheap()
 
 
-_B = pefmod._BLOCK
+_B = topkmod.BLOCK
 # regions ("dense": written and scanned; "outer": Q x I outer products, deferred when the
 # block maxima need not read them) of every kind of alignment: inside one block, across
 # one boundary, whole blocks, outer products with rows wider than a block starting
@@ -230,8 +234,8 @@ def _assembled_rows(gen, layout, R=3, signed=True):
     full = torch.zeros(R, n_pad, dtype=torch.float64)
     rows = torch.full((R, n_pad), float("nan"), dtype=torch.float64)
     rows[:, n:] = 0
-    bm = pefmod._BlockMax(R, n_pad, torch.float64, "cpu", signed=signed)
-    dfr = pefmod._Deferred(rows)
+    bm = topkmod.BlockMax(R, n_pad, torch.float64, "cpu", signed=signed)
+    dfr = topkmod.Deferred(rows)
     lo = 0
     for kind, size in layout:
         if kind == "dense":
@@ -268,7 +272,7 @@ def test_block_max_matches_a_pass_over_the_rows(signed):
 def test_deferred_regions_read_like_written_ones():
     gen = torch.Generator().manual_seed(5)
     full, rows, dfr, bm, n = _assembled_rows(gen, _DEFERRED)
-    B = pefmod._BLOCK
+    B = topkmod.BLOCK
     assert len(dfr.regions) == 3 and bool(torch.isnan(rows).any())
     # block maxima from the factors are those of the written rows
     assert torch.equal(bm.bmag.reshape(-1), full.reshape(-1, B).abs().amax(1))
@@ -306,9 +310,9 @@ def test_selection_with_deferred_regions(signed, path, monkeypatch):
         method = "topk"
     elif path == "fallback":
         top = int(full[0].abs().argmax())
-        monkeypatch.setattr(pefmod.torch, "randint",
+        monkeypatch.setattr(torch, "randint",
                             lambda low, high, size, **kw: torch.full(size, top, dtype=torch.long))
-    sel = _select_topk(rows, k, signed=signed, n_valid=n, state=state, method=method,
+    sel = select_topk(rows, k, signed=signed, n_valid=n, state=state, method=method,
                        block_max=bm.bmag, deferred=dfr)
     for r in range(rows.shape[0]):
         want = set(torch.topk(full[r, :n].abs(), k).indices.tolist())
@@ -316,7 +320,7 @@ def test_selection_with_deferred_regions(signed, path, monkeypatch):
     if path in ("blocks", "large_k"):
         assert bool(torch.isnan(rows).any()) == (path == "blocks")  # only read where needed
     with pytest.raises(ValueError, match="block maxima"):
-        _select_topk(rows, k, signed=signed, deferred=pefmod._Deferred(rows))
+        select_topk(rows, k, signed=signed, deferred=topkmod.Deferred(rows))
 
 
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
@@ -325,10 +329,10 @@ def test_deferred_outer_products_change_nothing(kind, monkeypatch):
     torch.manual_seed(2)
     model = _WideNet().eval()
     X = torch.randn(6, 3, 12, 12)
-    monkeypatch.setattr(pefmod, "_DEFER_MAX_FRAC", 2.0)  # however many blocks it reads
+    monkeypatch.setattr(engmod, "DEFER_MAX_FRAC", 2.0)  # however many blocks it reads
     added = []
-    real_add = pefmod._Deferred.add
-    monkeypatch.setattr(pefmod._Deferred, "add",
+    real_add = topkmod.Deferred.add
+    monkeypatch.setattr(topkmod.Deferred, "add",
                         lambda self, *a: (added.append(a[0]), real_add(self, *a))[1])
     res = {}
     for defer in (False, True):
@@ -345,13 +349,13 @@ def test_deferred_outer_products_change_nothing(kind, monkeypatch):
 def test_later_calls_reuse_the_first_calls_check(monkeypatch):
     # the one-batch check of the per-layer rules runs once per fitted model, not per call
     calls = []
-    real = pefmod._Engine._verify
+    real = engmod.Engine._verify
 
     def counting(self, *a, **kw):
         calls.append(1)
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(pefmod._Engine, "_verify", counting)
+    monkeypatch.setattr(engmod.Engine, "_verify", counting)
     model, X, xs = _make("tied")
     tr = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64", batch_size=2)
     with pytest.warns(UserWarning, match="per-layer rules do not apply"):
@@ -432,7 +436,7 @@ def test_selection_exact_against_torch_topk(monkeypatch):
         v[0, : N // 2] = 0  # many zeros
         v[1, :] = 0
         v[1, :5] = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.1])
-        sel = _select_topk(v, k, signed=True, state=state, method=method)
+        sel = select_topk(v, k, signed=True, state=state, method=method)
         for r in range(R):
             got = set(sel[r][sel[r] >= 0].tolist())
             mag = v[r].abs()
@@ -442,7 +446,7 @@ def test_selection_exact_against_torch_topk(monkeypatch):
             assert got == want
     # non-negative rows
     f = torch.rand(3, 40_000, generator=gen)
-    sel = _select_topk(f, 100, signed=False)
+    sel = select_topk(f, 100, signed=False)
     assert set(sel[2].tolist()) == set(torch.topk(f[2], 100).indices.tolist())
     # a threshold estimated too high must fall back to an exact topk
     v = torch.randn(2, 100_000, generator=gen)
@@ -452,12 +456,12 @@ def test_selection_exact_against_torch_topk(monkeypatch):
     def biased(low, high, size, **kw):
         return torch.full(size, top, dtype=torch.long)
 
-    monkeypatch.setattr(pefmod.torch, "randint", biased)
-    sel = _select_topk(v, 50, signed=True)
-    monkeypatch.setattr(pefmod.torch, "randint", real_randint)
+    monkeypatch.setattr(torch, "randint", biased)
+    sel = select_topk(v, 50, signed=True)
+    monkeypatch.setattr(torch, "randint", real_randint)
     assert set(sel[0].tolist()) == set(torch.topk(v[0].abs(), 50).indices.tolist())
     with pytest.raises(ValueError, match="method must be"):
-        _select_topk(v, 50, signed=True, method="sort")
+        select_topk(v, 50, signed=True, method="sort")
 
 
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
@@ -466,8 +470,8 @@ def test_gpu_selection_rule_on_cpu(kind, monkeypatch):
     CPU's PEFs."""
     model, X, _ = _make("conv", torch.float32)
     want = PEFTransformer(model, kind=kind, n_values=50).fit(X).compute(X)
-    monkeypatch.setattr(pefmod, "_topk_is_faster", lambda device: True)
-    monkeypatch.setattr(pefmod, "_BlockMax", None)  # must not be built
+    monkeypatch.setattr(topkmod, "_topk_is_faster", lambda device: True)
+    monkeypatch.setattr(engmod, "BlockMax", None)  # must not be built
     got = PEFTransformer(model, kind=kind, n_values=50).fit(X).compute(X)
     assert np.allclose(got.norms, want.norms, rtol=1e-6)
     _assert_same_topk(got.pefs.toarray(), want.pefs.toarray(), atol=1e-6)
@@ -583,13 +587,13 @@ def test_model_left_unchanged():
 def _threads_of_run_batch(monkeypatch) -> set:
     """Record the threads that run batches from now on."""
     seen = set()
-    real = pefmod._Engine.run_batch
+    real = engmod.Engine.run_batch
 
     def spy(self, batch):
         seen.add(threading.get_ident())
         return real(self, batch)
 
-    monkeypatch.setattr(pefmod._Engine, "run_batch", spy)
+    monkeypatch.setattr(engmod.Engine, "run_batch", spy)
     return seen
 
 
@@ -645,13 +649,13 @@ def test_n_jobs_hands_a_generic_path_batch_back_to_one_thread(kind, monkeypatch)
     tr = PEFTransformer(model, **kw, n_jobs=2).fit(X)
     tr.compute(X[:2])  # checked on a good batch: later calls start threaded
     moved = []
-    real_move = pefmod._Engine.move_to_fallback
+    real_move = engmod.Engine.move_to_fallback
 
     def move(self, pids):
         moved.append(threading.get_ident())
         return real_move(self, pids)
 
-    monkeypatch.setattr(pefmod._Engine, "move_to_fallback", move)
+    monkeypatch.setattr(engmod.Engine, "move_to_fallback", move)
     threads = _threads_of_run_batch(monkeypatch)
     pauses = [m.register_forward_pre_hook(lambda *_: time.sleep(0.002))
               for m in model.modules() if not list(m.children())]
@@ -766,10 +770,11 @@ def test_zero_norm_examples_warn_and_stay_empty():
 
 
 def test_int64_indices_when_needed():
-    m = pefmod._make_csr(np.ones(2, np.float32), np.array([0, 2**31 + 5]),
-                         np.array([0, 1, 2]), (2, 2**32))
+    m = csr_from_parts(np.ones(2, np.float32), np.array([0, 2**31 + 5]),
+                       np.array([0, 1, 2]), (2, 2**32), index_dtype="auto")
     assert m.indices.dtype == np.int64 and m.indptr.dtype == np.int64
-    m = pefmod._make_csr(np.ones(1, np.float32), np.array([3]), np.array([0, 1]), (1, 10))
+    m = csr_from_parts(np.ones(1, np.float32), np.array([3]), np.array([0, 1]), (1, 10),
+                       index_dtype="auto")
     assert m.indices.dtype == np.int32
 
 

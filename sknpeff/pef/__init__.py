@@ -1,0 +1,31 @@
+"""Per-example Fishers (PEFs) of a PyTorch classifier, as sparse matrices.
+
+:class:`PEFTransformer` turns examples into PEF rows:
+
+* low rank: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix whose slot
+  ``j`` is ``a_ij = sqrt(p_j) * grad log p_j`` for the ``j``-th most probable class
+  (slots of dropped classes are empty);
+* diagonal: row ``i`` is ``f_i = sum_j a_ij ** 2``.
+
+One batch goes through the modules of this package in order: its inputs
+(``_inputs``: batching, devices, forward adapters), its class slots (``_classes``: the
+logit cotangents), the engine (``_engine``: hooks, one backward pass per slot, the
+exactness check), the layer rules (:mod:`sknpeff.pef.rules`, with the generic
+``torch.func`` path in ``_generic`` for layers without one), the row assembly
+(``_rows``), the exact top-K selection (``_topk``) and the result (``_result``).
+"""
+
+from . import rules
+from ._result import PEFResult
+from ._transformer import PEFTransformer
+from .rules import Contribution, LayerRule, register_rule, unregister_rule
+
+__all__ = [
+    "Contribution",
+    "LayerRule",
+    "PEFResult",
+    "PEFTransformer",
+    "register_rule",
+    "rules",
+    "unregister_rule",
+]

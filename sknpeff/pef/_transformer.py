@@ -1,0 +1,531 @@
+"""PEFTransformer: examples in, per-example Fishers out, as a scikit-learn transformer.
+
+Parameters, validation, ``fit``/``transform``/``compute``, batching, worker threads,
+progress and writing to a store. Each batch goes through the engine
+(:mod:`sknpeff.pef._engine`).
+
+With ``n_jobs > 1`` on a CPU, batches run concurrently in worker threads, each with its
+own engine (buffers, hooks that record only their own thread's forward pass) and an
+equal share of torch's intra-op threads: many of the per-batch ops (index plans, the
+selection, small products) use two cores poorly, two batches at once use them fully. A
+batch that turns out to need the generic path (which swaps the model's parameters)
+hands itself and the later batches back to the calling thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..layout import ParameterLayout
+from ..utils import (
+    InvalidParameterError,
+    check_choice,
+    check_float,
+    check_int,
+    csr_from_parts,
+    limit_threads,
+)
+from ._engine import Engine, NeedsOneThread
+from ._inputs import (
+    as_logits,
+    default_forward,
+    first_batch,
+    iter_batches,
+    n_examples,
+    to_device,
+)
+from ._result import PEFResult, concat_results
+
+__all__ = ["PEFTransformer"]
+
+_END = object()  # end of an iterator
+
+
+class PEFTransformer(TransformerMixin, BaseEstimator):
+    """Per-example Fisher (PEF) matrices of a PyTorch classifier, sparse.
+
+    Turns examples into diagonal (D-PEF) or low-rank (LRM-PEF) per-example Fishers,
+    normalized and sparsified to their ``n_values`` largest entries, ready for
+    ``DiagonalNPEFF`` / ``LowRankNPEFF`` in a :class:`~sklearn.pipeline.Pipeline`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier in eval mode returning logits ``(batch, n_outputs)`` (or an object
+        with a ``.logits`` attribute). It is never modified.
+    kind : {"diagonal", "low_rank"}, default="diagonal"
+        ``"diagonal"``: row ``i`` is ``f_i = sum_j a_ij ** 2`` (width ``n_params_``).
+        ``"low_rank"``: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix of the
+        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability.
+    n_values : int, default=65536
+        Number of entries of largest magnitude kept per row.
+    n_classes : int, default=None
+        Keep only the ``n_classes`` most probable classes (number of class slots).
+        ``None``: all outputs of the model.
+    min_class_prob : float, default=None
+        Drop classes whose probability is below this threshold (their slots stay empty).
+    normalize : bool, default=True
+        Divide each PEF by its Frobenius norm (low rank: the ``a_ij`` by its square root)
+        before sparsification.
+    min_norm : float, default=None
+        PEFs whose Frobenius norm is below this value are stored as empty rows (their
+        norms are still returned, and the count is reported in a warning). A model
+        near-certain of an example has an almost-zero Fisher for it, whose normalized
+        entries are mostly rounding noise; pick the floor from the ``norms`` of a first
+        :meth:`compute` (e.g. a small fraction of their median). ``None``: keep every
+        nonzero PEF.
+    params : list of str or callable, default=None
+        Parameters to include: names, or a predicate ``(name, param) -> bool``.
+        ``None``: every parameter with ``requires_grad=True``.
+    forward : callable, default=None
+        ``forward(model, batch) -> logits`` for models with another signature. Default:
+        ``model(batch)``, ``model(**batch)`` for dicts, ``model(batch[0])`` for
+        ``(inputs, targets)`` tuples. The output may also be an object with a ``.logits``
+        attribute (transformers). A binary model with one sigmoid logit ``z`` must
+        return ``torch.cat([torch.zeros_like(z), z], 1)`` (a single softmax logit has a
+        zero Fisher).
+    batch_size : int, default=32
+        Examples per forward/backward pass; bounds the memory used.
+    n_jobs : int, default=None
+        Batches computed at once on a CPU, each in its own thread with an equal share of
+        torch's intra-op threads (restored afterwards). ``None``: 1; ``-1``: one per
+        intra-op thread (``torch.get_num_threads()``). On 2 cores, against one job
+        with 2 intra-op threads (``benchmarks/bench_pef.py``, three runs), two jobs
+        computed low-rank PEFs 11-16% faster for a small CNN and 24-28% for an MLP,
+        but diagonal PEFs 3-5% (CNN) and 3-10% (MLP) slower: measure on your model.
+        Memory grows to ``n_jobs`` batches' buffers.
+        Results and their order do not depend on it. It has no effect on a GPU, or
+        when a parameter needs the generic ``torch.func`` path (which swaps the model's
+        parameters while it runs): a batch found to need it on a worker thread is run
+        again, with every later batch, on the calling thread. With ``n_jobs > 1`` a
+        custom ``forward`` must be thread-safe.
+    device : str or torch.device, default=None
+        Where to compute; must be the device of the model's parameters (``None``: that
+        device). Inputs are moved there.
+    dtype : {"float32", "float64"}, default="float32"
+        dtype of the returned PEF values. Gradients are computed in the model's dtype.
+    allow_train_mode : bool, default=False
+        Accept a model in training mode (dropout makes the PEFs random). Batch norm in
+        training mode is always refused: it couples the examples of a batch.
+    verbose : int, default=0
+        Show a progress bar (tqdm) when positive.
+
+    Attributes
+    ----------
+    layout_ : ParameterLayout
+        Flat order of the selected parameters (the column order).
+    n_params_ : int
+        Number of selected parameter entries.
+    n_outputs_ : int
+        Number of logits of the model.
+    n_classes_ : int
+        Number of class slots (low rank).
+    n_features_out_ : int
+        Width of the PEF rows.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sknpeff import PEFTransformer
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                             torch.nn.Linear(8, 3)).eval()
+    >>> X = torch.randn(10, 4)
+    >>> pef = PEFTransformer(model, kind="low_rank", n_values=16).fit(X)
+    >>> res = pef.compute(X)
+    >>> res.pefs.shape, res.norms.shape
+    ((10, 201), (10,))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        kind: str = "diagonal",
+        n_values: int = 65536,
+        n_classes: int | None = None,
+        min_class_prob: float | None = None,
+        normalize: bool = True,
+        min_norm: float | None = None,
+        params: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        batch_size: int = 32,
+        n_jobs: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: str = "float32",
+        allow_train_mode: bool = False,
+        verbose: int = 0,
+    ):
+        self.model = model
+        self.kind = kind
+        self.n_values = n_values
+        self.n_classes = n_classes
+        self.min_class_prob = min_class_prob
+        self.normalize = normalize
+        self.min_norm = min_norm
+        self.params = params
+        self.forward = forward
+        self.batch_size = batch_size
+        self.n_jobs = n_jobs
+        self.device = device
+        self.dtype = dtype
+        self.allow_train_mode = allow_train_mode
+        self.verbose = verbose
+
+    # -- validation ----------------------------------------------------------------------------
+    def _validate(self):
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module; got {type(self.model).__name__}.")
+        check_choice(self.kind, "kind", ("diagonal", "low_rank"))
+        check_int(self.n_values, "n_values", low=1)
+        check_int(self.n_classes, "n_classes", low=1, allow_none=True)
+        check_float(self.min_class_prob, "min_class_prob", low=0.0, high=1.0, allow_none=True)
+        check_float(self.min_norm, "min_norm", low=0.0, allow_none=True)
+        check_int(self.batch_size, "batch_size", low=1)
+        if self.n_jobs != -1:
+            try:
+                check_int(self.n_jobs, "n_jobs", low=1, allow_none=True)
+            except InvalidParameterError:
+                raise InvalidParameterError(
+                    f"n_jobs must be None, -1 or an integer >= 1; got {self.n_jobs!r}."
+                ) from None
+        try:
+            dt = np.dtype(self.dtype)
+        except TypeError as exc:
+            raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}.") from exc
+        if dt not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}.")
+        if self.forward is not None and not callable(self.forward):
+            raise ValueError("forward must be None or a callable forward(model, batch).")
+        check_int(int(self.verbose) if isinstance(self.verbose, bool) else self.verbose,
+                  "verbose")
+        training = [n or type(m).__name__ for n, m in self.model.named_modules() if m.training]
+        bn_train = [n for n, m in self.model.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and (m.training or m.running_mean is None)]
+        if bn_train:
+            raise ValueError(
+                "batch norm layers in training mode (or without running statistics) couple "
+                f"the examples of a batch, so per-example Fishers are undefined: {bn_train[:3]}."
+                " Call model.eval() first."
+            )
+        if training and not self.allow_train_mode:
+            raise ValueError(
+                "the model is in training mode (dropout, batch-norm statistics), which makes "
+                f"PEFs random (modules in training mode: {training[:3]}). Call model.eval(), or "
+                "pass allow_train_mode=True to proceed anyway."
+            )
+        params = list(self.model.parameters())
+        if not params:
+            raise ValueError("model has no parameters.")
+        if self.device is not None:
+            dev = torch.device(self.device)
+            pdev = params[0].device
+            if dev.type != pdev.type or (dev.index is not None and dev.index != pdev.index):
+                raise ValueError(
+                    f"device={self.device!r} but the model's parameters live on {pdev}; move "
+                    "the model there (model.to(device)) or leave device=None."
+                )
+
+    def _engine_key(self) -> tuple:
+        # what the per-layer plan and its one-batch check depend on
+        return (id(self.model), id(self.forward), repr(self.params), self.kind,
+                self.n_classes_, self.layout_)
+
+    def _engine(self, learned: tuple | None = None):
+        """A new engine; ``learned`` (from :meth:`_learned`) spares it the first-batch
+        check. By default, what an earlier call on the same model learned is used."""
+        eng = Engine(self, self.layout_, self.n_classes_)
+        if learned is None:
+            memo = getattr(self, "_engine_memo", None)
+            if memo is not None and memo[0] == self._engine_key():
+                learned = memo[1]
+        if learned is not None:
+            # reuse what a verified engine learned (which parameters need the generic
+            # path, the one-batch check, the selection's statistics)
+            fallback, no_expand, select_state = learned
+            eng.fallback |= fallback
+            eng._refresh_hooked()
+            eng.no_expand = set(no_expand)
+            eng.select_state = dict(select_state)
+            eng.verified = True
+        return eng
+
+    @staticmethod
+    def _learned(eng: Engine) -> tuple:
+        return set(eng.fallback), set(eng.no_expand), dict(eng.select_state)
+
+    def _remember(self, eng: Engine) -> None:
+        if eng.verified:
+            self._engine_memo = (self._engine_key(), self._learned(eng))
+
+    def _n_jobs_for(self, eng: Engine) -> int:
+        """Concurrent batches for this engine: 1 on a GPU or with generic-path
+        parameters (``torch.func.functional_call`` swaps the model's parameters)."""
+        if self.n_jobs is None or eng.device.type != "cpu" or eng.fallback:
+            return 1
+        return torch.get_num_threads() if self.n_jobs == -1 else int(self.n_jobs)
+
+    def _run_batches(self, eng: Engine, batches: Iterable) -> Iterator[tuple]:
+        """``eng.run_batch`` of every batch, in order, on ``n_jobs`` threads when asked
+        for; an engine that has not verified the per-layer rules yet does so on the
+        first batch alone (the check may move parameters to the generic path)."""
+        it = iter(batches)
+        if not eng.verified:
+            first = next(it, None)
+            if first is None:
+                return
+            yield eng.run_batch(first)
+        n_jobs = self._n_jobs_for(eng)
+        if n_jobs == 1:
+            for batch in it:
+                yield eng.run_batch(batch)
+            return
+        yield from self._run_threaded(eng, it, n_jobs)
+
+    def _run_threaded(self, eng: Engine, it: Iterator, n_jobs: int) -> Iterator[tuple]:
+        learned = self._learned(eng)
+        engines = [eng] + [self._engine(learned) for _ in range(n_jobs - 1)]
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for e in engines:
+            free.put(e)
+
+        def task(batch):
+            e = free.get()  # at most n_jobs tasks run: one engine is always free
+            try:
+                return e.run_batch(batch)
+            finally:
+                free.put(e)
+
+        pending: deque = deque()  # (future, batch), in order
+        redo: list = []
+        pool = ThreadPoolExecutor(n_jobs, thread_name_prefix="sknpeff-pef")
+        # each job gets an equal share of torch's intra-op threads (restored on exit)
+        with limit_threads(max(1, torch.get_num_threads() // n_jobs), blas_threads=False):
+            try:
+                for e in engines:
+                    e.shared = True
+                for e in engines[1:]:
+                    e.add_hooks()
+                exhausted = False
+                while True:
+                    # bounded look-ahead (bounded memory): at most 2 * n_jobs batches pending
+                    while not exhausted and len(pending) < 2 * n_jobs:
+                        batch = next(it, _END)
+                        exhausted = batch is _END
+                        if not exhausted:
+                            pending.append((pool.submit(task, batch), batch))
+                    if not pending:
+                        break
+                    fut, batch = pending.popleft()
+                    try:
+                        res = fut.result()
+                    except NeedsOneThread:
+                        # a later batch needs the generic path: this one and every later
+                        # one are run again on this thread, whose engine moves the
+                        # parameters
+                        redo = [batch, *(b for _, b in pending)]
+                        break
+                    yield res
+            finally:
+                # on an error, an interrupt or an early close: drop what has not started,
+                # let the running batches end, then undo everything
+                pool.shutdown(wait=True, cancel_futures=True)
+                for e in engines:
+                    e.shared = False
+                for e in engines[1:]:
+                    e.remove_hooks()
+        for batch in itertools.chain(redo, it):
+            yield eng.run_batch(batch)
+
+    # -- sklearn API ---------------------------------------------------------------------------
+    def fit(self, X, y=None):
+        """Record the parameter layout and the number of classes.
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+            Examples batched along the first axis (one small batch is run through the
+            model to read its number of outputs).
+        y : ignored
+
+        Returns
+        -------
+        self : PEFTransformer
+        """
+        self._validate()
+        self._engine_memo = None
+        layout = ParameterLayout.from_model(self.model, self.params)
+        batch = first_batch(X, self.batch_size)
+        p0 = next(self.model.parameters())
+        with torch.no_grad():
+            fwd = self.forward if self.forward is not None else default_forward
+            logits = as_logits(fwd(self.model, to_device(batch, p0.device, p0.dtype)))
+        if logits.dim() != 2:
+            raise ValueError(
+                "the model (or forward) must return logits of shape (batch, n_classes); got "
+                f"shape {tuple(logits.shape)}."
+            )
+        n_out = int(logits.shape[1])
+        if self.n_classes is not None and self.n_classes > n_out:
+            raise ValueError(
+                f"n_classes={self.n_classes} is larger than the model's number of outputs "
+                f"({n_out})."
+            )
+        self.layout_ = layout
+        self.n_params_ = layout.n_params
+        self.n_outputs_ = n_out
+        self.n_classes_ = n_out if self.n_classes is None else int(self.n_classes)
+        self.n_features_out_ = (
+            self.n_classes_ * self.n_params_ if self.kind == "low_rank" else self.n_params_
+        )
+        if isinstance(X, (np.ndarray, torch.Tensor)) and X.ndim == 2:
+            self.n_features_in_ = int(X.shape[1])
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Like :meth:`fit` on the first call; later calls only check consistency.
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        y : ignored
+
+        Returns
+        -------
+        self : PEFTransformer
+        """
+        if not hasattr(self, "layout_"):
+            return self.fit(X, y)
+        self._validate()
+        if ParameterLayout.from_model(self.model, self.params) != self.layout_:
+            raise ValueError("the model's parameter layout changed since the first fit.")
+        return self
+
+    def iter_compute(self, X) -> Iterator[PEFResult]:
+        """Compute PEFs batch by batch (one :class:`PEFResult` per batch of ``X``).
+
+        Memory stays bounded by ``batch_size`` whatever the number of examples; pair
+        it with :class:`sknpeff.io.PEFWriter` to stream PEFs to disk.
+        """
+        check_is_fitted(self, "layout_")
+        self._validate()
+        if ParameterLayout.from_model(self.model, self.params) != self.layout_:
+            raise ValueError("the model's parameter layout changed since fit.")
+        n = n_examples(X)
+        eng = self._engine()
+        selected = eng.params
+        saved_rg = [p.requires_grad for p in selected]
+        progress = tqdm(total=n, desc=f"PEFs ({self.kind})", unit="ex",
+                        disable=not self.verbose)
+        n_zero = n_floored = 0
+        floor = self.min_norm
+        results = self._run_batches(eng, iter_batches(X, self.batch_size))
+        try:
+            for p in selected:
+                p.requires_grad_(True)
+            eng.add_hooks()
+            for counts, idx, data, norms, logits in results:
+                B = counts.shape[0]
+                indptr = np.zeros(B + 1, dtype=np.int64)
+                np.cumsum(counts, out=indptr[1:])
+                n_zero += int((norms <= 0).sum())
+                if floor is not None:
+                    n_floored += int(((norms > 0) & (norms < floor)).sum())
+                pefs = csr_from_parts(data, idx, indptr, (B, self.n_features_out_),
+                                      index_dtype="auto")
+                yield PEFResult(
+                    pefs=pefs,
+                    norms=norms.astype(np.float64),
+                    logits=logits.astype(self.dtype),
+                    predictions=logits.argmax(axis=1).astype(np.int64),
+                    metadata=self._metadata(),
+                )
+                progress.update(B)
+        finally:
+            results.close()  # worker threads end before the model is restored
+            eng.remove_hooks()
+            for p, rg in zip(selected, saved_rg, strict=True):
+                p.requires_grad_(rg)
+            progress.close()
+            self._remember(eng)
+        if n_zero:
+            warnings.warn(
+                f"{n_zero} example(s) have a zero PEF (zero Frobenius norm); they are kept "
+                "as empty rows.",
+                stacklevel=2,
+            )
+        if n_floored:
+            warnings.warn(
+                f"{n_floored} example(s) have a PEF norm below min_norm={floor!r}; they are "
+                "stored as empty rows.",
+                stacklevel=2,
+            )
+
+    def compute(self, X, out: str | None = None, *, overwrite: bool = False) -> PEFResult:
+        """PEFs, their norms, the logits and the predictions in one pass.
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        out : str or path, default=None
+            If given, stream the results to this directory (see :mod:`sknpeff.io`)
+            instead of holding them in memory, and return them memory-mapped.
+        overwrite : bool, default=False
+            Replace an existing store at ``out``.
+
+        Returns
+        -------
+        result : PEFResult
+            With attributes ``pefs``, ``norms``, ``logits`` and ``predictions``.
+        """
+        if not hasattr(self, "layout_"):
+            check_is_fitted(self, "layout_")
+        if out is not None:
+            from ..io import PEFWriter, load_pefs
+
+            with PEFWriter(out, n_cols=self.n_features_out_, kind=self.kind,
+                           layout=self.layout_, n_classes=self.n_classes_,
+                           dtype=self.dtype, overwrite=overwrite) as w:
+                for res in self.iter_compute(X):
+                    w.append(res)
+            return load_pefs(out)
+        parts = list(self.iter_compute(X))
+        res = concat_results(parts, self.n_features_out_, self.dtype, self.n_outputs_)
+        res.metadata = self._metadata()
+        return res
+
+    def _metadata(self) -> dict:
+        return {"kind": self.kind, "n_classes": self.n_classes_, "layout": self.layout_}
+
+    def transform(self, X):
+        """Sparse PEF matrix of ``X`` (the layout is described in the class docstring).
+
+        Parameters
+        ----------
+        X : array, tensor, dict of tensors, list of per-example items or Dataset
+
+        Returns
+        -------
+        pefs : scipy.sparse.csr_matrix of shape (n_examples, n_features_out)
+        """
+        return self.compute(X).pefs
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.non_deterministic = False
+        tags.requires_fit = True
+        return tags
