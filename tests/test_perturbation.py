@@ -412,7 +412,7 @@ def test_pipeline_with_params_subset(gated):
 
 
 def test_projection_chunked_and_rank_deficient(monkeypatch):
-    import sknpeff.perturbation as mod
+    import sknpeff.perturbation._low_rank as mod
 
     rng = np.random.default_rng(1)
     model = torch.nn.Linear(9, 5)  # 50 parameters
@@ -423,7 +423,7 @@ def test_projection_chunked_and_rank_deficient(monkeypatch):
     est = fake_low_rank(G, dtype=np.float64)
     Gf = est.components_
     full = GuidedPerturber(est, model, max_cosine=0.9).perturbation(0)
-    monkeypatch.setattr(mod, "_CHUNK", 7)
+    monkeypatch.setattr(mod, "CHUNK", 7)
     d = GuidedPerturber(est, model, max_cosine=0.9).perturbation(0)
     np.testing.assert_allclose(d, full, atol=1e-14)
     assert np.abs(Gf[1:] @ d).max() < 1e-15

@@ -21,7 +21,9 @@ __all__ = [
     "default_forward",
     "first_batch",
     "iter_batches",
+    "known_n_examples",
     "n_examples",
+    "take_rows",
     "to_device",
     "tree_leaves",
     "tree_map",
@@ -178,3 +180,27 @@ def first_batch(X, batch_size: int):
     if n == 0:
         raise ValueError("X holds no example.")
     return next(iter(iter_batches(X, min(batch_size, 2))))
+
+
+def known_n_examples(X) -> int:
+    """Number of examples in ``X``, which must be known (not a Dataset without ``len``)."""
+    n = n_examples(X)
+    if n is None:
+        raise ValueError("X must have a known length (a Dataset without __len__ cannot be "
+                         "ranked into top examples).")
+    return n
+
+
+def take_rows(X, idx) -> Any:
+    """Examples ``idx`` of ``X``, in the same input form (a Dataset gives a ``Subset``)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if isinstance(X, torch.Tensor):
+        return X[torch.from_numpy(idx).to(X.device)]
+    if isinstance(X, np.ndarray):
+        return X[idx]
+    if isinstance(X, Mapping):
+        return {k: (take_rows(v, idx) if hasattr(v, "shape") and len(v.shape) else v)
+                for k, v in X.items()}
+    if _is_dataset(X):
+        return torch.utils.data.Subset(X, idx.tolist())
+    return [X[int(i)] for i in idx]

@@ -1,196 +1,30 @@
-"""Guided perturbations: check that a component is part of the model's processing.
-
-For an NPEFF component ``j``, :class:`GuidedPerturber` builds a parameter perturbation
-``delta`` that the component's pseudo-Fisher says should change the predictions of the
-component's top examples much more than those of other examples (method doc section 4):
-
-* **Low rank** (:class:`~sknpeff.decomposition.LowRankNPEFF`): since
-  ``delta^T H_k delta = (g_k . delta)^2``, ``delta`` is ``+-g_j`` with its part in the span
-  of the *other* components that are not similar to ``g_j`` (``|cos| < max_cosine``)
-  removed by an exact orthogonal projection (QR of those components), scaled to
-  ``||delta|| = magnitude``.
-* **Diagonal** (:class:`~sknpeff.decomposition.DiagonalNPEFF`): per parameter, the
-  original value ``theta`` and a pushed value ``p = theta - s Delta sign(grad)`` (``grad``
-  the gradient of the loss summed over the component's top examples) are blended with
-  Fisher weights, ``theta' = (w1 theta + w2 p) / (w1 + w2)``,
-  ``w1 = (1 - lambda) max(F_dataset, floor)``, ``w2 = lambda h_j`` (both Fishers
-  unit-normalized). ``Delta`` (log scale) and ``lambda`` in ``(0.035, 0.965)`` are searched
-  until the mean KL on the top examples falls in ``kl_target``. Where the reference drew
-  ``(Delta, lambda)`` at random (log-uniform), this searches deterministically: ``lambda``
-  on ``n_lambda`` points evenly spaced in log-odds, and for each ``Delta`` by bisection on
-  its log over ``[1e-6, 1e2]`` (the top KL grows with ``Delta``), keeping the ``lambda``
-  whose perturbation is most selective on a held-apart selection set. ``sign=+1`` pushes
-  against the gradient of the loss of the top examples (labels, or the model's own
-  predictions), ``sign=-1`` along it.
-
-The selectivity of a component is its **KL ratio**: mean KL divergence between the
-original and perturbed predictive distributions over the component's top examples,
-divided by the mean over a random baseline set (best of both signs). It is reported beside
-the **PEF-norm ratio** of the same two sets (paper fig. 3): a KL ratio is only evidence
-when it clearly exceeds the norm ratio, and a component whose top examples have ~0 Fisher
-norm (predicted with probability ~1) has a KL ratio ~0 whatever ``delta`` is.
-"""
+"""GuidedPerturber: perturb a model along one NPEFF component and measure the effect."""
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-import scipy.special
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .layout import ParameterLayout
-from .pef._inputs import (
-    as_logits,
-    as_tensor,
-    default_forward,
-    iter_batches,
-    n_examples,
-    tree_map,
-)
+from ..layout import ParameterLayout
+from ..pef._inputs import known_n_examples, take_rows
+from ..utils import InvalidParameterError, check_choice, check_float, check_int
+from ._diagonal import diagonal_profile, rank_key, safe_ratio, search_blend
+from ._evaluation import applied, kl_divergence, log_probs, loss_grad_sign
+from ._low_rank import component_gram, orthogonal_direction
+from ._results import KLRatioResult, KLRatioResults
 
-__all__ = ["GuidedPerturber", "KLRatioResult", "KLRatioResults"]
-
-#: bounds of the blend weight lambda in the diagonal search (method doc section 4)
-_LAMBDA_RANGE = (0.035, 0.965)
-#: log10 range of the push size Delta searched for the diagonal perturbation
-_LOG_DELTA_RANGE = (-6.0, 2.0)
-#: bisection steps on log Delta per value of lambda
-_BISECT_STEPS = 14
-#: parameters per chunk when streaming the components (bounds float64 temporaries)
-_CHUNK = 1 << 20
+__all__ = ["GuidedPerturber", "estimator_kind", "pipeline_layout", "unwrap"]
 
 
-# ---------------------------------------------------------------------------------------------
-# results
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class KLRatioResult:
-    """Selectivity of one component's guided perturbation.
-
-    Attributes
-    ----------
-    component : int
-        Component index.
-    kl_ratio : float
-        ``top_kl / baseline_kl`` for the better sign (``inf`` when only the baseline KL is
-        zero, ``nan`` when both are).
-    sign : int
-        The sign (+1 or -1) of the perturbation that gave ``kl_ratio``.
-    top_kl : float
-        Mean KL over the component's top examples.
-    baseline_kl : float
-        Mean KL over the random baseline set.
-    norm_ratio : float
-        Mean PEF norm of the top examples over that of the baseline set (``nan`` when no
-        norms were given). The KL ratio should clearly exceed it.
-    accuracy_change : float or None
-        Accuracy of the perturbed model on the top examples minus the original accuracy
-        (``None`` when no labels were given).
-    kl_ratio_other_sign : float
-        The KL ratio of the other sign.
-    top_indices : ndarray of int64
-        The top examples (rows of ``X``), by decreasing coefficient.
-    baseline_indices : ndarray of int64
-        The baseline examples.
-    details : dict
-        Extra facts: for diagonal perturbations the chosen ``delta`` (push size),
-        ``lambda`` and whether the KL target was reached, for each sign.
-    """
-
-    component: int
-    kl_ratio: float
-    sign: int
-    top_kl: float
-    baseline_kl: float
-    norm_ratio: float
-    accuracy_change: float | None
-    kl_ratio_other_sign: float = float("nan")
-    top_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
-    baseline_indices: np.ndarray = field(
-        default_factory=lambda: np.zeros(0, np.int64), repr=False)
-    details: dict = field(default_factory=dict, repr=False)
-
-
-class KLRatioResults(list):
-    """List of :class:`KLRatioResult`, one per component, with array views of its fields.
-
-    ``results.kl_ratio``, ``results.norm_ratio``, ``results.sign``, ``results.top_kl``,
-    ``results.baseline_kl`` and ``results.accuracy_change`` are ndarrays (the last holds
-    ``nan`` where no labels were given), ready for :func:`sknpeff.inspection.report`.
-    """
-
-    def _field(self, name: str) -> np.ndarray:
-        vals = [getattr(r, name) for r in self]
-        return np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64)
-
-    @property
-    def kl_ratio(self) -> np.ndarray:
-        """KL ratio of each component."""
-        return self._field("kl_ratio")
-
-    @property
-    def norm_ratio(self) -> np.ndarray:
-        """PEF-norm ratio of each component."""
-        return self._field("norm_ratio")
-
-    @property
-    def sign(self) -> np.ndarray:
-        """Chosen sign of each component."""
-        return np.asarray([r.sign for r in self], dtype=np.int64)
-
-    @property
-    def top_kl(self) -> np.ndarray:
-        """Mean KL over the top examples of each component."""
-        return self._field("top_kl")
-
-    @property
-    def baseline_kl(self) -> np.ndarray:
-        """Mean KL over the baseline set of each component."""
-        return self._field("baseline_kl")
-
-    @property
-    def accuracy_change(self) -> np.ndarray:
-        """Accuracy change on the top examples (``nan`` without labels)."""
-        return self._field("accuracy_change")
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-def _n_rows(X: Any) -> int:
-    """Number of examples in ``X`` (the PEF transformer's rules); it must be known."""
-    n = n_examples(X)
-    if n is None:
-        raise ValueError("X must have a known length (a Dataset without __len__ cannot be "
-                         "ranked into top examples).")
-    return n
-
-
-def _take(X: Any, idx: np.ndarray) -> Any:
-    """Rows ``idx`` of ``X`` (any input form :class:`~sknpeff.PEFTransformer` accepts)."""
-    idx = np.asarray(idx, dtype=np.int64)
-    if isinstance(X, torch.Tensor):
-        return X[torch.from_numpy(idx).to(X.device)]
-    if isinstance(X, np.ndarray):
-        return X[idx]
-    if isinstance(X, Mapping):
-        return {k: (_take(v, idx) if hasattr(v, "shape") and len(v.shape) else v)
-                for k, v in X.items()}
-    if isinstance(X, torch.utils.data.Dataset):
-        return torch.utils.data.Subset(X, idx.tolist())
-    return [X[int(i)] for i in idx]
-
-
-def _unwrap(estimator: Any) -> Any:
+def unwrap(estimator: Any) -> Any:
     """The decomposition behind a Pipeline or a ComponentExpander."""
     from sklearn.pipeline import Pipeline
 
@@ -202,7 +36,7 @@ def _unwrap(estimator: Any) -> Any:
     return estimator
 
 
-def _pipeline_layout(estimator: Any) -> ParameterLayout | None:
+def pipeline_layout(estimator: Any) -> ParameterLayout | None:
     """The ``layout_`` of a fitted Pipeline's PEFTransformer step, if any."""
     from sklearn.pipeline import Pipeline
 
@@ -214,10 +48,11 @@ def _pipeline_layout(estimator: Any) -> ParameterLayout | None:
     return None
 
 
-def _estimator_kind(estimator: Any) -> str:
-    from .decomposition import DiagonalNPEFF, LowRankNPEFF
+def estimator_kind(estimator: Any) -> str:
+    """``"low_rank"`` or ``"diagonal"``: the kind of the decomposition behind ``estimator``."""
+    from ..decomposition import DiagonalNPEFF, LowRankNPEFF
 
-    inner = _unwrap(estimator)
+    inner = unwrap(estimator)
     if isinstance(inner, LowRankNPEFF):
         return "low_rank"
     if isinstance(inner, DiagonalNPEFF):
@@ -228,33 +63,6 @@ def _estimator_kind(estimator: Any) -> str:
         f"{type(estimator).__name__}.")
 
 
-def _safe_ratio(num: float, den: float) -> float:
-    if den > 0:
-        return num / den
-    if num > 0:
-        return float("inf")
-    return float("nan")
-
-
-def _rank_key(ratio: float) -> float:
-    return -np.inf if np.isnan(ratio) else ratio
-
-
-def _check_pos_int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
-
-
-def _check_sign(sign: Any) -> int:
-    if isinstance(sign, bool) or sign not in (1, -1):
-        raise ValueError(f"sign must be +1 or -1, got {sign!r}.")
-    return int(sign)
-
-
-# ---------------------------------------------------------------------------------------------
-# the perturber
-# ---------------------------------------------------------------------------------------------
 class GuidedPerturber:
     """Perturb a model along one NPEFF component and measure the effect.
 
@@ -314,9 +122,7 @@ class GuidedPerturber:
     Examples
     --------
     >>> from sknpeff.datasets import make_gated_experts
-    >>> from sknpeff.pef import PEFTransformer
-    >>> from sknpeff.decomposition import LowRankNPEFF
-    >>> from sknpeff.perturbation import GuidedPerturber
+    >>> from sknpeff import GuidedPerturber, LowRankNPEFF, PEFTransformer
     >>> model, sample, _ = make_gated_experts(random_state=0)
     >>> X, _ = sample(300, random_state=0)
     >>> pef = PEFTransformer(model, kind="low_rank", n_values=400).fit(X)
@@ -354,18 +160,13 @@ class GuidedPerturber:
     def _validate(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(self.model).__name__}.")
-        self.kind_ = _estimator_kind(self.estimator)
-        check_is_fitted(_unwrap(self.estimator), "components_")
-        for name, value, low in (("magnitude", self.magnitude, 0.0),
-                                 ("fisher_floor", self.fisher_floor, 0.0)):
-            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                    or not np.isfinite(value) or value <= low):
-                raise ValueError(f"{name} must be a finite number > {low}, got {value!r}.")
-        mc = self.max_cosine
-        if isinstance(mc, bool) or not isinstance(mc, numbers.Real) or not 0.0 <= mc <= 1.0:
-            raise ValueError(f"max_cosine must be a number in [0, 1], got {mc!r}.")
-        _check_pos_int("batch_size", self.batch_size)
-        _check_pos_int("n_lambda", self.n_lambda)
+        self.kind_ = estimator_kind(self.estimator)
+        check_is_fitted(unwrap(self.estimator), "components_")
+        check_float(self.magnitude, "magnitude", low=0.0, strict=True)
+        check_float(self.fisher_floor, "fisher_floor", low=0.0, strict=True)
+        check_float(self.max_cosine, "max_cosine", low=0.0, high=1.0)
+        check_int(self.batch_size, "batch_size", low=1)
+        check_int(self.n_lambda, "n_lambda", low=1)
         try:
             lo, hi = (float(v) for v in self.kl_target)
         except (TypeError, ValueError):
@@ -377,7 +178,7 @@ class GuidedPerturber:
             raise ValueError("forward must be None or a callable forward(model, batch).")
         layout = self.layout
         if layout is None:
-            layout = _pipeline_layout(self.estimator)
+            layout = pipeline_layout(self.estimator)
         if layout is None:
             layout = ParameterLayout.from_model(self.model)
         elif not isinstance(layout, ParameterLayout):
@@ -399,13 +200,14 @@ class GuidedPerturber:
         self.layout_ = layout
 
     def _components(self) -> np.ndarray:
-        return np.asarray(_unwrap(self.estimator).components_)
+        return np.asarray(unwrap(self.estimator).components_)
 
     def _component_index(self, component: Any) -> int:
         r = self._components().shape[0]
         if (isinstance(component, bool) or not isinstance(component, numbers.Integral)
                 or not -r <= component < r):
-            raise ValueError(f"component must be an integer in [0, {r}), got {component!r}.")
+            raise InvalidParameterError(
+                f"component must be an integer in [0, {r}), got {component!r}.")
         return int(component) % r
 
     def _params(self) -> list[torch.nn.Parameter]:
@@ -416,63 +218,15 @@ class GuidedPerturber:
         return self._params()[0].device
 
     # ------------------------------------------------------------------- low rank
-    def _gram(self, G: np.ndarray) -> np.ndarray:
-        """``G G^T`` in float64 (cached for the current components array)."""
-        cached = self._cache.get("gram")
-        if cached is not None and cached[0] is G:
-            return cached[1]
-        r, m = G.shape
-        M = np.zeros((r, r))
-        for s in range(0, m, _CHUNK):
-            B = G[:, s:s + _CHUNK].astype(np.float64)
-            M += B @ B.T
-        self._cache["gram"] = (G, M)
-        return M
-
     def _low_rank_direction(self, j: int) -> np.ndarray:
-        """Unit ``g_j`` with its part in the span of the dissimilar components removed.
-
-        The projection onto the orthogonal complement of ``span{g_k : k in S}`` uses the
-        pseudo-inverse of their float64 Gram matrix (numerical range only, so dependent
-        components are fine) followed by refinement passes, streaming ``G`` in column
-        chunks: no ``(n_params, r)`` float64 copy is made, which matters at paper scale.
-        """
+        """Unit ``g_j`` made orthogonal to the dissimilar components (Gram cached for the
+        current components array)."""
         G = self._components()  # (r, m), not copied
-        r, m = G.shape
-        M = self._gram(G)
-        norms = np.sqrt(np.maximum(np.diag(M), 0.0))
-        if norms[j] == 0:
-            raise ValueError(f"component {j} is zero: no perturbation direction.")
-        cos = np.abs(M[j]) / (np.where(norms > 0, norms, 1.0) * norms[j])
-        others = np.asarray([k for k in range(r)
-                             if k != j and norms[k] > 0 and cos[k] < self.max_cosine], np.int64)
-        g = G[j].astype(np.float64) / norms[j]
-        d = g
-        if others.size:
-            w, V = np.linalg.eigh(M[np.ix_(others, others)])
-            keep = w > max(w.max(), 0.0) * 1e-13
-            pinv = (V[:, keep] / w[keep]) @ V[:, keep].T
-            GS = G[others]
-            d = g.copy()
-            scale = float(np.sqrt(np.sum(norms[others] ** 2)))
-            for _ in range(4):  # projection, then refinement until orthogonal to rounding
-                b = np.zeros(others.size)
-                for s in range(0, m, _CHUNK):
-                    b += GS[:, s:s + _CHUNK].astype(np.float64) @ d[s:s + _CHUNK]
-                dn = float(np.linalg.norm(d))
-                if np.abs(b).max() <= 1e-15 * scale * max(dn, 1e-300):
-                    break
-                c = pinv @ b
-                for s in range(0, m, _CHUNK):
-                    d[s:s + _CHUNK] -= GS[:, s:s + _CHUNK].astype(np.float64).T @ c
-        dn = np.linalg.norm(d)
-        if dn <= 1e-8:
-            warnings.warn(
-                f"component {j} lies in the span of the other components it is not similar "
-                "to; its projected direction vanishes and g_j itself is used.",
-                UserWarning, stacklevel=3)
-            return g
-        return d / dn
+        cached = self._cache.get("gram")
+        if cached is None or cached[0] is not G:
+            cached = (G, component_gram(G))
+            self._cache["gram"] = cached
+        return orthogonal_direction(G, cached[1], j, float(self.max_cosine))
 
     # ------------------------------------------------------------------- diagonal
     def fit(self, X: Any, W: np.ndarray | None = None, *, pefs: Any = None,
@@ -511,16 +265,16 @@ class GuidedPerturber:
         self : GuidedPerturber
         """
         self._validate()
-        n = _n_rows(X)
+        n = known_n_examples(X)
         W = self._resolve_W(W, pefs, n, X)
-        n_top = _check_pos_int("n_top", n_top)
-        n_fisher = _check_pos_int("n_fisher", n_fisher)
+        n_top = check_int(n_top, "n_top", low=1)
+        n_fisher = check_int(n_fisher, "n_fisher", low=1)
         rng = check_random_state(random_state)
         self._cache = {}
         if self.kind_ == "diagonal":
             if dataset_fisher is None:
                 fis = np.sort(rng.choice(n, size=min(n, n_fisher), replace=False))
-                self.dataset_fisher_ = self._dataset_fisher(_take(X, fis))
+                self.dataset_fisher_ = self._dataset_fisher(take_rows(X, fis))
             else:
                 F = np.array(dataset_fisher, dtype=np.float64).ravel()
                 if F.shape != (self.layout_.n_params,) or not np.all(np.isfinite(F)) or \
@@ -534,7 +288,7 @@ class GuidedPerturber:
         return self
 
     def _dataset_fisher(self, X: Any) -> np.ndarray:
-        from .pef import PEFTransformer
+        from ..pef import PEFTransformer
 
         pt = PEFTransformer(self.model, kind="diagonal", n_values=self.layout_.n_params,
                             normalize=False, params=list(self.layout_.names),
@@ -544,100 +298,27 @@ class GuidedPerturber:
         return np.asarray(pefs.mean(axis=0), dtype=np.float64).ravel()
 
     def _loss_grad_sign(self, X: Any, labels: np.ndarray | None) -> np.ndarray:
-        """Sign of the gradient of the summed cross-entropy over ``X`` (flat, float64)."""
-        params = self._params()
-        fwd = self.forward if self.forward is not None else default_forward
-        grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        start = 0
-        for batch in iter_batches(X, int(self.batch_size)):
-            logits = as_logits(fwd(self.model, self._to_device(batch)))
-            b = logits.shape[0]
-            if labels is None:
-                y = logits.detach().argmax(dim=1)
-            else:
-                y = torch.as_tensor(np.asarray(labels[start:start + b]),
-                                    device=logits.device).long()
-            start += b
-            loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum")
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(grads, gs, strict=True):
-                if g is not None:
-                    acc += g.double()
-        flat = torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()
-        return np.sign(flat)
+        return loss_grad_sign(self.model, self.forward, X, self.batch_size, self._params(),
+                              labels)
 
-    def _diagonal_profile(self, j: int, fisher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h = np.maximum(self._components()[j].astype(np.float64), 0.0)
-        hn = np.linalg.norm(h)
-        if hn == 0:
-            raise ValueError(f"component {j} is zero: no perturbation direction.")
-        fn = np.linalg.norm(fisher)
-        F = fisher / fn if fn > 0 else np.zeros_like(fisher)
-        return h / hn, np.maximum(F, float(self.fisher_floor))
+    def _search_args(self, j: int, sign: int, X_top: Any, X_sel: Any, fisher: np.ndarray,
+                     lp_top: np.ndarray, lp_sel: np.ndarray, grad_sign: np.ndarray) -> dict:
+        """Arguments of :func:`search_blend` for component ``j`` (the caller runs the
+        search, so that its warnings name the user's call)."""
+        h, Ff = diagonal_profile(self._components()[j], fisher, self.fisher_floor,
+                                 f"component {j}")
 
-    @staticmethod
-    def _blend_delta(push: np.ndarray, h: np.ndarray, Ff: np.ndarray, lam: float,
-                     size: float) -> np.ndarray:
-        # theta' = (w1 theta + w2 p) / (w1 + w2) = theta + w2 / (w1 + w2) (p - theta)
-        w1 = (1.0 - lam) * Ff
-        w2 = lam * h
-        return size * push * (w2 / (w1 + w2))
-
-    def _diagonal_search(self, j: int, sign: int, X_top: Any, X_sel: Any, fisher: np.ndarray,
-                         labels_top: np.ndarray | None, lp_top: np.ndarray,
-                         lp_sel: np.ndarray,
-                         grad_sign: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-        """Search ``lambda`` and ``Delta`` (see the module docstring); returns delta, facts."""
-        if grad_sign is None:
-            grad_sign = self._loss_grad_sign(X_top, labels_top)
-        h, Ff = self._diagonal_profile(j, fisher)
-        push = -float(sign) * grad_sign
-        lo_t, hi_t = (float(v) for v in self.kl_target)
-        mid_t = np.sqrt(lo_t * hi_t)
-        lo_l, hi_l = (np.log(v / (1 - v)) for v in _LAMBDA_RANGE)
-        lams = 1.0 / (1.0 + np.exp(-np.linspace(lo_l, hi_l, int(self.n_lambda))))
-        best: tuple | None = None
-        for lam in lams:
-            a, b = _LOG_DELTA_RANGE
-            kl_at: dict[float, float] = {}
-
-            def top_kl(logd: float, lam: float = lam, kl_at: dict = kl_at) -> float:
-                d = self._blend_delta(push, h, Ff, lam, 10.0 ** logd)
-                with self._applied(d):
-                    lp1 = self._log_probs(X_top)
-                val = float(np.mean(_kl(lp_top, lp1)))
-                kl_at[logd] = val
-                return val
-
-            reached = False
-            logd = b
-            for _ in range(_BISECT_STEPS):
-                logd = 0.5 * (a + b)
-                val = top_kl(logd)
-                if lo_t <= val <= hi_t:
-                    reached = True
-                    break
-                if val < lo_t:
-                    a = logd
-                else:
-                    b = logd
-            if not reached:  # closest (in log KL) of the points tried
-                logd = min(kl_at, key=lambda t: abs(np.log(max(kl_at[t], 1e-300) / mid_t)))
-            d = self._blend_delta(push, h, Ff, lam, 10.0 ** logd)
+        def top_kl(d: np.ndarray) -> float:
             with self._applied(d):
-                sel_kl = float(np.mean(_kl(lp_sel, self._log_probs(X_sel))))
-            facts = {"lambda": float(lam), "delta": float(10.0 ** logd),
-                     "top_kl": kl_at[logd], "selection_kl": sel_kl, "reached": reached}
-            score = (reached, _rank_key(_safe_ratio(kl_at[logd], sel_kl)))
-            if best is None or score > best[0]:
-                best = (score, d, facts)
-        assert best is not None
-        if not best[2]["reached"]:
-            warnings.warn(
-                f"component {j}: no (Delta, lambda) brought the mean KL on the top examples "
-                f"into kl_target={self.kl_target} (closest: {best[2]['top_kl']:.3g}); the "
-                "closest is used.", UserWarning, stacklevel=3)
-        return best[1], best[2]
+                return float(np.mean(kl_divergence(lp_top, self._log_probs(X_top))))
+
+        def selection_kl(d: np.ndarray) -> float:
+            with self._applied(d):
+                return float(np.mean(kl_divergence(lp_sel, self._log_probs(X_sel))))
+
+        return dict(push=-float(sign) * grad_sign, h=h, Ff=Ff, kl_target=self.kl_target,
+                    n_lambda=int(self.n_lambda), top_kl=top_kl, selection_kl=selection_kl,
+                    name=f"component {j}")
 
     def _diagonal_delta_fitted(self, j: int, sign: int) -> np.ndarray:
         key = ("diag", j, sign)
@@ -649,10 +330,11 @@ class GuidedPerturber:
                 "kl_ratio(X, component, W=...), which builds them from its arguments).")
         fd = self._fit_data
         top = np.argsort(-fd["W"][:, j], kind="stable")[: fd["n_top"]]
-        X_top, X_sel = _take(fd["X"], top), _take(fd["X"], fd["select"])
+        X_top, X_sel = take_rows(fd["X"], top), take_rows(fd["X"], fd["select"])
         labels = None if fd["labels"] is None else np.asarray(fd["labels"])[top]
-        d, facts = self._diagonal_search(j, sign, X_top, X_sel, self.dataset_fisher_, labels,
-                                         self._log_probs(X_top), self._log_probs(X_sel))
+        d, facts = search_blend(**self._search_args(
+            j, sign, X_top, X_sel, self.dataset_fisher_, self._log_probs(X_top),
+            self._log_probs(X_sel), self._loss_grad_sign(X_top, labels)))
         self._cache[key] = d
         self._cache[("facts", j, sign)] = facts
         return d
@@ -684,28 +366,15 @@ class GuidedPerturber:
         in that span, a warning is raised and ``g_j`` is used unprojected.
         """
         j = self._component_index(component)
-        sign = _check_sign(sign)
+        sign = check_choice(sign, "sign", (1, -1))
         if self.kind_ == "low_rank":
             return sign * float(self.magnitude) * self._low_rank_direction(j)
         return self._diagonal_delta_fitted(j, sign).copy()
 
-    @contextlib.contextmanager
-    def _applied(self, delta: np.ndarray) -> Iterator[None]:
-        params = self._params()
-        saved = [p.detach().clone() for p in params]
-        try:
-            with torch.no_grad():
-                t = torch.from_numpy(np.ascontiguousarray(delta, dtype=np.float64))
-                for p, (o, s) in zip(params, zip(self.layout_.offsets, self.layout_.sizes,
-                                                 strict=True), strict=True):
-                    p.add_(t[o:o + s].reshape(p.shape).to(device=p.device, dtype=p.dtype))
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved, strict=True):
-                    p.copy_(s)
+    def _applied(self, delta: np.ndarray):
+        return applied(self._params(), self.layout_, delta)
 
-    @contextlib.contextmanager
+    @contextmanager
     def perturbed(self, component: int, sign: int = 1) -> Iterator[np.ndarray]:
         """Context manager: the model with ``delta`` added to its parameters.
 
@@ -733,31 +402,8 @@ class GuidedPerturber:
         with self._applied(delta):
             yield delta
 
-    def _to_device(self, batch: Any) -> Any:
-        dev = self._device()
-        fdtype = self._params()[0].dtype
-
-        def conv(v: Any) -> Any:
-            v = as_tensor(v)
-            if isinstance(v, torch.Tensor):
-                if v.is_floating_point() and v.dtype != fdtype:
-                    v = v.to(fdtype)
-                return v.to(dev)
-            return v
-
-        return tree_map(conv, batch)
-
     def _log_probs(self, X: Any) -> np.ndarray:
-        fwd = self.forward if self.forward is not None else default_forward
-        out = []
-        with torch.no_grad():
-            for batch in iter_batches(X, int(self.batch_size)):
-                logits = as_logits(fwd(self.model, self._to_device(batch)))
-                out.append(logits.detach().to("cpu", torch.float64).numpy())
-        if not out:
-            return np.zeros((0, 0))
-        # (torch's CPU log_softmax has a large per-call overhead on tiny float64 batches)
-        return scipy.special.log_softmax(np.concatenate(out, axis=0), axis=1)
+        return log_probs(self.model, self.forward, X, self.batch_size, self._params())
 
     def kl_divergence(self, X: Any, component: int, sign: int = 1) -> np.ndarray:
         """Per-example ``KL(p_theta(.|x) || p_{theta+delta}(.|x))``.
@@ -775,12 +421,12 @@ class GuidedPerturber:
         -------
         kl : ndarray of shape (n_examples,)
         """
-        _n_rows(X)
+        known_n_examples(X)
         delta = self.perturbation(component, sign)
         lp0 = self._log_probs(X)
         with self._applied(delta):
             lp1 = self._log_probs(X)
-        return _kl(lp0, lp1)
+        return kl_divergence(lp0, lp1)
 
     def _resolve_W(self, W: Any, pefs: Any, n: int, X: Any = None) -> np.ndarray:
         r = self._components().shape[0]
@@ -788,7 +434,7 @@ class GuidedPerturber:
             from sklearn.pipeline import Pipeline
 
             if pefs is not None:
-                W = _unwrap(self.estimator).transform(getattr(pefs, "pefs", pefs))
+                W = unwrap(self.estimator).transform(getattr(pefs, "pefs", pefs))
             elif isinstance(self.estimator, Pipeline) and X is not None:
                 W = self.estimator.transform(X)  # PEFTransformer + decomposition
             else:
@@ -872,18 +518,18 @@ class GuidedPerturber:
             (``results.kl_ratio``, ``results.norm_ratio``, ...).
         """
         self._validate()
-        n = _n_rows(X)
+        n = known_n_examples(X)
         if n < 2:
             raise ValueError("X must hold at least 2 examples.")
         W = self._resolve_W(W, pefs, n, X)
         r = W.shape[1]
         comps = list(range(r)) if components is None else [
             self._component_index(c) for c in components]
-        n_top = _check_pos_int("n_top", n_top)
+        n_top = check_int(n_top, "n_top", low=1)
         if n_top >= n:
             raise ValueError(f"n_top must be smaller than the number of examples ({n}), got "
                              f"{n_top}.")
-        n_baseline = _check_pos_int("n_baseline", n_baseline)
+        n_baseline = check_int(n_baseline, "n_baseline", low=1)
         if norms is None and pefs is not None and hasattr(pefs, "norms"):
             norms = pefs.norms
         if norms is not None:
@@ -900,7 +546,7 @@ class GuidedPerturber:
         need = np.unique(np.concatenate([base] + list(tops.values())))
         pos = np.full(n, -1, dtype=np.int64)
         pos[need] = np.arange(need.size)
-        X_need = _take(X, need)
+        X_need = take_rows(X, need)
         lp0 = self._log_probs(X_need)
 
         fisher = select = X_sel = lp_sel = None
@@ -910,15 +556,15 @@ class GuidedPerturber:
             pool = rest if rest.size >= 32 else np.arange(n)
             select = np.sort(rng.choice(pool, size=min(pool.size, 256), replace=False))
             if fisher is None:
-                fisher = self._dataset_fisher(_take(X, base[: min(base.size, 1024)]))
-            X_sel = _take(X, select)
+                fisher = self._dataset_fisher(take_rows(X, base[: min(base.size, 1024)]))
+            X_sel = take_rows(X, select)
             lp_sel = self._log_probs(X_sel)
 
         results = KLRatioResults()
         for j in comps:
             top = tops[j]
             per_sign = {}
-            X_top = _take(X, top)
+            X_top = take_rows(X, top)
             lt = None if labels is None else labels[top]
             gsign = None if self.kind_ == "low_rank" else self._loss_grad_sign(X_top, lt)
             for sign in (1, -1):
@@ -926,11 +572,11 @@ class GuidedPerturber:
                 if self.kind_ == "low_rank":
                     delta = self.perturbation(j, sign)
                 else:
-                    delta, facts = self._diagonal_search(
-                        j, sign, X_top, X_sel, fisher, lt, lp0[pos[top]], lp_sel, gsign)
+                    delta, facts = search_blend(**self._search_args(
+                        j, sign, X_top, X_sel, fisher, lp0[pos[top]], lp_sel, gsign))
                 with self._applied(delta):
                     lp1 = self._log_probs(X_need)
-                kl = _kl(lp0, lp1)
+                kl = kl_divergence(lp0, lp1)
                 tk = float(np.mean(kl[pos[top]]))
                 bk = float(np.mean(kl[pos[base]]))
                 acc = None
@@ -938,12 +584,12 @@ class GuidedPerturber:
                     y = labels[top]
                     acc = float(np.mean(lp1[pos[top]].argmax(1) == y)
                                 - np.mean(lp0[pos[top]].argmax(1) == y))
-                per_sign[sign] = (_safe_ratio(tk, bk), tk, bk, acc, facts)
-            sign = max((1, -1), key=lambda s: _rank_key(per_sign[s][0]))
+                per_sign[sign] = (safe_ratio(tk, bk), tk, bk, acc, facts)
+            sign = max((1, -1), key=lambda s: rank_key(per_sign[s][0]))
             ratio, tk, bk, acc, _ = per_sign[sign]
             norm_ratio = float("nan")
             if norms is not None:
-                norm_ratio = _safe_ratio(float(np.mean(norms[top])), float(np.mean(norms[base])))
+                norm_ratio = safe_ratio(float(np.mean(norms[top])), float(np.mean(norms[base])))
             details = {s: per_sign[s][4] for s in (1, -1)} if self.kind_ == "diagonal" else {}
             results.append(KLRatioResult(
                 component=j, kl_ratio=ratio, sign=sign, top_kl=tk, baseline_kl=bk,
@@ -951,11 +597,3 @@ class GuidedPerturber:
                 kl_ratio_other_sign=per_sign[-sign][0], top_indices=top,
                 baseline_indices=base, details=details))
         return results
-
-
-def _kl(lp0: np.ndarray, lp1: np.ndarray) -> np.ndarray:
-    """Row-wise ``KL(p0 || p1)`` from log-probabilities (float64, clipped at 0)."""
-    p0 = np.exp(lp0)
-    with np.errstate(invalid="ignore"):
-        terms = np.where(p0 > 0, p0 * (lp0 - lp1), 0.0)
-    return np.maximum(terms.sum(axis=1), 0.0)

@@ -1,0 +1,91 @@
+"""The model under a perturbation: parameters shifted and restored, log-probabilities,
+KL divergences and the gradient sign of the loss."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.special
+import torch
+from torch import nn
+
+from ..layout import ParameterLayout
+from ..pef._inputs import as_logits, default_forward, iter_batches, to_device
+
+__all__ = ["applied", "kl_divergence", "log_probs", "loss_grad_sign"]
+
+
+@contextlib.contextmanager
+def applied(params: Sequence[torch.Tensor], layout: ParameterLayout,
+            delta: np.ndarray) -> Iterator[None]:
+    """``params`` shifted by the flat ``delta`` (layout order) inside the block; restored
+    bit for bit on exit, also when the block raises."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            t = torch.from_numpy(np.ascontiguousarray(delta, dtype=np.float64))
+            for p, (o, s) in zip(params, zip(layout.offsets, layout.sizes, strict=True),
+                                 strict=True):
+                p.add_(t[o:o + s].reshape(p.shape).to(device=p.device, dtype=p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def _batches(X: Any, batch_size: int, params: Sequence[torch.Tensor]) -> Iterator[Any]:
+    p0 = params[0]
+    for batch in iter_batches(X, int(batch_size)):
+        yield to_device(batch, p0.device, p0.dtype)
+
+
+def log_probs(model: nn.Module, forward: Callable | None, X: Any, batch_size: int,
+              params: Sequence[torch.Tensor]) -> np.ndarray:
+    """Log-softmax of the model's logits on ``X``, float64, ``(n_examples, n_outputs)``."""
+    fwd = forward if forward is not None else default_forward
+    out = []
+    with torch.no_grad():
+        for batch in _batches(X, batch_size, params):
+            logits = as_logits(fwd(model, batch))
+            out.append(logits.detach().to("cpu", torch.float64).numpy())
+    if not out:
+        return np.zeros((0, 0))
+    # (torch's CPU log_softmax has a large per-call overhead on tiny float64 batches)
+    return scipy.special.log_softmax(np.concatenate(out, axis=0), axis=1)
+
+
+def kl_divergence(lp0: np.ndarray, lp1: np.ndarray) -> np.ndarray:
+    """Row-wise ``KL(p0 || p1)`` from log-probabilities (float64, clipped at 0)."""
+    p0 = np.exp(lp0)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p0 > 0, p0 * (lp0 - lp1), 0.0)
+    return np.maximum(terms.sum(axis=1), 0.0)
+
+
+def loss_grad_sign(model: nn.Module, forward: Callable | None, X: Any, batch_size: int,
+                   params: Sequence[torch.Tensor], labels: np.ndarray | None) -> np.ndarray:
+    """Sign of the gradient of the summed cross-entropy over ``X`` (flat, float64), with
+    ``labels`` or, when ``None``, the model's own predictions as targets."""
+    fwd = forward if forward is not None else default_forward
+    grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    start = 0
+    for batch in _batches(X, batch_size, params):
+        logits = as_logits(fwd(model, batch))
+        b = logits.shape[0]
+        if labels is None:
+            y = logits.detach().argmax(dim=1)
+        else:
+            y = torch.as_tensor(np.asarray(labels[start:start + b]),
+                                device=logits.device).long()
+        start += b
+        loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum")
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        for acc, g in zip(grads, gs, strict=True):
+            if g is not None:
+                acc += g.double()
+    flat = torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()
+    return np.sign(flat)
