@@ -36,6 +36,9 @@ def test_check_float_and_choice():
     with pytest.raises(InvalidParameterError, match="> 0"):
         check_float(0.0, "lr", low=0, strict=True)
     assert check_choice("cd", "solver", ("cd", "mu")) == "cd"
+    with pytest.raises(InvalidParameterError, match="sign must be one of 1, -1; got True"):
+        check_choice(True, "sign", (1, -1))
+    assert check_choice(False, "flag", (True, False)) is False
     for bad in ("x", ["cd"]):
         with pytest.raises(InvalidParameterError, match="solver must be one of 'cd', 'mu'"):
             check_choice(bad, "solver", ("cd", "mu"))

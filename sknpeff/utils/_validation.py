@@ -111,6 +111,8 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
         ok = value in choices
     except TypeError:  # unhashable or incomparable
         ok = False
+    if ok and isinstance(value, bool):  # True == 1: a flag is not a number
+        ok = any(c is value for c in choices)
     if not ok:
         listed = ", ".join(repr(c) for c in choices)
         raise InvalidParameterError(f"{name} must be one of {listed}; got {value!r}.")
