@@ -464,6 +464,38 @@ def test_selection_exact_against_torch_topk(monkeypatch):
         select_topk(v, 50, signed=True, method="sort")
 
 
+def _lowest_index_topk(row, k):
+    """Reference: the k largest |entries| (nonzero), ties broken by the lowest index."""
+    mag = np.abs(row)
+    order = np.lexsort((np.arange(mag.size), -mag))  # by -|v|, then by index
+    return set(int(i) for i in order[:k] if mag[i] > 0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_selection_breaks_ties_by_index(signed):
+    """Which of the entries tied at the cut-off are kept depends on the row alone (not on
+    the random subsample, the path or the state), so n_jobs cannot change it."""
+    gen = torch.Generator().manual_seed(3)
+    R, N, k = 4, 60_000, 500
+    v = torch.randn(R, N, generator=gen, dtype=torch.float64)
+    v = torch.round(v * 4) / 4  # few distinct magnitudes: many exact ties everywhere
+    if not signed:
+        v = v.abs()
+    v[3, :] = 0
+    v[3, 7:20] = 1.0  # fewer nonzeros than k
+    want = [_lowest_index_topk(v[r].numpy(), k) for r in range(R)]
+    paths = [(None, "auto"), ({"block_frac": 1.0, "calls": 1}, "filter"), (None, "topk")]
+    for seed, (state, method) in itertools.product(range(3), paths):
+        g = torch.Generator().manual_seed(seed)
+        sel = select_topk(v, k, signed=signed, generator=g, state=state, method=method)
+        for r in range(R):
+            assert set(sel[r][sel[r] >= 0].tolist()) == want[r], (seed, method, r)
+    # k close to N (the whole-row path)
+    sel = select_topk(v[:, :900], 600, signed=signed)
+    for r in range(R):
+        assert set(sel[r][sel[r] >= 0].tolist()) == _lowest_index_topk(v[r, :900].numpy(), 600)
+
+
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 def test_gpu_selection_rule_on_cpu(kind, monkeypatch):
     """The engine as it runs on a GPU (one topk per row, no block maxima) gives the
@@ -617,7 +649,10 @@ def test_n_jobs_gives_the_same_pefs(name, kind, monkeypatch):
             got = tr.compute(X)
             assert np.allclose(got.norms, want.norms, rtol=1e-12)
             assert np.array_equal(got.logits, want.logits)
-            _assert_same_topk(got.pefs.toarray(), want.pefs.toarray(), atol=1e-12)
+            # the same entries, ties at the cut-off included (broken by index)
+            assert np.array_equal(got.pefs.indptr, want.pefs.indptr)
+            assert np.array_equal(got.pefs.indices, want.pefs.indices)
+            assert np.allclose(got.pefs.data, want.pefs.data, rtol=1e-12)
         for h in pauses:
             h.remove()
     assert torch.get_num_threads() == n_threads

@@ -309,7 +309,7 @@ def select_topk(
             deferred.materialize()
         mag = values[:, :N].abs() if signed else values[:, :N]
         vals, idx = torch.topk(mag, min(k, N), dim=1, sorted=False)
-        return idx.masked_fill(vals <= 0, -1)
+        return _lowest_index_ties(idx.masked_fill(vals <= 0, -1), vals, mag)
     if method not in ("auto", "filter"):
         raise ValueError(f"method must be 'auto', 'filter' or 'topk', got {method!r}")
     if Np % BLOCK:
@@ -329,7 +329,7 @@ def select_topk(
                 deferred.materialize()
             mag = values[:, :N].abs()
             vals, idx = torch.topk(mag, k, dim=1, sorted=False)
-            return idx.masked_fill(vals <= 0, -1)
+            return _lowest_index_ties(idx.masked_fill(vals <= 0, -1), vals, mag)
         # sorted: the gather then walks each row forward (the order does not matter)
         sub_idx = torch.randint(0, N, (s,), generator=generator, device="cpu").sort().values
         sub_idx = sub_idx.to(device)
@@ -388,7 +388,8 @@ def select_topk(
         cidx.view(-1).index_copy_(0, at, cols)
         if width < maxc:
             tv, tp = torch.topk(cvals, width, dim=1, sorted=False)
-            out[:, :width] = cidx.gather(1, tp).masked_fill(tv < 0, -1)
+            out[:, :width] = _lowest_index_ties(cidx.gather(1, tp).masked_fill(tv < 0, -1),
+                                                tv, cvals, cidx)
         else:
             out[:, :width] = cidx
     if s:
@@ -402,8 +403,43 @@ def select_topk(
             if out.shape[1] < k:
                 fill = torch.full((R, k - out.shape[1]), -1, dtype=torch.long, device=device)
                 out = torch.cat([out, fill], dim=1)
-            out[rows_bad] = idx.masked_fill(vals <= 0, -1)
+            out[rows_bad] = _lowest_index_ties(idx.masked_fill(vals <= 0, -1), vals, mag)
     return out
+
+
+def _lowest_index_ties(sel: torch.Tensor, sel_vals: torch.Tensor, pool: torch.Tensor,
+                       pool_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``sel`` with ties at each row's smallest selected magnitude broken by index.
+
+    ``torch.topk`` breaks ties arbitrarily, and which entries reach the filter depends on
+    a random subsample: among entries equal to the ``k``-th largest magnitude, the ones
+    with the lowest column indices are kept instead, so the selection depends only on
+    the row. ``sel`` ``(R, w)`` holds selected columns (``-1`` padding) and ``sel_vals``
+    their magnitudes; ``pool`` ``(R, P)`` holds magnitudes of every entry that may tie
+    (all entries at least the threshold; padding negative), at columns ``pool_idx``
+    (default: ``0..P-1``). Rows without such ties, nearly all, are left as they are.
+    """
+    valid = sel >= 0
+    if sel.numel() == 0 or not bool(valid.any()):
+        return sel
+    inf = torch.full_like(sel_vals, float("inf"))
+    kth = torch.where(valid, sel_vals, inf).min(dim=1).values  # (R,)
+    n_sel = valid.sum(1)
+    n_ge = (pool >= kth[:, None]).sum(1)
+    fix = torch.nonzero((n_ge > n_sel) & (n_sel > 0)).squeeze(1).tolist()
+    if not fix:
+        return sel
+    sel = sel.clone()
+    for r in fix:
+        row, t = pool[r], kth[r]
+        cols = torch.arange(row.shape[0], device=row.device) if pool_idx is None \
+            else pool_idx[r]
+        above = cols[row > t]
+        tied = cols[row == t].sort().values[: int(n_sel[r]) - above.numel()]
+        keep = torch.cat([above, tied])
+        sel[r] = -1
+        sel[r, : keep.numel()] = keep
+    return sel
 
 
 def rows_to_csr_parts(vals: torch.Tensor, sel: torch.Tensor, scale: torch.Tensor,
