@@ -112,7 +112,7 @@ def test_zero_norm_and_zero_kl_cases_do_not_crash(gated):
     est.components_ = np.zeros((2, g["pef"].n_params_), dtype=np.float32)
     est.components_[0, 0] = 1.0
     est.components_[1, 1] = 1.0
-    model = torch.nn.Linear(g["Xh"].shape[1], 3)
+    model = torch.nn.Linear(g["Xh"].shape[1], 3).eval()
     with torch.no_grad():
         model.weight.zero_()
     layout = ParameterLayout.from_model(model)
@@ -166,7 +166,7 @@ def test_projection_removes_the_span_not_one_vector_at_a_time():
     G = np.stack([g, a, b, sim])
     cos = np.abs(G @ g)
     assert cos[1] < 0.35 and cos[2] < 0.35 and cos[3] > 0.35
-    model = torch.nn.Linear(m - 4, 4)  # 4 (m - 4) + 4 = 4m - 12 parameters
+    model = torch.nn.Linear(m - 4, 4).eval()  # 4 (m - 4) + 4 = 4m - 12 parameters
     est = fake_low_rank(np.pad(G, ((0, 0), (0, 3 * m - 12))))
     gp = GuidedPerturber(est, model, magnitude=0.3)
     d = gp.perturbation(0)[:m]
@@ -186,7 +186,7 @@ def test_projection_removes_the_span_not_one_vector_at_a_time():
 
 
 def test_degenerate_direction_warns_and_uses_g():
-    model = torch.nn.Linear(2, 1)  # 3 parameters
+    model = torch.nn.Linear(2, 1).eval()  # 3 parameters
     G = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]) / [[np.sqrt(2)], [1], [1]]
     gp = GuidedPerturber(fake_low_rank(G), model, max_cosine=0.9)
     with pytest.warns(UserWarning, match="span"):
@@ -415,7 +415,7 @@ def test_projection_chunked_and_rank_deficient(monkeypatch):
     import sknpeff.perturbation._low_rank as mod
 
     rng = np.random.default_rng(1)
-    model = torch.nn.Linear(9, 5)  # 50 parameters
+    model = torch.nn.Linear(9, 5).eval()  # 50 parameters
     G = rng.standard_normal((6, 50))
     G /= np.linalg.norm(G, axis=1, keepdims=True)
     G[4] = (G[2] + G[3]) / 2  # dependent dissimilar components

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..layout import ParameterLayout, select_parameters
+from ..utils import user_stacklevel
 from ._classes import class_cotangents
 from ._generic import generic_grads
 from ._inputs import as_logits, default_forward, tree_leaves
@@ -401,7 +402,7 @@ class Engine:
                     f"{[self.names[i] for i in bad][:5]} (used outside their module's "
                     "forward, without a leading batch axis, or modified in place); computing "
                     "them with the generic torch.func path (exact, slower).",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
                 self.move_to_fallback(bad)
                 continue

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..utils import user_stacklevel
 from ._inputs import ForwardWrapper, as_logits, tree_map
 
 __all__ = ["generic_grads"]
@@ -78,7 +79,7 @@ def generic_grads(model: nn.Module, forward: Callable, names: Sequence[str],
                 "torch.func.vmap could not batch the generic per-example gradient path "
                 f"({type(exc).__name__}: {str(exc)[:200]}); falling back to a loop over "
                 "examples (exact but slow).",
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
     B, c = cot.shape[0], cot.shape[1]
     out = {i: [] for i in pids}

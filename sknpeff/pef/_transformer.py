@@ -33,10 +33,12 @@ from ..layout import ParameterLayout
 from ..utils import (
     InvalidParameterError,
     check_choice,
+    check_eval_mode,
     check_float,
     check_int,
     csr_from_parts,
     limit_threads,
+    user_stacklevel,
 )
 from ._engine import Engine, NeedsOneThread
 from ._inputs import (
@@ -211,22 +213,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             raise ValueError("forward must be None or a callable forward(model, batch).")
         check_int(int(self.verbose) if isinstance(self.verbose, bool) else self.verbose,
                   "verbose")
-        training = [n or type(m).__name__ for n, m in self.model.named_modules() if m.training]
-        bn_train = [n for n, m in self.model.named_modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    and (m.training or m.running_mean is None)]
-        if bn_train:
-            raise ValueError(
-                "batch norm layers in training mode (or without running statistics) couple "
-                f"the examples of a batch, so per-example Fishers are undefined: {bn_train[:3]}."
-                " Call model.eval() first."
-            )
-        if training and not self.allow_train_mode:
-            raise ValueError(
-                "the model is in training mode (dropout, batch-norm statistics), which makes "
-                f"PEFs random (modules in training mode: {training[:3]}). Call model.eval(), or "
-                "pass allow_train_mode=True to proceed anyway."
-            )
+        check_eval_mode(self.model, "makes PEFs random",
+                        allow_train_mode=self.allow_train_mode, allow_param="allow_train_mode")
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters.")
@@ -465,13 +453,13 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"{n_zero} example(s) have a zero PEF (zero Frobenius norm); they are kept "
                 "as empty rows.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         if n_floored:
             warnings.warn(
                 f"{n_floored} example(s) have a PEF norm below min_norm={floor!r}; they are "
                 "stored as empty rows.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     def compute(self, X, out: str | None = None, *, overwrite: bool = False) -> PEFResult:

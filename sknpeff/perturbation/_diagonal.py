@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..utils import user_stacklevel
+
 __all__ = [
     "BISECT_STEPS",
     "LAMBDA_RANGE",
@@ -142,5 +144,5 @@ def search_blend(push: np.ndarray, h: np.ndarray, Ff: np.ndarray,
         warnings.warn(
             f"{name}: no (Delta, lambda) brought the mean KL on the top examples into "
             f"kl_target={kl_target} (closest: {best[2]['top_kl']:.3g}); the closest "
-            "is used.", UserWarning, stacklevel=3)
+            "is used.", UserWarning, stacklevel=user_stacklevel())
     return best[1], best[2]

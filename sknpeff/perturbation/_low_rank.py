@@ -13,6 +13,8 @@ import warnings
 
 import numpy as np
 
+from ..utils import user_stacklevel
+
 __all__ = ["CHUNK", "component_gram", "orthogonal_direction"]
 
 #: parameters per chunk when streaming the components (bounds float64 temporaries)
@@ -84,6 +86,6 @@ def orthogonal_direction(G: np.ndarray, M: np.ndarray, j: int, max_cosine: float
         warnings.warn(
             f"component {j} lies in the span of the other components it is not similar "
             "to; its projected direction vanishes and g_j itself is used.",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=user_stacklevel())
         return g
     return d / dn

@@ -15,13 +15,22 @@ from torch import nn
 
 from ..layout import ParameterLayout
 from ..pef._inputs import known_n_examples, take_rows
-from ..utils import InvalidParameterError, check_choice, check_float, check_int
+from ..utils import (
+    InvalidParameterError,
+    check_choice,
+    check_eval_mode,
+    check_float,
+    check_int,
+)
 from ._diagonal import diagonal_profile, rank_key, safe_ratio, search_blend
 from ._evaluation import applied, kl_divergence, log_probs, loss_grad_sign
 from ._low_rank import component_gram, orthogonal_direction
 from ._results import KLRatioResult, KLRatioResults
 
 __all__ = ["GuidedPerturber", "estimator_kind", "pipeline_layout", "unwrap"]
+
+#: PEF values held at once while the dataset Fisher is streamed (bounds its memory)
+_FISHER_BATCH_VALUES = 1 << 23
 
 
 def unwrap(estimator: Any) -> Any:
@@ -75,8 +84,9 @@ class GuidedPerturber:
         (``PEFTransformer`` then a decomposition), ``layout`` defaults to the
         transformer's ``layout_`` and ``W`` defaults to ``pipeline.transform(X)``.
     model : torch.nn.Module
-        The model whose PEFs were decomposed. Its parameters are changed only inside
-        :meth:`perturbed` (and restored bit for bit on exit).
+        The model whose PEFs were decomposed, in eval mode (dropout would make every KL
+        divergence random: a model in training mode is refused). Its parameters are
+        changed only inside :meth:`perturbed` (and restored bit for bit on exit).
     layout : ParameterLayout, default=None
         The flat parameter order of the components: the ``layout_`` of the
         :class:`~sknpeff.PEFTransformer` that computed the PEFs. Default:
@@ -110,7 +120,8 @@ class GuidedPerturber:
         Kind of the decomposition.
     dataset_fisher_ : ndarray of shape (n_params,)
         Diagonal only, after :meth:`fit`: the dataset-level diagonal Fisher (mean of the
-        unnormalized per-example diagonal Fishers of the examples passed to ``fit``).
+        unnormalized per-example diagonal Fishers of the examples passed to ``fit``),
+        accumulated while streaming: memory O(n_params) whatever ``n_fisher``.
 
     Notes
     -----
@@ -160,6 +171,7 @@ class GuidedPerturber:
     def _validate(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(self.model).__name__}.")
+        check_eval_mode(self.model, "makes every KL divergence random")
         self.kind_ = estimator_kind(self.estimator)
         check_is_fitted(unwrap(self.estimator), "components_")
         check_float(self.magnitude, "magnitude", low=0.0, strict=True)
@@ -288,14 +300,24 @@ class GuidedPerturber:
         return self
 
     def _dataset_fisher(self, X: Any) -> np.ndarray:
+        """Mean of the unnormalized diagonal Fishers of ``X``, streamed: memory is
+        O(n_params) whatever the number of examples."""
         from ..pef import PEFTransformer
 
-        pt = PEFTransformer(self.model, kind="diagonal", n_values=self.layout_.n_params,
-                            normalize=False, params=list(self.layout_.names),
-                            forward=self.forward, batch_size=self.batch_size,
-                            dtype="float64", allow_train_mode=True)
-        pefs = pt.fit(X).transform(X)
-        return np.asarray(pefs.mean(axis=0), dtype=np.float64).ravel()
+        m = self.layout_.n_params
+        # every entry of a row is kept: a batch holds batch_size * n_params values, so
+        # large models go a few examples at a time
+        batch_size = max(1, min(int(self.batch_size), _FISHER_BATCH_VALUES // max(m, 1)))
+        pt = PEFTransformer(self.model, kind="diagonal", n_values=m, normalize=False,
+                            params=list(self.layout_.names), forward=self.forward,
+                            batch_size=batch_size, dtype="float64")
+        total = np.zeros(m, dtype=np.float64)
+        n = 0
+        for res in pt.fit(X).iter_compute(X):
+            P = res.pefs
+            total += np.bincount(P.indices, weights=P.data, minlength=m)
+            n += P.shape[0]
+        return total / max(n, 1)
 
     def _loss_grad_sign(self, X: Any, labels: np.ndarray | None) -> np.ndarray:
         return loss_grad_sign(self.model, self.forward, X, self.batch_size, self._params(),
@@ -403,6 +425,7 @@ class GuidedPerturber:
             yield delta
 
     def _log_probs(self, X: Any) -> np.ndarray:
+        check_eval_mode(self.model, "makes every KL divergence random")
         return log_probs(self.model, self.forward, X, self.batch_size, self._params())
 
     def kl_divergence(self, X: Any, component: int, sign: int = 1) -> np.ndarray:

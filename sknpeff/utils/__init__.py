@@ -10,15 +10,19 @@ from ._threads import limit_threads
 from ._validation import (
     InvalidParameterError,
     check_choice,
+    check_eval_mode,
     check_float,
     check_int,
 )
+from ._warnings import user_stacklevel
 
 __all__ = [
     "InvalidParameterError",
     "check_choice",
+    "check_eval_mode",
     "check_float",
     "check_int",
     "csr_from_parts",
     "limit_threads",
+    "user_stacklevel",
 ]

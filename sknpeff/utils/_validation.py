@@ -7,7 +7,13 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["InvalidParameterError", "check_choice", "check_float", "check_int"]
+__all__ = [
+    "InvalidParameterError",
+    "check_choice",
+    "check_eval_mode",
+    "check_float",
+    "check_int",
+]
 
 
 class InvalidParameterError(ValueError, TypeError):
@@ -128,3 +134,46 @@ def _bounds(low, high, strict: bool) -> str:
     if high is not None:
         return f" {hi} {high}"
     return ""
+
+
+def check_eval_mode(model, consequence: str, *, allow_train_mode: bool = False,
+                    allow_param: str | None = None) -> None:
+    """Refuse a torch model in training mode.
+
+    Batch norm in training mode (or without running statistics) couples the examples of
+    a batch and is always refused; other modules in training mode (dropout) make every
+    result random and are refused unless ``allow_train_mode``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    consequence : str
+        What training mode would do, for the message (e.g. ``"makes PEFs random"``).
+    allow_train_mode : bool, default=False
+        Accept dropout and other training-mode modules (batch norm never).
+    allow_param : str, default=None
+        The caller's parameter that sets ``allow_train_mode``, named in the message.
+
+    Raises
+    ------
+    ValueError
+        Naming the modules in training mode and saying to call ``model.eval()``.
+    """
+    from torch import nn
+
+    bn_train = [n for n, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and (m.training or m.running_mean is None)]
+    if bn_train:
+        raise ValueError(
+            "batch norm layers in training mode (or without running statistics) couple "
+            f"the examples of a batch, so per-example Fishers are undefined: {bn_train[:3]}."
+            " Call model.eval() first."
+        )
+    training = [n or type(m).__name__ for n, m in model.named_modules() if m.training]
+    if training and not allow_train_mode:
+        raise ValueError(
+            f"the model is in training mode (dropout, batch-norm statistics), which "
+            f"{consequence} (modules in training mode: {training[:3]}). Call model.eval()"
+            + (f", or pass {allow_param}=True to proceed anyway." if allow_param else ".")
+        )
