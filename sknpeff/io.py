@@ -27,39 +27,51 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.lib.format as npformat
 import scipy.sparse as sp
 
 from .layout import ParameterLayout
 from .pef import PEFResult
+from .utils import csr_from_parts
 
 __all__ = ["PEFWriter", "save_pefs", "load_pefs", "iter_row_batches"]
 
 FORMAT = "sknpeff-pefs"
 VERSION = 1
-_HEADER_BYTES = 128
 _INT32_MAX = np.iinfo(np.int32).max
 
 
 class _NpyAppender:
-    """A ``.npy`` file that grows along its first axis; the header is fixed-size."""
+    """A ``.npy`` file that grows along its first axis.
+
+    The header is written with :func:`numpy.lib.format.write_array_header_1_0`, which
+    leaves room for the first dimension to grow to 21 digits, and rewritten in place
+    with the final shape on :meth:`close`.
+    """
 
     def __init__(self, path: Path, dtype, tail_shape: tuple[int, ...] = ()):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self.tail = tuple(int(t) for t in tail_shape)
         self.n = 0
+        self.header_bytes: int | None = None
         self.f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._write_header()
 
     def _write_header(self):
-        descr = np.lib.format.dtype_to_descr(self.dtype)
-        d = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {(self.n,) + self.tail}, }}"
-        body_len = _HEADER_BYTES - 10
-        if len(d) + 1 > body_len:  # pragma: no cover - shapes are short
-            raise ValueError("npy header too long")
-        header = (d + " " * (body_len - len(d) - 1) + "\n").encode("latin1")
         self.f.seek(0)
-        self.f.write(b"\x93NUMPY" + bytes([1, 0]) + body_len.to_bytes(2, "little") + header)
+        npformat.write_array_header_1_0(
+            self.f,
+            {
+                "descr": npformat.dtype_to_descr(self.dtype),
+                "fortran_order": False,
+                "shape": (self.n, *self.tail),
+            },
+        )
+        if self.header_bytes is None:
+            self.header_bytes = self.f.tell()
+        elif self.f.tell() != self.header_bytes:  # pragma: no cover - 21 digits always fit
+            raise ValueError(f"{self.path.name}: the .npy header no longer fits.")
         self.f.seek(0, os.SEEK_END)
 
     def append(self, arr) -> None:
@@ -288,12 +300,6 @@ def save_pefs(path, pefs, norms=None, *, logits=None, predictions=None,
             w.append(mat, norms=norms, logits=logits, predictions=predictions)
 
 
-def _csr_no_copy(data, indices, indptr, shape) -> sp.csr_matrix:
-    m = sp.csr_matrix(tuple(shape), dtype=data.dtype)
-    m.data, m.indices, m.indptr = data, indices, indptr
-    return m
-
-
 def load_pefs(path, *, mmap: bool = True) -> PEFResult:
     """Load a store written by :class:`PEFWriter` / :func:`save_pefs`.
 
@@ -331,7 +337,7 @@ def load_pefs(path, *, mmap: bool = True) -> PEFResult:
     if indptr.shape != (shape[0] + 1,) or data.shape != (meta["nnz"],) or \
             indices.shape != (meta["nnz"],):
         raise ValueError(f"{path}: array sizes do not match meta.json.")
-    pefs = _csr_no_copy(data, indices, indptr, shape)
+    pefs = csr_from_parts(data, indices, indptr, shape)
     layout = ParameterLayout.from_dict(meta["layout"]) if meta.get("layout") else None
     return PEFResult(
         pefs=pefs,
@@ -369,5 +375,5 @@ def iter_row_batches(pefs: Any, batch_size: int) -> Iterator[sp.csr_matrix]:
         e = min(X.shape[0], s + batch_size)
         a, b = int(indptr[s]), int(indptr[e])
         sub_ptr = (indptr[s : e + 1] - a).astype(X.indices.dtype)
-        yield _csr_no_copy(np.array(X.data[a:b]), np.array(X.indices[a:b]), sub_ptr,
+        yield csr_from_parts(np.array(X.data[a:b]), np.array(X.indices[a:b]), sub_ptr,
                            (e - s, X.shape[1]))
