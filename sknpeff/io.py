@@ -2,7 +2,7 @@
 
 A PEF store is a directory::
 
-    meta.json        format, version, shape, nnz, kind, n_classes, parameter layout, ...
+    meta.json        format, version, complete, shape, nnz, kind, n_classes, layout, ...
     data.npy         CSR values (float32/float64)
     indices.npy      CSR column indices (int32, or int64 when needed)
     indptr.npy       CSR row pointers (same dtype as indices)
@@ -15,6 +15,12 @@ Every array is a plain ``.npy`` file, so :func:`load_pefs` opens them with
 block (:func:`iter_row_batches`) and fed to ``partial_fit``. :class:`PEFWriter` appends
 batches as they are computed (e.g. from :meth:`PEFTransformer.iter_compute`) without
 holding the whole matrix in memory.
+
+A store is marked complete only when its writer closes cleanly. One whose writing
+stopped early (an exception or Ctrl-C inside the ``with PEFWriter(...)`` block, e.g. in
+``PEFTransformer.compute(out=...)``) keeps the rows written so far, and
+:func:`load_pefs` refuses it unless asked with ``allow_incomplete=True``. Stores of
+format version 1 carry no mark and load as complete.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from .utils import csr_from_parts
 __all__ = ["PEFWriter", "save_pefs", "load_pefs", "iter_row_batches"]
 
 FORMAT = "sknpeff-pefs"
-VERSION = 1
+# Version 2 added the "complete" mark; version-1 stores (no mark) were complete.
+VERSION = 2
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -83,9 +90,14 @@ class _NpyAppender:
         self.f.write(arr.tobytes())
         self.n += arr.shape[0]
 
-    def close(self) -> None:
+    def close(self, n_rows: int | None = None) -> None:
+        """Rewrite the header and close; ``n_rows`` drops rows appended after it."""
         if self.f.closed:
             return
+        if n_rows is not None and n_rows < self.n:
+            row_bytes = self.dtype.itemsize * int(np.prod(self.tail, dtype=np.int64))
+            self.f.truncate(self.header_bytes + n_rows * row_bytes)
+            self.n = n_rows
         self._write_header()
         self.f.close()
 
@@ -104,6 +116,11 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
 class PEFWriter:
     """Append PEF batches to a memory-mappable store on disk.
 
+    Use it as a context manager (or call :meth:`close`): the store is marked complete
+    only by a clean close. If the ``with`` block raises (Ctrl-C included), the rows
+    appended so far are kept and the store is marked incomplete, so :func:`load_pefs`
+    refuses it unless given ``allow_incomplete=True``.
+
     Parameters
     ----------
     path : str or path
@@ -111,6 +128,7 @@ class PEFWriter:
     n_cols : int
         Width of the PEF rows (``PEFTransformer.n_features_out_``).
     kind : {"diagonal", "low_rank"}, default=None
+        PEF kind, stored in the metadata.
     layout : ParameterLayout, default=None
         Parameter layout of the columns (stored as JSON).
     n_classes : int, default=None
@@ -163,18 +181,27 @@ class PEFWriter:
         self.n_rows = 0
         self.nnz = 0
         self.closed = False
+        # Incomplete until closed cleanly, even if the process dies before then.
+        self._write_meta(complete=False, index_dtype=self.index_dtype)
 
     def append(self, pefs, norms=None, logits=None, predictions=None) -> None:
         """Append a batch of rows.
+
+        The batch is checked whole before anything is written, so a refused batch leaves
+        the store as it was.
 
         Parameters
         ----------
         pefs : PEFResult or sparse matrix
             A :class:`~sknpeff.pef.PEFResult` (its norms, logits and predictions are
             taken too) or a sparse matrix of shape ``(n_batch, n_cols)``.
-        norms, logits, predictions : arrays, optional
-            Per-row extras when ``pefs`` is a matrix. Either always or never give
-            logits/predictions.
+        norms : array-like of shape (n_batch,), default=None
+            PEF norms before normalization when ``pefs`` is a matrix (NaN when None).
+        logits : array-like of shape (n_batch, n_outputs), default=None
+            Model outputs when ``pefs`` is a matrix; give them for every batch or never.
+        predictions : array-like of shape (n_batch,), default=None
+            Predicted classes when ``pefs`` is a matrix; give them for every batch or
+            never.
         """
         if self.closed:
             raise ValueError("the writer is closed.")
@@ -192,22 +219,27 @@ class PEFWriter:
             raise ValueError(f"norms must have shape ({n},).")
         if logits is not None:
             logits = np.asarray(logits)
-            if self._logits is None:
-                if self.n_rows:
-                    raise ValueError("logits must be given for every batch or never.")
-                self._logits = _NpyAppender(self.path / "logits.npy", logits.dtype,
-                                            logits.shape[1:])
-            self._logits.append(logits)
-        elif self._logits is not None:
-            raise ValueError("logits must be given for every batch or never.")
+            tail = logits.shape[1:] if self._logits is None else self._logits.tail
+            if logits.ndim < 1 or logits.shape != (n, *tail):
+                raise ValueError(f"logits must have shape ({n}, ...) as in the first batch, "
+                                 f"got {logits.shape}.")
         if predictions is not None:
-            if self._preds is None:
-                if self.n_rows:
-                    raise ValueError("predictions must be given for every batch or never.")
-                self._preds = _NpyAppender(self.path / "predictions.npy", np.int64)
-            self._preds.append(np.asarray(predictions, np.int64))
-        elif self._preds is not None:
-            raise ValueError("predictions must be given for every batch or never.")
+            predictions = np.asarray(predictions, np.int64)
+            if predictions.shape != (n,):
+                raise ValueError(f"predictions must have shape ({n},).")
+        for name, given, stored in (("logits", logits, self._logits),
+                                    ("predictions", predictions, self._preds)):
+            started = self.n_rows > 0 or stored is not None
+            if started and (given is None) != (stored is None):
+                raise ValueError(f"{name} must be given for every batch or never.")
+        if logits is not None and self._logits is None:
+            self._logits = _NpyAppender(self.path / "logits.npy", logits.dtype,
+                                        logits.shape[1:])
+        if predictions is not None and self._preds is None:
+            self._preds = _NpyAppender(self.path / "predictions.npy", np.int64)
+        for appender, rows in ((self._logits, logits), (self._preds, predictions)):
+            if rows is not None:
+                appender.append(rows)
         self._data.append(X.data)
         self._indices.append(X.indices)
         self._indptr.append(X.indptr[1:].astype(np.int64) + self.nnz)
@@ -216,26 +248,38 @@ class PEFWriter:
         self.nnz += X.nnz
 
     def close(self) -> None:
-        """Finish the files and write ``meta.json``."""
+        """Finish the files and mark the store complete in ``meta.json``."""
+        self._finish(complete=True)
+
+    def _finish(self, complete: bool) -> None:
         if self.closed:
             return
-        for a in (self._data, self._indices, self._indptr, self._norms, self._logits,
-                  self._preds):
-            if a is not None:
-                a.close()
+        # Rows of a batch cut short (an interrupt inside append) are dropped, so every
+        # file holds exactly the rows counted in the metadata.
+        counts = ((self._data, self.nnz), (self._indices, self.nnz),
+                  (self._indptr, self.n_rows + 1), (self._norms, self.n_rows),
+                  (self._logits, self.n_rows), (self._preds, self.n_rows))
+        for appender, n_rows in counts:
+            if appender is not None:
+                appender.close(n_rows)
         idx_dtype = np.int64 if (self.nnz > _INT32_MAX or self.n_cols > _INT32_MAX) \
             else np.int32
         # indptr and indices share one dtype (scipy would otherwise copy on every use)
         _convert_npy(self.path / "indptr.npy", idx_dtype)
         if idx_dtype != self.index_dtype:
             _convert_npy(self.path / "indices.npy", idx_dtype)
+        self._write_meta(complete=complete, index_dtype=idx_dtype)
+        self.closed = True
+
+    def _write_meta(self, *, complete: bool, index_dtype) -> None:
         meta = {
             "format": FORMAT,
             "version": VERSION,
+            "complete": complete,
             "shape": [self.n_rows, self.n_cols],
             "nnz": self.nnz,
             "dtype": self.dtype.str,
-            "index_dtype": np.dtype(idx_dtype).str,
+            "index_dtype": np.dtype(index_dtype).str,
             "kind": self.kind,
             "n_classes": None if self.n_classes is None else int(self.n_classes),
             "layout": None if self.layout is None else self.layout.to_dict(),
@@ -243,15 +287,18 @@ class PEFWriter:
             "has_predictions": self._preds is not None,
             "metadata": self.metadata,
         }
-        with open(self.path / "meta.json", "w") as f:
+        tmp = self.path / "meta.json.tmp"
+        with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
-        self.closed = True
+        os.replace(tmp, self.path / "meta.json")
 
     def __enter__(self) -> PEFWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        # Only a clean exit marks the store complete; after an exception (Ctrl-C
+        # included) it keeps the rows written so far and is marked incomplete.
+        self._finish(complete=exc_type is None)
 
 
 def _convert_npy(path: Path, dtype, chunk: int = 1 << 24) -> None:
@@ -300,14 +347,20 @@ def save_pefs(path, pefs, norms=None, *, logits=None, predictions=None,
             w.append(mat, norms=norms, logits=logits, predictions=predictions)
 
 
-def load_pefs(path, *, mmap: bool = True) -> PEFResult:
+def load_pefs(path, *, mmap: bool = True, allow_incomplete: bool = False) -> PEFResult:
     """Load a store written by :class:`PEFWriter` / :func:`save_pefs`.
 
     Parameters
     ----------
     path : str or path
+        Directory of the store.
     mmap : bool, default=True
         Memory-map the arrays (read-only) instead of reading them into memory.
+    allow_incomplete : bool, default=False
+        Also load a store whose writing stopped early (an exception or an interrupt
+        inside the ``with PEFWriter(...)`` block, e.g. in
+        ``PEFTransformer.compute(out=...)``): it holds the rows written until then, for
+        instance to resume from. Such a store is refused otherwise.
 
     Returns
     -------
@@ -315,28 +368,47 @@ def load_pefs(path, *, mmap: bool = True) -> PEFResult:
         ``pefs`` (CSR whose arrays are memory maps when ``mmap``), ``norms``, ``logits``
         and ``predictions`` (``None`` when not stored) and ``metadata`` with ``kind``,
         ``n_classes``, ``layout`` (a :class:`~sknpeff.layout.ParameterLayout` or
-        ``None``) and the user ``metadata``.
+        ``None``), the user ``metadata``, ``path`` and ``complete`` (False for an
+        incomplete store).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` holds no ``meta.json``.
+    ValueError
+        ``path`` is not a PEF store, was written by a newer version, or is incomplete
+        and ``allow_incomplete`` is False.
     """
     path = Path(path)
-    try:
-        with open(path / "meta.json") as f:
-            meta = json.load(f)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{path} is not a PEF store (no meta.json).") from exc
+    meta = _read_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a PEF store (no meta.json).")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a PEF store (format {meta.get('format')!r}).")
     if meta.get("version", 0) > VERSION:
         raise ValueError(f"{path}: store version {meta['version']} is newer than supported.")
+    shape = tuple(meta["shape"])
+    # Version-1 stores carry no mark: they were written only by a clean close.
+    complete = meta.get("complete", meta.get("version", 0) < 2) is True
+    if not complete and not allow_incomplete:
+        raise ValueError(
+            f"{path} is an incomplete PEF store: its writer stopped before a clean close "
+            f"(an exception or an interrupt), after {shape[0]} rows. Pass "
+            "allow_incomplete=True to load those rows (e.g. to resume), or write it again."
+        )
     mode = "r" if mmap else None
 
     def load(name):
         return np.load(path / name, mmap_mode=mode, allow_pickle=False)
 
     data, indices, indptr = load("data.npy"), load("indices.npy"), load("indptr.npy")
-    shape = tuple(meta["shape"])
     if indptr.shape != (shape[0] + 1,) or data.shape != (meta["nnz"],) or \
             indices.shape != (meta["nnz"],):
-        raise ValueError(f"{path}: array sizes do not match meta.json.")
+        raise ValueError(
+            f"{path}: array sizes do not match meta.json"
+            + ("" if complete else " (its writer was killed before it could stop cleanly)")
+            + "."
+        )
     pefs = csr_from_parts(data, indices, indptr, shape)
     layout = ParameterLayout.from_dict(meta["layout"]) if meta.get("layout") else None
     return PEFResult(
@@ -345,8 +417,18 @@ def load_pefs(path, *, mmap: bool = True) -> PEFResult:
         logits=load("logits.npy") if meta.get("has_logits") else None,
         predictions=load("predictions.npy") if meta.get("has_predictions") else None,
         metadata={"kind": meta.get("kind"), "n_classes": meta.get("n_classes"),
-                  "layout": layout, "metadata": meta.get("metadata", {}), "path": str(path)},
+                  "layout": layout, "metadata": meta.get("metadata", {}), "path": str(path),
+                  "complete": complete},
     )
+
+
+def _read_meta(path: Path) -> dict | None:
+    """The parsed ``meta.json`` of ``path``; None when there is none."""
+    try:
+        with open(path / "meta.json") as f:
+            return json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def iter_row_batches(pefs: Any, batch_size: int) -> Iterator[sp.csr_matrix]:
