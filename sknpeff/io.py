@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,14 +101,44 @@ class _NpyAppender:
         self.f.close()
 
 
+# Every file a store (or its writer, on the way) can hold; overwrite removes only these.
+_STORE_FILES = frozenset({
+    "meta.json", "meta.json.tmp", "data.npy", "indices.npy", "indptr.npy", "norms.npy",
+    "logits.npy", "predictions.npy", "indices.tmp.npy", "indptr.tmp.npy",
+})
+
+
 def _prepare_dir(path: Path, overwrite: bool) -> None:
-    if path.exists():
-        if not overwrite and any(path.iterdir()):
+    """Make ``path`` an empty directory for a new store.
+
+    An existing non-empty directory is emptied only with ``overwrite`` and only when it
+    is a PEF store (its ``meta.json`` says so) holding nothing but the store's files;
+    anything else is refused, so no unrelated file is ever replaced or deleted.
+    """
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; refusing to write a "
+                              "PEF store there.")
+    entries = sorted(path.iterdir()) if path.exists() else []
+    if entries:
+        meta = _read_meta(path)
+        if meta is None or meta.get("format") != FORMAT:
             raise FileExistsError(
-                f"{path} exists and is not empty; pass overwrite=True to replace it."
+                f"{path} exists, is not empty and is not a PEF store (no meta.json of "
+                f"format {FORMAT!r}); refusing to {'overwrite' if overwrite else 'use'} it."
             )
-        if overwrite and (path / "meta.json").exists():
-            shutil.rmtree(path)
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} holds a PEF store; pass overwrite=True to replace it."
+            )
+        foreign = [e.name for e in entries
+                   if e.name not in _STORE_FILES or not e.is_file()]
+        if foreign:
+            raise FileExistsError(
+                f"{path} holds a PEF store and other files ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); refusing to overwrite it."
+            )
+        for entry in entries:
+            entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
 
 
@@ -138,7 +167,9 @@ class PEFWriter:
     metadata : dict, default=None
         Extra JSON-serialisable metadata.
     overwrite : bool, default=False
-        Replace an existing store.
+        Replace an existing PEF store at ``path``. A directory that is not a PEF store
+        (no ``meta.json`` of this format, or other files beside the store's) is never
+        overwritten: :class:`FileExistsError` naming it is raised instead.
 
     Examples
     --------
@@ -324,12 +355,36 @@ def save_pefs(path, pefs, norms=None, *, logits=None, predictions=None,
     ----------
     path : str or path
         Directory to create.
-    pefs : PEFResult or sparse matrix
-    norms, logits, predictions : arrays, optional
-        Taken from ``pefs`` when it is a :class:`~sknpeff.pef.PEFResult`.
-    kind, n_classes, layout, metadata : optional
-        Stored in ``meta.json``. Taken from ``pefs.metadata`` when present.
+    pefs : PEFResult or sparse matrix of shape (n_examples, n_cols)
+        The PEFs; a :class:`~sknpeff.pef.PEFResult` brings its norms, logits,
+        predictions and metadata.
+    norms : array-like of shape (n_examples,), default=None
+        PEF norms before normalization (for a matrix; NaN when None).
+    logits : array-like of shape (n_examples, n_outputs), default=None
+        Model outputs (for a matrix).
+    predictions : array-like of shape (n_examples,), default=None
+        Predicted classes (for a matrix).
+    kind : {"diagonal", "low_rank"}, default=None
+        PEF kind; taken from ``pefs.metadata`` when None.
+    n_classes : int, default=None
+        Number of class slots (low rank); taken from ``pefs.metadata`` when None.
+    layout : ParameterLayout, default=None
+        Parameter layout of the columns; taken from ``pefs.metadata`` when None.
+    metadata : dict, default=None
+        Extra JSON-serialisable metadata.
     overwrite : bool, default=False
+        Replace an existing PEF store at ``path`` (never a directory that is not one, see
+        :class:`PEFWriter`).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import scipy.sparse as sp
+    >>> from sknpeff.io import load_pefs, save_pefs
+    >>> path = os.path.join(tempfile.mkdtemp(), "pefs")
+    >>> save_pefs(path, sp.random(5, 8, density=0.5, format="csr", random_state=0))
+    >>> load_pefs(path).pefs.shape
+    (5, 8)
     """
     if isinstance(pefs, PEFResult):
         md = pefs.metadata or {}

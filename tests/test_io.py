@@ -226,3 +226,55 @@ def test_version_1_store_still_loads(tmp_path):
     res = load_pefs(tmp_path / "old")
     assert res.metadata["complete"] is True
     assert (res.pefs != X).nnz == 0 and np.array_equal(res.norms, np.arange(7.0))
+
+
+# ------------------------------------------------------------------------------------------
+# overwrite=True replaces PEF stores only
+# ------------------------------------------------------------------------------------------
+
+
+def _user_dir(path):
+    path.mkdir()
+    np.save(path / "data.npy", np.arange(5))
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+@pytest.mark.parametrize("how", ["save_pefs", "PEFWriter"])
+def test_overwrite_refuses_a_directory_that_is_not_a_store(tmp_path, how):
+    path = _user_dir(tmp_path / "mine")
+    with pytest.raises(FileExistsError, match=r"mine.*not a PEF store"):
+        if how == "save_pefs":
+            save_pefs(path, _random_csr(), overwrite=True)
+        else:
+            PEFWriter(path, n_cols=50, overwrite=True)
+    assert np.array_equal(np.load(path / "data.npy"), np.arange(5))
+    assert sorted(p.name for p in path.iterdir()) == ["data.npy", "notes.txt"]
+    (path / "meta.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(FileExistsError, match="not a PEF store"):
+        save_pefs(path, _random_csr(), overwrite=True)
+    assert np.array_equal(np.load(path / "data.npy"), np.arange(5))
+
+
+def test_overwrite_refuses_a_store_with_other_files(tmp_path):
+    save_pefs(tmp_path / "s", _random_csr())
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"other files \(notes.txt\)"):
+        save_pefs(tmp_path / "s", _random_csr(n=4), overwrite=True)
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+    assert load_pefs(tmp_path / "s").pefs.shape == (7, 50)
+
+
+def test_overwrite_replaces_a_store_and_refuses_a_file(tmp_path):
+    save_pefs(tmp_path / "s", _random_csr(), logits=np.zeros((7, 2)))
+    X = _random_csr(n=4, seed=5)
+    save_pefs(tmp_path / "s", X, overwrite=True)
+    res = load_pefs(tmp_path / "s")
+    assert (res.pefs != X).nnz == 0 and res.logits is None
+    assert not (tmp_path / "s" / "logits.npy").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        save_pefs(tmp_path / "f", X, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    save_pefs(tmp_path / "empty", X)
+    assert load_pefs(tmp_path / "empty").pefs.shape == (4, 50)
