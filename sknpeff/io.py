@@ -163,7 +163,7 @@ class PEFWriter:
     n_classes : int, default=None
         Number of class slots (low rank).
     dtype : str, default="float32"
-        dtype of the stored values.
+        The dtype of the stored values.
     metadata : dict, default=None
         Extra JSON-serialisable metadata.
     overwrite : bool, default=False
@@ -492,7 +492,9 @@ def iter_row_batches(pefs: Any, batch_size: int) -> Iterator[sp.csr_matrix]:
     Parameters
     ----------
     pefs : PEFResult, sparse matrix, or path of a store
+        The rows to read; a path is opened with :func:`load_pefs` (memory-mapped).
     batch_size : int
+        Rows per block, at least 1.
 
     Yields
     ------

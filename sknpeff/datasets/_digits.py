@@ -84,7 +84,17 @@ class DigitsCNN(nn.Module):
         self.fc = nn.Linear(16 * 4 * 4, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the logits, shape ``(batch, 10)``, of images of shape ``(batch, 1, 8, 8)``."""
+        """Return the logits of a batch of images.
+
+        Parameters
+        ----------
+        x : torch.Tensor of shape (batch, 1, 8, 8)
+            Images.
+
+        Returns
+        -------
+        logits : torch.Tensor of shape (batch, 10)
+        """
         x = torch.relu(self.conv1(x))
         x = torch.relu(self.conv2(x))
         return self.fc(torch.flatten(x, 1))

@@ -81,7 +81,17 @@ class GatedExperts(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the logits, shape ``(batch, n_classes)``, of inputs ``(batch, n_features)``."""
+        """Return the logits of a batch of inputs.
+
+        Parameters
+        ----------
+        x : torch.Tensor of shape (batch, n_experts + n_noise)
+            Concept bits followed by noise features.
+
+        Returns
+        -------
+        logits : torch.Tensor of shape (batch, n_classes)
+        """
         out = self.base(x)
         for e, expert in enumerate(self.experts):
             out = out + x[:, e : e + 1] * expert(x)
