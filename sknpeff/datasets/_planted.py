@@ -16,6 +16,16 @@ from ..utils import InvalidParameterError, check_int
 __all__ = ["make_planted_diagonal", "make_planted_lowrank"]
 
 
+def _check_sizes(n_examples, n_params, n_components, support_size) -> tuple[int, ...]:
+    n_params = check_int(n_params, "n_params", low=1)
+    return (
+        check_int(n_examples, "n_examples", low=1),
+        n_params,
+        check_int(n_components, "n_components", low=1),
+        check_int(support_size, "support_size", low=1, high=n_params),
+    )
+
+
 def _check_n_active(n_active, high: int, high_name: str) -> tuple[int, int]:
     try:
         lo, hi = n_active
@@ -124,11 +134,10 @@ def make_planted_lowrank(
     >>> X.shape, W.shape, G.shape
     ((20, 150), (20, 8), (8, 50))
     """
-    n_examples = check_int(n_examples, "n_examples", low=1)
-    n_params = check_int(n_params, "n_params", low=1)
+    n_examples, n_params, n_components, support_size = _check_sizes(
+        n_examples, n_params, n_components, support_size
+    )
     n_classes = check_int(n_classes, "n_classes", low=1)
-    n_components = check_int(n_components, "n_components", low=1)
-    support_size = check_int(support_size, "support_size", low=1, high=n_params)
     if n_classes <= n_components:
         lo, hi = _check_n_active(n_active, n_classes, "n_classes")
     else:
@@ -226,10 +235,9 @@ def make_planted_diagonal(
     >>> X.shape, W.shape, H.shape
     ((20, 50), (20, 10), (10, 50))
     """
-    n_examples = check_int(n_examples, "n_examples", low=1)
-    n_params = check_int(n_params, "n_params", low=1)
-    n_components = check_int(n_components, "n_components", low=1)
-    support_size = check_int(support_size, "support_size", low=1, high=n_params)
+    n_examples, n_params, n_components, support_size = _check_sizes(
+        n_examples, n_params, n_components, support_size
+    )
     lo, hi = _check_n_active(n_active, n_components, "n_components")
     dt = _check_dtype(dtype)
     rng = check_random_state(random_state)

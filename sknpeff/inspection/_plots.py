@@ -10,7 +10,7 @@ import numpy as np
 from ..utils import check_int
 from ._images import as_image_batch
 from ._summary import top_examples
-from ._validation import as_1d, check_component, check_k, check_W
+from ._validation import as_1d, check_W
 
 __all__ = ["plot_coefficients", "plot_top_examples"]
 
@@ -116,8 +116,8 @@ def plot_top_examples(
     """
     W = check_W(W)
     n, r = W.shape
-    component = check_component(component, r)
-    k = check_k(k, n)
+    component = check_int(component, "component", low=0, high=r - 1)
+    k = check_int(k, "k", low=1, high=n)
     imgs = as_image_batch(images, n)
     lab = None if labels is None else as_1d(labels, "labels", n)
     pred = None if predictions is None else as_1d(predictions, "predictions", n)

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import as_1d, as_float_1d, check_k, check_W
+from ..utils import check_int
+from ._validation import as_1d, as_float_1d, check_W
 
 __all__ = ["component_summary", "top_examples"]
 
@@ -37,7 +38,7 @@ def top_examples(W, k: int = 16) -> np.ndarray:
            [0, 2]])
     """
     W = check_W(W)
-    k = check_k(k, W.shape[0])
+    k = check_int(k, "k", low=1, high=W.shape[0])
     order = np.argsort(-W, axis=0, kind="stable")[:k]
     return np.ascontiguousarray(order.T, dtype=np.int64)
 
@@ -94,7 +95,7 @@ def component_summary(
     """
     W = check_W(W)
     n, r = W.shape
-    k = check_k(k, n)
+    k = check_int(k, "k", low=1, high=n)
     top = top_examples(W, k)
     out: dict[str, np.ndarray] = {
         "component": np.arange(r),

@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils import check_array
 
-from ..utils import check_int
-
-__all__ = ["as_1d", "as_float_1d", "check_W", "check_component", "check_k", "to_numpy"]
+__all__ = ["as_1d", "as_float_1d", "check_W", "to_numpy"]
 
 
 def to_numpy(values):
@@ -47,40 +45,6 @@ def check_W(W, name: str = "W") -> np.ndarray:
     return check_array(to_numpy(W), dtype=[np.float64, np.float32], input_name=name)
 
 
-def check_k(k, n_examples: int) -> int:
-    """Validate a number of top examples, ``1 <= k <= n_examples``.
-
-    Parameters
-    ----------
-    k : int
-        The number given.
-    n_examples : int
-        Number of examples available.
-
-    Returns
-    -------
-    k : int
-    """
-    return check_int(k, "k", low=1, high=n_examples)
-
-
-def check_component(component, n_components: int) -> int:
-    """Validate a component index, ``0 <= component < n_components``.
-
-    Parameters
-    ----------
-    component : int
-        The index given.
-    n_components : int
-        Number of components.
-
-    Returns
-    -------
-    component : int
-    """
-    return check_int(component, "component", low=0, high=n_components - 1)
-
-
 def as_1d(values, name: str, n: int) -> np.ndarray:
     """One value per example as a 1-D array of length ``n``.
 
@@ -108,12 +72,8 @@ def as_float_1d(values, name: str, n: int) -> np.ndarray:
 
     Parameters
     ----------
-    values : array-like or torch.Tensor of shape (n,)
-        Numbers.
-    name : str
-        Name used in error messages.
-    n : int
-        Required length.
+    values, name, n
+        As in :func:`as_1d`; the values must be numbers.
 
     Returns
     -------
