@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 from sknpeff.inspection import (
-    _as_image_batch,
-    _png_bytes,
     component_similarity,
     component_summary,
     plot_coefficients,
@@ -19,6 +17,7 @@ from sknpeff.inspection import (
     top_examples,
     top_parameters_by_layer,
 )
+from sknpeff.inspection._images import as_image_batch, png_bytes
 
 from ._browser import count_decoded_images, find_chromium, screenshot
 
@@ -205,21 +204,44 @@ def test_png_roundtrip(shape):
     mpl_image = pytest.importorskip("matplotlib.image")
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, size=shape) / 255.0
-    decoded = mpl_image.imread(io.BytesIO(_png_bytes(img)), format="png")
+    decoded = mpl_image.imread(io.BytesIO(png_bytes(img)), format="png")
     np.testing.assert_allclose(decoded, img, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3), (6, 5, 4)])
+def test_png_pixels_exact(shape):
+    """The PNG holds exactly the input rounded to 256 levels (clipped to [0, 1])."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    img = rng.uniform(-0.2, 1.2, size=shape)
+    data = png_bytes(img)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    decoded = np.asarray(Image.open(io.BytesIO(data)))
+    expected = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_report_template_is_package_data():
+    from importlib.resources import files
+
+    templates = files("sknpeff.inspection") / "templates"
+    assert (templates / "report.html.jinja").is_file()
+    assert (templates / "report.css").is_file()
 
 
 def test_image_batch_layouts():
     rng = np.random.default_rng(0)
     x = rng.random((4, 1, 6, 5))
-    assert _as_image_batch(x).shape == (4, 6, 5)
-    assert _as_image_batch(rng.random((4, 3, 6, 5))).shape == (4, 6, 5, 3)
-    assert _as_image_batch(rng.random((4, 6, 5, 3))).shape == (4, 6, 5, 3)
-    scaled = _as_image_batch(x * 16.0)
+    assert as_image_batch(x).shape == (4, 6, 5)
+    assert as_image_batch(rng.random((4, 3, 6, 5))).shape == (4, 6, 5, 3)
+    assert as_image_batch(rng.random((4, 6, 5, 3))).shape == (4, 6, 5, 3)
+    scaled = as_image_batch(x * 16.0)
     assert scaled.min() == 0.0 and scaled.max() == 1.0
-    assert _as_image_batch(np.full((2, 3, 3), 255, np.uint8)).max() == 1.0
+    assert as_image_batch(np.full((2, 3, 3), 255, np.uint8)).max() == 1.0
     with pytest.raises(ValueError, match="images"):
-        _as_image_batch(rng.random((4, 5)))
+        as_image_batch(rng.random((4, 5)))
 
 
 def test_plots_smoke():

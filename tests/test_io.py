@@ -113,3 +113,168 @@ def test_compute_streams_to_disk(tmp_path):
     save_pefs(tmp_path / "again", ref)
     again = load_pefs(tmp_path / "again")
     assert (again.pefs != ref.pefs).nnz == 0 and again.metadata["kind"] == "low_rank"
+
+
+# ------------------------------------------------------------------------------------------
+# Incomplete stores: only a clean close marks a store complete
+# ------------------------------------------------------------------------------------------
+
+
+class _Interrupting(torch.nn.Module):
+    """Wraps a model; once armed, its third forward call raises ``error``."""
+
+    def __init__(self, inner, error):
+        super().__init__()
+        self.inner, self.error, self.armed, self.calls = inner, error, False, 0
+
+    def forward(self, x):
+        if self.armed:
+            self.calls += 1
+            if self.calls > 2:
+                raise self.error
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError("boom")])
+def test_interrupted_compute_leaves_an_incomplete_store(tmp_path, error):
+    torch.manual_seed(0)
+    model = _Interrupting(MLP(), error).eval()
+    X = torch.randn(10, 6)
+    tr = PEFTransformer(model, kind="low_rank", n_values=13, batch_size=3).fit(X)
+    ref = tr.compute(X)
+    model.armed = True
+    with pytest.raises(type(error) if isinstance(error, Exception) else error):
+        tr.compute(X, out=tmp_path / "pefs")
+    with pytest.raises(ValueError, match=r"incomplete PEF store.*after 6 rows"):
+        load_pefs(tmp_path / "pefs")
+    res = load_pefs(tmp_path / "pefs", allow_incomplete=True)
+    assert res.metadata["complete"] is False
+    assert res.pefs.shape == (6, tr.n_features_out_)
+    assert (res.pefs != ref.pefs[:6]).nnz == 0
+    assert np.array_equal(res.norms, ref.norms[:6])
+    assert np.array_equal(res.logits, ref.logits[:6])
+    # a clean run over it (overwrite) is complete again
+    model.armed = False
+    done = tr.compute(X, out=tmp_path / "pefs", overwrite=True)
+    assert done.metadata["complete"] is True and done.pefs.shape[0] == 10
+
+
+def test_writer_block_that_raised_is_incomplete(tmp_path):
+    X = _random_csr(n=12, seed=2)
+    with pytest.raises(KeyboardInterrupt), PEFWriter(tmp_path / "s", n_cols=50) as w:
+        w.append(X[:5], norms=np.ones(5), predictions=np.arange(5))
+        raise KeyboardInterrupt
+    with pytest.raises(ValueError, match="incomplete.*5 rows.*allow_incomplete"):
+        load_pefs(tmp_path / "s")
+    res = load_pefs(tmp_path / "s", allow_incomplete=True, mmap=False)
+    assert (res.pefs != X[:5]).nnz == 0 and list(res.predictions) == list(range(5))
+    assert list(iter_row_batches(res, 2))[-1].shape == (1, 50)
+
+
+def test_interrupt_inside_append_keeps_whole_batches(tmp_path, monkeypatch):
+    X = _random_csr(n=12, seed=3)
+    with pytest.raises(KeyboardInterrupt), PEFWriter(tmp_path / "s", n_cols=50) as w:
+        w.append(X[:4], norms=np.arange(4.0), logits=np.ones((4, 2)))
+
+        def interrupted(rows):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(w._indices, "append", interrupted)  # after logits and data
+        w.append(X[4:8], norms=np.arange(4.0), logits=np.ones((4, 2)))
+    res = load_pefs(tmp_path / "s", allow_incomplete=True)
+    assert res.pefs.shape == (4, 50) and (res.pefs != X[:4]).nnz == 0
+    assert res.logits.shape == (4, 2) and res.norms.shape == (4,)
+
+
+def test_unclosed_writer_is_incomplete(tmp_path):
+    w = PEFWriter(tmp_path / "s", n_cols=50)
+    w.append(_random_csr())
+    with pytest.raises(ValueError, match="incomplete"):
+        load_pefs(tmp_path / "s")
+    w.close()
+    assert load_pefs(tmp_path / "s").metadata["complete"] is True
+
+
+def test_refused_batch_writes_nothing(tmp_path):
+    with PEFWriter(tmp_path / "s", n_cols=50) as w:
+        w.append(_random_csr(), logits=np.zeros((7, 2)), predictions=np.zeros(7))
+        with pytest.raises(ValueError, match="predictions"):
+            w.append(_random_csr(), logits=np.zeros((7, 2)))
+        with pytest.raises(ValueError, match="logits"):
+            w.append(_random_csr(), logits=np.zeros((6, 2)), predictions=np.zeros(7))
+    res = load_pefs(tmp_path / "s")
+    assert res.pefs.shape[0] == res.logits.shape[0] == res.predictions.shape[0] == 7
+
+
+def _write_version_1_store(path, X, norms):
+    """A store exactly as version 1 wrote it (no "complete" mark)."""
+    path.mkdir()
+    np.save(path / "data.npy", X.data)
+    np.save(path / "indices.npy", X.indices.astype(np.int32))
+    np.save(path / "indptr.npy", X.indptr.astype(np.int32))
+    np.save(path / "norms.npy", norms)
+    meta = {"format": "sknpeff-pefs", "version": 1, "shape": list(X.shape), "nnz": X.nnz,
+            "dtype": X.dtype.str, "index_dtype": "<i4", "kind": "diagonal",
+            "n_classes": None, "layout": None, "has_logits": False,
+            "has_predictions": False, "metadata": {}}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_version_1_store_still_loads(tmp_path):
+    X = _random_csr()
+    _write_version_1_store(tmp_path / "old", X, np.arange(7.0))
+    res = load_pefs(tmp_path / "old")
+    assert res.metadata["complete"] is True
+    assert (res.pefs != X).nnz == 0 and np.array_equal(res.norms, np.arange(7.0))
+
+
+# ------------------------------------------------------------------------------------------
+# overwrite=True replaces PEF stores only
+# ------------------------------------------------------------------------------------------
+
+
+def _user_dir(path):
+    path.mkdir()
+    np.save(path / "data.npy", np.arange(5))
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+@pytest.mark.parametrize("how", ["save_pefs", "PEFWriter"])
+def test_overwrite_refuses_a_directory_that_is_not_a_store(tmp_path, how):
+    path = _user_dir(tmp_path / "mine")
+    with pytest.raises(FileExistsError, match=r"mine.*not a PEF store"):
+        if how == "save_pefs":
+            save_pefs(path, _random_csr(), overwrite=True)
+        else:
+            PEFWriter(path, n_cols=50, overwrite=True)
+    assert np.array_equal(np.load(path / "data.npy"), np.arange(5))
+    assert sorted(p.name for p in path.iterdir()) == ["data.npy", "notes.txt"]
+    (path / "meta.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(FileExistsError, match="not a PEF store"):
+        save_pefs(path, _random_csr(), overwrite=True)
+    assert np.array_equal(np.load(path / "data.npy"), np.arange(5))
+
+
+def test_overwrite_refuses_a_store_with_other_files(tmp_path):
+    save_pefs(tmp_path / "s", _random_csr())
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"other files \(notes.txt\)"):
+        save_pefs(tmp_path / "s", _random_csr(n=4), overwrite=True)
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+    assert load_pefs(tmp_path / "s").pefs.shape == (7, 50)
+
+
+def test_overwrite_replaces_a_store_and_refuses_a_file(tmp_path):
+    save_pefs(tmp_path / "s", _random_csr(), logits=np.zeros((7, 2)))
+    X = _random_csr(n=4, seed=5)
+    save_pefs(tmp_path / "s", X, overwrite=True)
+    res = load_pefs(tmp_path / "s")
+    assert (res.pefs != X).nnz == 0 and res.logits is None
+    assert not (tmp_path / "s" / "logits.npy").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        save_pefs(tmp_path / "f", X, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    save_pefs(tmp_path / "empty", X)
+    assert load_pefs(tmp_path / "empty").pefs.shape == (4, 50)
