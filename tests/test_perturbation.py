@@ -435,3 +435,49 @@ def test_projection_chunked_and_rank_deficient(monkeypatch):
     d32 = GuidedPerturber(fake_low_rank(G), model, max_cosine=0.9).perturbation(0)
     G32 = G.astype(np.float32).astype(np.float64)
     assert np.abs(G32[1:] @ d32).max() < 1e-8 and np.abs(G32[1:4] @ d32).max() < 1e-8
+
+
+# ------------------------------------------------------------------ model state, memory
+def test_training_mode_is_refused(gated):
+    g = gated
+    g["model"].train()
+    try:
+        with pytest.raises(ValueError, match=r"training mode.*Call model\.eval\(\)"):
+            GuidedPerturber(g["est"], g["model"], layout=g["pef"].layout_)
+        # switched to training mode after construction: refused when measuring
+        g["model"].eval()
+        gp = GuidedPerturber(g["est"], g["model"], layout=g["pef"].layout_)
+        g["model"].train()
+        with pytest.raises(ValueError, match="training mode"):
+            gp.kl_divergence(g["Xh"][:10], 0)
+    finally:
+        g["model"].eval()
+
+
+def test_dataset_fisher_is_the_mean_of_unnormalized_diagonal_pefs(monkeypatch):
+    import sknpeff.perturbation._perturber as mod
+
+    model, sample, _ = make_gated_experts(random_state=0)
+    X, _ = sample(70, random_state=0)
+    pef = PEFTransformer(model, kind="diagonal", n_values=10**6).fit(X)
+    est = DiagonalNPEFF(n_components=3, random_state=0).fit(pef.transform(X))
+    full = PEFTransformer(model, kind="diagonal", n_values=10**6, normalize=False,
+                          dtype="float64").fit(X).transform(X)
+    want = np.asarray(full.mean(axis=0)).ravel()
+    # a budget of a few rows per batch: the Fisher is accumulated over many batches
+    monkeypatch.setattr(mod, "_FISHER_BATCH_VALUES", 3 * pef.n_params_)
+    gp = GuidedPerturber(est, model, layout=pef.layout_).fit(
+        X, est.transform(pef.transform(X)), n_fisher=70, random_state=0)
+    # (a float32 model: other batch sizes round differently)
+    np.testing.assert_allclose(gp.dataset_fisher_, want, rtol=1e-6, atol=0)
+
+
+def test_warnings_point_at_the_callers_line(gated):
+    """A warning raised deep inside the package names the user's file and line."""
+    import warnings
+
+    model, X = gated["model"], gated["X"][:8]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        PEFTransformer(model, kind="low_rank", n_values=5, min_class_prob=1.0).fit(X).compute(X)
+    assert rec and all(w.filename == __file__ for w in rec), [w.filename for w in rec]

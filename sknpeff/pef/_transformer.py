@@ -470,9 +470,13 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         X : array, tensor, dict of tensors, list of per-example items or Dataset
         out : str or path, default=None
             If given, stream the results to this directory (see :mod:`sknpeff.io`)
-            instead of holding them in memory, and return them memory-mapped.
+            instead of holding them in memory, and return them memory-mapped. The store
+            is marked complete only when every example is written: after an error or
+            Ctrl-C it holds the batches written so far and loads only with
+            ``load_pefs(out, allow_incomplete=True)``.
         overwrite : bool, default=False
-            Replace an existing store at ``out``.
+            Replace an existing PEF store at ``out`` (a directory holding anything else
+            is never replaced).
 
         Returns
         -------
