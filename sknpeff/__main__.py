@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="npeff-report", metavar="DIR",
                       help="report directory (default: ./npeff-report)")
     demo.add_argument("--seed", type=_non_negative_int, default=0,
-                      help="random seed of training, decomposition and baseline (default: 0)")
+                      help="random seed of training, decomposition and baselines (default: 0)")
     demo.add_argument("--n-components", type=_positive_int, default=32, metavar="R",
                       help="number of NPEFF components (default: 32)")
     demo.add_argument("--n-values", type=_positive_int, default=2048, metavar="K",
