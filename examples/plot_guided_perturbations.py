@@ -15,7 +15,8 @@ A ratio above 1 alone proves little: the top examples may simply have large Fish
 that *every* direction moves them more. Two controls, on the same example sets:
 
 * the **PEF-norm ratio** (mean Fisher norm of the top examples over that of all): what a
-  direction that ignores the component would give on average (method doc, section 4);
+  direction that ignores the component would give on average (see
+  :ref:`method-kl-ratio`);
 * **random directions** of the same norm, and **another component's** direction.
 """
 
