@@ -474,10 +474,11 @@ def run_demo(
 
     The CNN is trained with label smoothing 0.1. Trained without it
     (``label_smoothing=0``), the model is near-certain on most training digits: many PEFs
-    have norms far below the median, yet normalization gives them full weight. Components
-    built on them have pure top examples that no perturbation of norm 0.1 moves (KL ratio
-    ~0). ``benchmarks/demo_quality.py`` compares the two recipes over several seeds. A
-    norm floor (``norm_floor``) removes those PEFs instead; it is off by default.
+    have norms far below the median, yet normalization gives them full weight, and a
+    perturbation of norm 0.1 barely moves the predictions on them. Over seeds 0-4
+    (``python benchmarks/demo_quality.py``) label smoothing raised the held-out purity
+    from 0.83 to 0.93 and the median KL ratio from 6.67 to 10.15 (means). A norm floor
+    (``norm_floor``) removes those PEFs instead; it is off by default.
 
     Examples
     --------
