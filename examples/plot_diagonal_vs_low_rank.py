@@ -2,7 +2,7 @@
 Diagonal vs low-rank NPEFF on the same model
 ============================================
 
-NPEFF comes in two flavours (method doc, sections 1-3):
+NPEFF comes in two flavours (see :doc:`/method`):
 
 * **D-NPEFF** approximates each per-example Fisher by its diagonal ``f_i`` (one
   non-negative value per parameter) and factors the sparse matrix of diagonals with
@@ -77,7 +77,7 @@ for kind, est in estimators.items():
 # ratio (mean KL divergence of the perturbed model on those 16 examples over the mean on
 # all held-out examples, better sign). The low-rank perturbation is ``g_j`` projected away
 # from the other components; the diagonal one is the Fisher-weighted blend searched until
-# the top examples' KL reaches a target range (method doc, section 4).
+# the top examples' KL reaches a target range (see :doc:`/method`).
 results = {}
 for kind, est in estimators.items():
     pt, _, res_test = pefs[kind]

@@ -15,7 +15,8 @@ A ratio above 1 alone proves little: the top examples may simply have large Fish
 that *every* direction moves them more. Two controls, on the same example sets:
 
 * the **PEF-norm ratio** (mean Fisher norm of the top examples over that of all): what a
-  direction that ignores the component would give on average (method doc, section 4);
+  direction that ignores the component would give on average (see
+  :ref:`method-kl-ratio`);
 * **random directions** of the same norm, and **another component's** direction.
 """
 
@@ -128,6 +129,7 @@ plt.show()
 # A component whose top examples have an almost zero Fisher (the model is certain of
 # them) cannot be moved by any small perturbation: its KL ratio is near 0, and so is its
 # PEF-norm ratio. That is why the norm ratio belongs beside every KL ratio. Label
-# smoothing keeps the model away from such certainty; trained without it
-# (``label_smoothing=0.0``), four of this example's first five components have KL ratios
-# near 0 and the median falls from about 9 to below 3.
+# smoothing keeps the model away from such certainty. Trained without it
+# (``label_smoothing=0.0`` above), two of this example's first five components have KL
+# ratios below 1 with PEF-norm ratios of 0.01, and the median KL ratio falls from 8.75 to
+# 2.38 (measured by running this script both ways).

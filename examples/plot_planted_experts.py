@@ -13,7 +13,7 @@ well each method recovers them:
   feeding the output), examples ranked by distance to each centroid (the paper's
   baseline);
 * **gradient clustering**: k-means on the per-example gradients of one log-probability
-  (the predicted class's), randomly projected to 64 dimensions (method doc, section 6).
+  (the predicted class's), randomly projected to 64 dimensions.
 
 Each method gives a score matrix (examples by components: NPEFF coefficients; for a
 clustering, the members of cluster ``j`` ranked first, nearest to the centroid first).

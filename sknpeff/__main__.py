@@ -59,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a small CNN on scikit-learn's bundled digits, compute its low-rank "
             "per-example Fishers, fit LowRankNPEFF, fit held-out coefficients, perturb the "
-            "model along every component and write DIR/index.html. Offline; well under a "
-            "minute on 2 CPU cores."
+            "model along every component and write DIR/index.html. Offline; about a minute "
+            "on 2 CPU cores."
         ),
     )
     demo.add_argument("--out", default="npeff-report", metavar="DIR",
                       help="report directory (default: ./npeff-report)")
     demo.add_argument("--seed", type=_non_negative_int, default=0,
-                      help="random seed of training, decomposition and baseline (default: 0)")
+                      help="random seed of training, decomposition and baselines (default: 0)")
     demo.add_argument("--n-components", type=_positive_int, default=32, metavar="R",
                       help="number of NPEFF components (default: 32)")
     demo.add_argument("--n-values", type=_positive_int, default=2048, metavar="K",
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--label-smoothing", type=_fraction, default=0.1, metavar="EPS",
                       help="label smoothing of the CNN's training loss, in [0, 1) "
                            "(default: 0.1; 0 trains a near-certain model whose tiny "
-                           "Fishers give pure but unperturbable components)")
+                           "Fishers give less pure, less selective components)")
     demo.add_argument("--norm-floor", type=_fraction, default=0.0, metavar="F",
                       help="zero the PEFs whose norm is below F times the median training "
                            "norm (default: 0, keep all)")

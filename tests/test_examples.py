@@ -73,8 +73,9 @@ def test_example_runs(path, example_runs):
 def test_docs_build(tmp_path):
     """The README's docs command, into a temporary directory, warnings as errors.
 
-    The gallery scripts are not executed again here (``plot_gallery=0``):
-    :func:`test_example_runs` runs them; the real build does both.
+    The gallery scripts and the demo are not executed here (``plot_gallery=0``):
+    :func:`test_example_runs` runs the scripts and ``tests/test_demo.py`` the demo; the
+    real build does both and quotes the demo's output in getting_started.html.
     """
     src = tmp_path / "docs"
     shutil.copytree(ROOT / "docs", src,
@@ -88,7 +89,13 @@ def test_docs_build(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     html = tmp_path / "html"
-    for page in ("index.html", "getting_started.html", "user_guide.html", "api.html",
-                 "auto_examples/index.html", "auto_examples/plot_quickstart.html"):
+    for page in ("index.html", "getting_started.html", "method.html", "user_guide.html",
+                 "api.html", "auto_examples/index.html", "auto_examples/plot_quickstart.html",
+                 "demo-report/index.html"):
         assert (html / page).is_file(), page
     assert "LowRankNPEFF" in (html / "api.html").read_text(encoding="utf-8")
+    method = (html / "method.html").read_text(encoding="utf-8")
+    assert "arXiv 2310.04649" in method and 'class="math' in method
+    # the demo's output is quoted from the build, never written into the page by hand
+    started = (html / "getting_started.html").read_text(encoding="utf-8")
+    assert "Not run in this build" in started and "python -m sknpeff demo" in started
