@@ -11,7 +11,7 @@ standard ResNet-18 architecture (BasicBlocks [2, 2, 2, 2], widths 64-512, batch 
 eval mode, 1000-way classifier; the same 11,689,512 parameters as torchvision's
 ``resnet18(weights=None)``) is built here. Random weights, random inputs: only speed and
 memory are measured. Low-rank PEFs of the 10 most probable classes, K = 65,536 values
-kept per example (one of the paper's settings for ImageNet); the peak resident memory is read
+kept per example (one of the values of K the paper compares); the peak resident memory is read
 from ``VmHWM`` in a fresh process for two numbers of examples, to show that it does not
 grow with them (on a GPU also the peak of GPU memory allocated by PyTorch).
 
