@@ -6,18 +6,44 @@ example is ``F = sum_j a_j a_j^T`` with ``a_j = sqrt(p_j) grad log p_j``. Since
 backward pass of the logit cotangent ``sqrt(p_j) (e_j - p)``. Slot ``j`` holds the
 ``j``-th most probable class; the first ``n_slots`` classes are kept, and those below
 ``min_class_prob`` are dropped (their slots are zero).
+
+For independent sigmoid outputs (a binary classifier with one logit, or a multi-label
+head), each logit ``z_c`` is a Bernoulli variable with ``s_c = sigmoid(z_c)`` and
+``F = sum_c s_c (1 - s_c) grad z_c grad z_c^T``: slot ``c`` is one backward pass of the
+cotangent ``sqrt(s_c (1 - s_c)) e_c``. Slots go by decreasing weight ``s_c (1 - s_c)``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
-__all__ = ["class_cotangents"]
+__all__ = ["OUTPUTS", "class_cotangents", "predictions", "resolve_output"]
+
+#: output distributions the logits can parametrize
+OUTPUTS = ("softmax", "sigmoid")
+
+
+def resolve_output(output: str, n_outputs: int) -> str:
+    """``"softmax"`` or ``"sigmoid"``; ``"auto"``: sigmoid for a single logit (a binary
+    classifier), softmax otherwise (a softmax over one logit has a zero Fisher)."""
+    if output == "auto":
+        return "sigmoid" if n_outputs == 1 else "softmax"
+    return output
+
+
+def predictions(logits: np.ndarray, output: str) -> np.ndarray:
+    """Predicted class per example: ``argmax`` of the logits; for one sigmoid logit,
+    ``1`` where it is positive (multi-label heads: the most probable label)."""
+    if output == "sigmoid" and logits.shape[1] == 1:
+        return (logits[:, 0] > 0).astype(np.int64)
+    return logits.argmax(axis=1).astype(np.int64)
 
 
 def class_cotangents(logits: torch.Tensor, n_slots: int,
-                     min_class_prob: float | None = None) -> tuple[torch.Tensor, int]:
+                     min_class_prob: float | None = None,
+                     output: str = "softmax") -> tuple[torch.Tensor, int]:
     """Logit cotangents of the class slots of every example.
 
     Parameters
@@ -27,7 +53,9 @@ def class_cotangents(logits: torch.Tensor, n_slots: int,
     n_slots : int
         Class slots kept per example (the most probable classes first).
     min_class_prob : float, default=None
-        Classes less probable than this get a zero slot.
+        Classes less probable than this get a zero slot (softmax only).
+    output : {"softmax", "sigmoid"}, default="softmax"
+        The distribution the logits parametrize (see the module docstring).
 
     Returns
     -------
@@ -38,6 +66,8 @@ def class_cotangents(logits: torch.Tensor, n_slots: int,
         Number of slots (0 when every class of every example is dropped).
     """
     lg = logits.detach().to(torch.float64)
+    if output == "sigmoid":
+        return _bernoulli_cotangents(lg, n_slots, logits.dtype)
     probs = torch.softmax(lg, dim=1)
     B, K = probs.shape
     c = min(n_slots, K)
@@ -53,3 +83,15 @@ def class_cotangents(logits: torch.Tensor, n_slots: int,
     cot = torch.sqrt(p_sorted)[..., None] * (onehot - probs[:, None, :])
     cot = cot * keep[..., None]
     return cot.to(logits.dtype), c_eff
+
+
+def _bernoulli_cotangents(lg: torch.Tensor, n_slots: int, dtype) -> tuple[torch.Tensor, int]:
+    B, K = lg.shape
+    c = min(n_slots, K)
+    s = torch.sigmoid(lg)
+    weight = s * (1.0 - s)
+    w_sorted, order = torch.sort(weight, dim=1, descending=True, stable=True)
+    w_sorted, order = w_sorted[:, :c], order[:, :c]
+    onehot = F.one_hot(order, K).to(torch.float64)
+    cot = torch.sqrt(w_sorted)[..., None] * onehot
+    return cot.to(dtype), c if B else 0

@@ -91,6 +91,7 @@ class Engine:
         self.forward = est.forward if est.forward is not None else default_forward
         self.layout = layout
         self.n_slots = n_slots
+        self.output = est.output_
         self.kind = est.kind
         self.k = int(est.n_values)
         self.out_dtype = np.dtype(est.dtype)
@@ -381,7 +382,8 @@ class Engine:
                     f"got shape {tuple(logits.shape)}."
                 )
             B = logits.shape[0]
-            cot, c_eff = class_cotangents(logits, self.n_slots, est.min_class_prob)
+            cot, c_eff = class_cotangents(logits, self.n_slots, est.min_class_prob,
+                                          self.output)
             if c_eff == 0:
                 gouts, fb = [], {}
                 break

@@ -40,6 +40,7 @@ from ..utils import (
     limit_threads,
     user_stacklevel,
 )
+from ._classes import OUTPUTS, predictions, resolve_output
 from ._engine import Engine, NeedsOneThread
 from ._inputs import (
     as_logits,
@@ -79,6 +80,16 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         ``None``: all outputs of the model.
     min_class_prob : float, default=None
         Drop classes whose probability is below this threshold (their slots stay empty).
+        Softmax outputs only.
+    output : {"auto", "softmax", "sigmoid"}, default="auto"
+        The distribution the logits parametrize. ``"softmax"``: one categorical
+        distribution over the outputs (a multi-class classifier). ``"sigmoid"``: every
+        logit ``z_c`` is an independent Bernoulli variable with ``s_c = sigmoid(z_c)``
+        (a binary classifier with one logit, ``BCEWithLogitsLoss``; or a multi-label
+        head), whose Fisher is ``sum_c s_c (1 - s_c) grad z_c grad z_c^T``: one slot per
+        logit, by decreasing weight ``s_c (1 - s_c)``, so a binary classifier needs one
+        vector per example. ``"auto"``: sigmoid for a model with one logit, softmax
+        otherwise.
     normalize : bool, default=True
         Divide each PEF by its Frobenius norm (low rank: the ``a_ij`` by its square root)
         before sparsification.
@@ -96,9 +107,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         ``forward(model, batch) -> logits`` for models with another signature. Default:
         ``model(batch)``, ``model(**batch)`` for dicts, ``model(batch[0])`` for
         ``(inputs, targets)`` tuples. The output may also be an object with a ``.logits``
-        attribute (transformers). A binary model with one sigmoid logit ``z`` must
-        return ``torch.cat([torch.zeros_like(z), z], 1)`` (a single softmax logit has a
-        zero Fisher).
+        attribute (transformers). A model with one logit is a binary classifier with a
+        sigmoid output (see ``output``).
     batch_size : int, default=32
         Examples per forward/backward pass; bounds the memory used.
     n_jobs : int, default=None
@@ -135,6 +145,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         Number of logits of the model.
     n_classes_ : int
         Number of class slots (low rank).
+    output_ : {"softmax", "sigmoid"}
+        The output distribution used (``output`` with ``"auto"`` resolved).
     n_features_out_ : int
         Width of the PEF rows.
 
@@ -159,6 +171,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         n_values: int = 65536,
         n_classes: int | None = None,
         min_class_prob: float | None = None,
+        output: str = "auto",
         normalize: bool = True,
         min_norm: float | None = None,
         params: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
@@ -175,6 +188,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self.n_values = n_values
         self.n_classes = n_classes
         self.min_class_prob = min_class_prob
+        self.output = output
         self.normalize = normalize
         self.min_norm = min_norm
         self.params = params
@@ -194,6 +208,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         check_int(self.n_values, "n_values", low=1)
         check_int(self.n_classes, "n_classes", low=1, allow_none=True)
         check_float(self.min_class_prob, "min_class_prob", low=0.0, high=1.0, allow_none=True)
+        check_choice(self.output, "output", ("auto", *OUTPUTS))
         check_float(self.min_norm, "min_norm", low=0.0, allow_none=True)
         check_int(self.batch_size, "batch_size", low=1)
         if self.n_jobs != -1:
@@ -230,7 +245,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     def _engine_key(self) -> tuple:
         # what the per-layer plan and its one-batch check depend on
         return (id(self.model), id(self.forward), repr(self.params), self.kind,
-                self.n_classes_, self.layout_)
+                self.n_classes_, self.output_, self.layout_)
 
     def _engine(self, learned: tuple | None = None):
         """A new engine; ``learned`` (from :meth:`_learned`) spares it the first-batch
@@ -374,6 +389,13 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             )
         self.layout_ = layout
         self.n_params_ = layout.n_params
+        output = resolve_output(self.output, n_out)
+        if output == "sigmoid" and self.min_class_prob is not None:
+            raise InvalidParameterError(
+                "min_class_prob applies to softmax outputs; with sigmoid outputs (one "
+                "logit, or output='sigmoid') keep the most informative logits with "
+                "n_classes instead.")
+        self.output_ = output
         self.n_outputs_ = n_out
         self.n_classes_ = n_out if self.n_classes is None else int(self.n_classes)
         self.n_features_out_ = (
@@ -438,7 +460,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                     pefs=pefs,
                     norms=norms.astype(np.float64),
                     logits=logits.astype(self.dtype),
-                    predictions=logits.argmax(axis=1).astype(np.int64),
+                    predictions=predictions(logits, self.output_),
                     metadata=self._metadata(),
                 )
                 progress.update(B)
@@ -490,7 +512,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
             with PEFWriter(out, n_cols=self.n_features_out_, kind=self.kind,
                            layout=self.layout_, n_classes=self.n_classes_,
-                           dtype=self.dtype, overwrite=overwrite) as w:
+                           dtype=self.dtype, metadata={"output": self.output_},
+                           overwrite=overwrite) as w:
                 for res in self.iter_compute(X):
                     w.append(res)
             return load_pefs(out)
@@ -500,7 +523,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         return res
 
     def _metadata(self) -> dict:
-        return {"kind": self.kind, "n_classes": self.n_classes_, "layout": self.layout_}
+        return {"kind": self.kind, "n_classes": self.n_classes_, "output": self.output_,
+                "layout": self.layout_}
 
     def transform(self, X):
         """Sparse PEF matrix of ``X`` (the layout is described in the class docstring).

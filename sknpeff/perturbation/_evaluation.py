@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..layout import ParameterLayout
+from ..pef._classes import resolve_output
 from ..pef._inputs import as_logits, default_forward, iter_batches, to_device
 
 __all__ = ["applied", "kl_divergence", "log_probs", "loss_grad_sign"]
@@ -44,8 +45,15 @@ def _batches(X: Any, batch_size: int, params: Sequence[torch.Tensor]) -> Iterato
 
 
 def log_probs(model: nn.Module, forward: Callable | None, X: Any, batch_size: int,
-              params: Sequence[torch.Tensor]) -> np.ndarray:
-    """Log-softmax of the model's logits on ``X``, float64, ``(n_examples, n_outputs)``."""
+              params: Sequence[torch.Tensor], output: str = "auto") -> np.ndarray:
+    """Log-probabilities of the model's predictive distribution on ``X``, float64.
+
+    Softmax outputs: the log-softmax of the logits, ``(n_examples, n_outputs)``. Sigmoid
+    outputs (see :func:`~sknpeff.pef._classes.resolve_output`): for every logit ``z``,
+    ``log(1 - s), log(s)`` with ``s = sigmoid(z)``, ``(n_examples, 2 n_outputs)``, so that
+    row sums of ``p0 (log p0 - log p1)`` are sums of Bernoulli KL divergences and, for
+    one logit, the argmax is the predicted class.
+    """
     fwd = forward if forward is not None else default_forward
     out = []
     with torch.no_grad():
@@ -54,8 +62,12 @@ def log_probs(model: nn.Module, forward: Callable | None, X: Any, batch_size: in
             out.append(logits.detach().to("cpu", torch.float64).numpy())
     if not out:
         return np.zeros((0, 0))
+    z = np.concatenate(out, axis=0)
+    if resolve_output(output, z.shape[1]) == "sigmoid":
+        # log sigmoid(-z), log sigmoid(z), pairwise per logit
+        return -np.logaddexp(0.0, np.stack([z, -z], axis=2)).reshape(z.shape[0], -1)
     # (torch's CPU log_softmax has a large per-call overhead on tiny float64 batches)
-    return scipy.special.log_softmax(np.concatenate(out, axis=0), axis=1)
+    return scipy.special.log_softmax(z, axis=1)
 
 
 def kl_divergence(lp0: np.ndarray, lp1: np.ndarray) -> np.ndarray:
@@ -67,22 +79,29 @@ def kl_divergence(lp0: np.ndarray, lp1: np.ndarray) -> np.ndarray:
 
 
 def loss_grad_sign(model: nn.Module, forward: Callable | None, X: Any, batch_size: int,
-                   params: Sequence[torch.Tensor], labels: np.ndarray | None) -> np.ndarray:
+                   params: Sequence[torch.Tensor], labels: np.ndarray | None,
+                   output: str = "auto") -> np.ndarray:
     """Sign of the gradient of the summed cross-entropy over ``X`` (flat, float64), with
-    ``labels`` or, when ``None``, the model's own predictions as targets."""
+    ``labels`` or, when ``None``, the model's own predictions as targets (binary
+    cross-entropy of every logit for sigmoid outputs)."""
     fwd = forward if forward is not None else default_forward
     grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     start = 0
     for batch in _batches(X, batch_size, params):
         logits = as_logits(fwd(model, batch))
         b = logits.shape[0]
+        sigmoid = resolve_output(output, logits.shape[1]) == "sigmoid"
         if labels is None:
-            y = logits.detach().argmax(dim=1)
+            y = (logits.detach() > 0).long() if sigmoid else logits.detach().argmax(dim=1)
         else:
             y = torch.as_tensor(np.asarray(labels[start:start + b]),
                                 device=logits.device).long()
         start += b
-        loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum")
+        if sigmoid:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits.double(), y.reshape(logits.shape).double(), reduction="sum")
+        else:
+            loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum")
         gs = torch.autograd.grad(loss, params, allow_unused=True)
         for acc, g in zip(grads, gs, strict=True):
             if g is not None:

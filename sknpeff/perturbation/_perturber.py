@@ -27,7 +27,7 @@ from ._evaluation import applied, kl_divergence, log_probs, loss_grad_sign
 from ._low_rank import component_gram, orthogonal_direction
 from ._results import KLRatioResult, KLRatioResults
 
-__all__ = ["GuidedPerturber", "estimator_kind", "pipeline_layout", "unwrap"]
+__all__ = ["GuidedPerturber", "estimator_kind", "pipeline_layout", "pipeline_step", "unwrap"]
 
 #: PEF values held at once while the dataset Fisher is streamed (bounds its memory)
 _FISHER_BATCH_VALUES = 1 << 23
@@ -45,16 +45,21 @@ def unwrap(estimator: Any) -> Any:
     return estimator
 
 
-def pipeline_layout(estimator: Any) -> ParameterLayout | None:
-    """The ``layout_`` of a fitted Pipeline's PEFTransformer step, if any."""
+def pipeline_step(estimator: Any, attribute: str) -> Any:
+    """The first step of a fitted Pipeline (before the last) that has ``attribute``."""
     from sklearn.pipeline import Pipeline
 
     if isinstance(estimator, Pipeline):
         for _, step in estimator.steps[:-1]:
-            layout = getattr(step, "layout_", None)
-            if isinstance(layout, ParameterLayout):
-                return layout
+            if hasattr(step, attribute):
+                return step
     return None
+
+
+def pipeline_layout(estimator: Any) -> ParameterLayout | None:
+    """The ``layout_`` of a fitted Pipeline's PEFTransformer step, if any."""
+    layout = getattr(pipeline_step(estimator, "layout_"), "layout_", None)
+    return layout if isinstance(layout, ParameterLayout) else None
 
 
 def estimator_kind(estimator: Any) -> str:
@@ -100,6 +105,11 @@ class GuidedPerturber:
         cancel ``g_j``). ``0`` disables the projection.
     forward : callable, default=None
         ``forward(model, batch) -> logits``, as for :class:`~sknpeff.PEFTransformer`.
+    output : {"auto", "softmax", "sigmoid"}, default="auto"
+        The distribution the logits parametrize, as for
+        :class:`~sknpeff.PEFTransformer` (KL divergences of sigmoid outputs are sums of
+        Bernoulli KL divergences). ``"auto"``: the ``output_`` of a Pipeline's
+        PEFTransformer step; otherwise sigmoid for one logit, softmax for more.
     batch_size : int, default=32
         Examples per forward pass.
     kl_target : tuple of float, default=(0.05, 0.2)
@@ -153,7 +163,7 @@ class GuidedPerturber:
                  magnitude: float = 0.1, max_cosine: float = 0.35,
                  forward: Callable[[nn.Module, Any], Any] | None = None, batch_size: int = 32,
                  kl_target: tuple[float, float] = (0.05, 0.2), fisher_floor: float = 1e-6,
-                 n_lambda: int = 5) -> None:
+                 n_lambda: int = 5, output: str = "auto") -> None:
         self.estimator = estimator
         self.model = model
         self.layout = layout
@@ -164,6 +174,7 @@ class GuidedPerturber:
         self.kl_target = kl_target
         self.fisher_floor = fisher_floor
         self.n_lambda = n_lambda
+        self.output = output
         self._validate()
         self._cache: dict = {}
 
@@ -179,6 +190,10 @@ class GuidedPerturber:
         check_float(self.max_cosine, "max_cosine", low=0.0, high=1.0)
         check_int(self.batch_size, "batch_size", low=1)
         check_int(self.n_lambda, "n_lambda", low=1)
+        check_choice(self.output, "output", ("auto", "softmax", "sigmoid"))
+        self.output_ = self.output
+        if self.output == "auto":
+            self.output_ = getattr(pipeline_step(self.estimator, "layout_"), "output_", "auto")
         try:
             lo, hi = (float(v) for v in self.kl_target)
         except (TypeError, ValueError):
@@ -310,7 +325,7 @@ class GuidedPerturber:
         batch_size = max(1, min(int(self.batch_size), _FISHER_BATCH_VALUES // max(m, 1)))
         pt = PEFTransformer(self.model, kind="diagonal", n_values=m, normalize=False,
                             params=list(self.layout_.names), forward=self.forward,
-                            batch_size=batch_size, dtype="float64")
+                            batch_size=batch_size, dtype="float64", output=self.output_)
         total = np.zeros(m, dtype=np.float64)
         n = 0
         for res in pt.fit(X).iter_compute(X):
@@ -321,7 +336,7 @@ class GuidedPerturber:
 
     def _loss_grad_sign(self, X: Any, labels: np.ndarray | None) -> np.ndarray:
         return loss_grad_sign(self.model, self.forward, X, self.batch_size, self._params(),
-                              labels)
+                              labels, self.output_)
 
     def _search_args(self, j: int, sign: int, X_top: Any, X_sel: Any, fisher: np.ndarray,
                      lp_top: np.ndarray, lp_sel: np.ndarray, grad_sign: np.ndarray) -> dict:
@@ -426,7 +441,8 @@ class GuidedPerturber:
 
     def _log_probs(self, X: Any) -> np.ndarray:
         check_eval_mode(self.model, "makes every KL divergence random")
-        return log_probs(self.model, self.forward, X, self.batch_size, self._params())
+        return log_probs(self.model, self.forward, X, self.batch_size, self._params(),
+                         self.output_)
 
     def kl_divergence(self, X: Any, component: int, sign: int = 1) -> np.ndarray:
         """Per-example ``KL(p_theta(.|x) || p_{theta+delta}(.|x))``.
