@@ -481,3 +481,34 @@ def test_warnings_point_at_the_callers_line(gated):
         warnings.simplefilter("always")
         PEFTransformer(model, kind="low_rank", n_values=5, min_class_prob=1.0).fit(X).compute(X)
     assert rec and all(w.filename == __file__ for w in rec), [w.filename for w in rec]
+
+
+def test_magnitude_auto_calibrates_to_kl_target_and_reports_the_norm(gated):
+    g = gated
+    gp = GuidedPerturber(g["est"], g["model"], layout=g["pef"].layout_, magnitude="auto",
+                         kl_target=(0.05, 0.2), batch_size=300)
+    res = gp.kl_ratios(g["Xh"], g["Wh"], components=[0, 1], n_top=32, random_state=0)
+    for r in res:
+        d = r.details[r.sign]
+        assert d["reached"] and 0.05 <= r.top_kl <= 0.2
+        assert d["norm"] > 0 and np.isfinite(r.kl_ratio) and r.kl_ratio > 1
+    # fixed magnitude: the norm used is reported too
+    fixed = g["gp"].kl_ratio(g["Xh"], 0, W=g["Wh"], n_top=32, random_state=0)
+    assert fixed.details[fixed.sign]["norm"] == pytest.approx(g["gp"].magnitude)
+    # perturbation() with "auto" needs the top examples: fit first
+    with pytest.raises(ValueError, match="call fit"):
+        gp.perturbation(0)
+    gp.fit(g["Xh"], g["Wh"], n_top=32)
+    delta = gp.perturbation(0)
+    assert np.isclose(np.linalg.norm(delta), gp.kl_ratio(
+        g["Xh"], 0, W=g["Wh"], n_top=32, random_state=0).details[1]["norm"])
+    with pytest.raises(ValueError, match="magnitude must be 'auto' or a finite number"):
+        GuidedPerturber(g["est"], g["model"], layout=g["pef"].layout_, magnitude="big")
+
+
+def test_huge_baseline_kl_warns(gated):
+    g = gated
+    gp = GuidedPerturber(g["est"], g["model"], layout=g["pef"].layout_, magnitude=50.0,
+                         batch_size=300)
+    with pytest.warns(UserWarning, match="small-perturbation regime"):
+        gp.kl_ratio(g["Xh"], 0, W=g["Wh"], n_top=32, random_state=0)

@@ -24,6 +24,7 @@ __all__ = [
     "BISECT_STEPS",
     "LAMBDA_RANGE",
     "LOG_DELTA_RANGE",
+    "bisect_size",
     "blend_delta",
     "diagonal_profile",
     "rank_key",
@@ -75,6 +76,43 @@ def blend_delta(push: np.ndarray, h: np.ndarray, Ff: np.ndarray, lam: float,
     return size * push * (w2 / (w1 + w2))
 
 
+def bisect_size(top_kl: Callable[[float], float], kl_target: tuple[float, float],
+                log_range: tuple[float, float] = LOG_DELTA_RANGE,
+                steps: int = BISECT_STEPS) -> tuple[float, float, bool]:
+    """A size whose mean KL on the top examples falls in ``kl_target``.
+
+    Bisection on the log of the size over ``log_range`` (the KL grows with the size);
+    when no point tried reaches the range, the closest in log KL is returned.
+
+    Returns
+    -------
+    size : float
+    kl : float
+        ``top_kl(size)``.
+    reached : bool
+    """
+    lo_t, hi_t = (float(v) for v in kl_target)
+    mid_t = np.sqrt(lo_t * hi_t)
+    a, b = log_range
+    kl_at: dict[float, float] = {}
+    reached = False
+    logd = b
+    for _ in range(steps):
+        logd = 0.5 * (a + b)
+        val = top_kl(10.0 ** logd)
+        kl_at[logd] = val
+        if lo_t <= val <= hi_t:
+            reached = True
+            break
+        if val < lo_t:
+            a = logd
+        else:
+            b = logd
+    if not reached:  # closest (in log KL) of the points tried
+        logd = min(kl_at, key=lambda t: abs(np.log(max(kl_at[t], 1e-300) / mid_t)))
+    return 10.0 ** logd, kl_at[logd], reached
+
+
 def search_blend(push: np.ndarray, h: np.ndarray, Ff: np.ndarray,
                  kl_target: tuple[float, float], n_lambda: int,
                  top_kl: Callable[[np.ndarray], float],
@@ -103,39 +141,17 @@ def search_blend(push: np.ndarray, h: np.ndarray, Ff: np.ndarray,
     facts : dict
         ``lambda``, ``delta`` (push size), ``top_kl``, ``selection_kl``, ``reached``.
     """
-    lo_t, hi_t = (float(v) for v in kl_target)
-    mid_t = np.sqrt(lo_t * hi_t)
     lo_l, hi_l = (np.log(v / (1 - v)) for v in LAMBDA_RANGE)
     lams = 1.0 / (1.0 + np.exp(-np.linspace(lo_l, hi_l, int(n_lambda))))
     best: tuple | None = None
     for lam in lams:
-        a, b = LOG_DELTA_RANGE
-        kl_at: dict[float, float] = {}
-
-        def at(logd: float, lam: float = lam, kl_at: dict = kl_at) -> float:
-            val = top_kl(blend_delta(push, h, Ff, lam, 10.0 ** logd))
-            kl_at[logd] = val
-            return val
-
-        reached = False
-        logd = b
-        for _ in range(BISECT_STEPS):
-            logd = 0.5 * (a + b)
-            val = at(logd)
-            if lo_t <= val <= hi_t:
-                reached = True
-                break
-            if val < lo_t:
-                a = logd
-            else:
-                b = logd
-        if not reached:  # closest (in log KL) of the points tried
-            logd = min(kl_at, key=lambda t: abs(np.log(max(kl_at[t], 1e-300) / mid_t)))
-        d = blend_delta(push, h, Ff, lam, 10.0 ** logd)
+        size, kl, reached = bisect_size(
+            lambda size, lam=lam: top_kl(blend_delta(push, h, Ff, lam, size)), kl_target)
+        d = blend_delta(push, h, Ff, lam, size)
         sel_kl = selection_kl(d)
-        facts = {"lambda": float(lam), "delta": float(10.0 ** logd),
-                 "top_kl": kl_at[logd], "selection_kl": sel_kl, "reached": reached}
-        score = (reached, rank_key(safe_ratio(kl_at[logd], sel_kl)))
+        facts = {"lambda": float(lam), "delta": float(size), "top_kl": kl,
+                 "selection_kl": sel_kl, "reached": reached}
+        score = (reached, rank_key(safe_ratio(kl, sel_kl)))
         if best is None or score > best[0]:
             best = (score, d, facts)
     if best is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,14 +22,19 @@ from ..utils import (
     check_eval_mode,
     check_float,
     check_int,
+    user_stacklevel,
 )
-from ._diagonal import diagonal_profile, rank_key, safe_ratio, search_blend
+from ._diagonal import bisect_size, diagonal_profile, rank_key, safe_ratio, search_blend
 from ._evaluation import applied, kl_divergence, log_probs, loss_grad_sign
 from ._low_rank import component_gram, orthogonal_direction
 from ._results import KLRatioResult, KLRatioResults
 
 __all__ = ["GuidedPerturber", "estimator_kind", "pipeline_layout", "pipeline_step", "unwrap"]
 
+#: mean baseline KL (nats) above which a KL ratio is outside the second-order regime
+MAX_BASELINE_KL = 1.0
+#: log10 range of ||delta|| searched by magnitude="auto"
+LOG_NORM_RANGE = (-6.0, 3.0)
 #: PEF values held at once while the dataset Fisher is streamed (bounds its memory)
 _FISHER_BATCH_VALUES = 1 << 23
 
@@ -97,8 +103,14 @@ class GuidedPerturber:
         :class:`~sknpeff.PEFTransformer` that computed the PEFs. Default:
         ``ParameterLayout.from_model(model)`` (every parameter requiring grad), which is
         right only when the transformer used ``params=None``.
-    magnitude : float, default=0.1
-        Low rank: the norm of ``delta`` (paper: 0.1; 0.3 for fixing heuristics).
+    magnitude : float or "auto", default=0.1
+        Low rank: the norm of ``delta`` (paper: 0.1; 0.3 for fixing heuristics). An
+        absolute norm means different things for different models (weights of norm 1
+        or 100): ``"auto"`` sizes each ``delta`` instead so that the mean KL on the
+        component's top examples falls in ``kl_target``, as the diagonal search does.
+        The norm used is reported in each result's ``details[sign]["norm"]``, and a
+        warning says when the random baseline examples move by more than 1 nat on
+        average (far from the small-perturbation regime the KL ratio relies on).
     max_cosine : float, default=0.35
         Low rank: ``delta`` is made orthogonal to every other component whose ``|cos|``
         with ``g_j`` is below this (similar components are left alone so that they do not
@@ -113,7 +125,8 @@ class GuidedPerturber:
     batch_size : int, default=32
         Examples per forward pass.
     kl_target : tuple of float, default=(0.05, 0.2)
-        Diagonal: the range the mean KL on the top examples is searched into.
+        Diagonal, and low rank with ``magnitude="auto"``: the range the mean KL on the
+        top examples is searched into.
     fisher_floor : float, default=1e-6
         Diagonal: floor on the unit-normalized dataset Fisher in ``w1`` (parameters the
         data set barely uses are pushed by the full ``Delta`` when the component uses
@@ -135,8 +148,9 @@ class GuidedPerturber:
 
     Notes
     -----
-    Low rank needs no data to build ``delta``. Diagonal perturbations depend on the
-    component's top examples and the dataset Fisher: call :meth:`fit` before
+    Low rank with a fixed ``magnitude`` needs no data to build ``delta``. Diagonal
+    perturbations depend on the component's top examples and the dataset Fisher (and
+    ``magnitude="auto"`` on the top examples): call :meth:`fit` before
     :meth:`perturbation` / :meth:`perturbed` / :meth:`kl_divergence`; :meth:`kl_ratio`
     builds them from its own ``X`` and ``W`` (reusing ``dataset_fisher_`` when fitted).
 
@@ -185,7 +199,13 @@ class GuidedPerturber:
         check_eval_mode(self.model, "makes every KL divergence random")
         self.kind_ = estimator_kind(self.estimator)
         check_is_fitted(unwrap(self.estimator), "components_")
-        check_float(self.magnitude, "magnitude", low=0.0, strict=True)
+        if not (isinstance(self.magnitude, str) and self.magnitude == "auto"):
+            try:
+                check_float(self.magnitude, "magnitude", low=0.0, strict=True)
+            except InvalidParameterError:
+                raise InvalidParameterError(
+                    "magnitude must be 'auto' or a finite number > 0; got "
+                    f"{self.magnitude!r}.") from None
         check_float(self.fisher_floor, "fisher_floor", low=0.0, strict=True)
         check_float(self.max_cosine, "max_cosine", low=0.0, high=1.0)
         check_int(self.batch_size, "batch_size", low=1)
@@ -262,9 +282,10 @@ class GuidedPerturber:
         """Prepare data-dependent (diagonal) perturbations.
 
         Needed before :meth:`perturbation`, :meth:`perturbed` and :meth:`kl_divergence`
-        for a :class:`~sknpeff.decomposition.DiagonalNPEFF`; a no-op apart from
-        validation for low rank. Computes the dataset-level diagonal Fisher on up to
-        ``n_fisher`` random examples of ``X`` and records each component's top examples.
+        for a :class:`~sknpeff.decomposition.DiagonalNPEFF` or with ``magnitude="auto"``
+        (a no-op for low rank with a fixed magnitude). Records each component's top
+        examples and, for diagonal, computes the dataset-level diagonal Fisher on up to
+        ``n_fisher`` random examples of ``X``.
 
         Parameters
         ----------
@@ -309,9 +330,8 @@ class GuidedPerturber:
                     raise ValueError("dataset_fisher must be a finite non-negative vector of "
                                      f"length n_params={self.layout_.n_params}.")
                 self.dataset_fisher_ = F
-            self._fit_data = {"X": X, "W": W, "labels": labels, "n_top": min(n_top, n),
-                              "select": np.sort(rng.choice(n, size=min(n, 256),
-                                                           replace=False))}
+        self._fit_data = {"X": X, "W": W, "labels": labels, "n_top": min(n_top, n),
+                          "select": np.sort(rng.choice(n, size=min(n, 256), replace=False))}
         return self
 
     def _dataset_fisher(self, X: Any) -> np.ndarray:
@@ -357,15 +377,19 @@ class GuidedPerturber:
                     n_lambda=int(self.n_lambda), top_kl=top_kl, selection_kl=selection_kl,
                     name=f"component {j}")
 
+    def _fitted_data(self) -> dict:
+        if not hasattr(self, "_fit_data"):
+            raise ValueError(
+                "diagonal perturbations and magnitude='auto' depend on data: call fit(X, W) "
+                "first (or use kl_ratio(X, component, W=...), which builds them from its "
+                "arguments).")
+        return self._fit_data
+
     def _diagonal_delta_fitted(self, j: int, sign: int) -> np.ndarray:
         key = ("diag", j, sign)
         if key in self._cache:
             return self._cache[key]
-        if not hasattr(self, "_fit_data"):
-            raise ValueError(
-                "diagonal perturbations depend on data: call fit(X, W) first (or use "
-                "kl_ratio(X, component, W=...), which builds them from its arguments).")
-        fd = self._fit_data
+        fd = self._fitted_data()
         top = np.argsort(-fd["W"][:, j], kind="stable")[: fd["n_top"]]
         X_top, X_sel = take_rows(fd["X"], top), take_rows(fd["X"], fd["select"])
         labels = None if fd["labels"] is None else np.asarray(fd["labels"])[top]
@@ -375,6 +399,24 @@ class GuidedPerturber:
         self._cache[key] = d
         self._cache[("facts", j, sign)] = facts
         return d
+
+    def _calibrated(self, j: int, sign: int, X_top: Any, lp_top: np.ndarray
+                    ) -> tuple[np.ndarray, dict]:
+        """Low rank, ``magnitude="auto"``: ``delta`` along the projected direction, sized
+        so that the mean KL on the top examples falls in ``kl_target``."""
+        d = sign * self._low_rank_direction(j)
+
+        def top_kl(size: float) -> float:
+            with self._applied(size * d):
+                return float(np.mean(kl_divergence(lp_top, self._log_probs(X_top))))
+
+        size, kl, reached = bisect_size(top_kl, self.kl_target, LOG_NORM_RANGE)
+        if not reached:
+            warnings.warn(
+                f"component {j}: no ||delta|| in [1e-6, 1e3] brought the mean KL on the top "
+                f"examples into kl_target={self.kl_target} (closest: {kl:.3g}); the closest "
+                "is used.", UserWarning, stacklevel=user_stacklevel())
+        return size * d, {"top_kl": kl, "reached": reached}
 
     # ------------------------------------------------------------------ public API
     def perturbation(self, component: int, sign: int = 1) -> np.ndarray:
@@ -404,8 +446,16 @@ class GuidedPerturber:
         """
         j = self._component_index(component)
         sign = check_choice(sign, "sign", (1, -1))
-        if self.kind_ == "low_rank":
+        if self.kind_ == "low_rank" and self.magnitude != "auto":
             return sign * float(self.magnitude) * self._low_rank_direction(j)
+        if self.kind_ == "low_rank":
+            key = ("auto", j, sign)
+            if key not in self._cache:
+                fd = self._fitted_data()
+                top = np.argsort(-fd["W"][:, j], kind="stable")[: fd["n_top"]]
+                X_top = take_rows(fd["X"], top)
+                self._cache[key] = self._calibrated(j, sign, X_top, self._log_probs(X_top))[0]
+            return self._cache[key].copy()
         return self._diagonal_delta_fitted(j, sign).copy()
 
     def _applied(self, delta: np.ndarray):
@@ -608,7 +658,9 @@ class GuidedPerturber:
             gsign = None if self.kind_ == "low_rank" else self._loss_grad_sign(X_top, lt)
             for sign in (1, -1):
                 facts: dict = {}
-                if self.kind_ == "low_rank":
+                if self.kind_ == "low_rank" and self.magnitude == "auto":
+                    delta, facts = self._calibrated(j, sign, X_top, lp0[pos[top]])
+                elif self.kind_ == "low_rank":
                     delta = self.perturbation(j, sign)
                 else:
                     delta, facts = search_blend(**self._search_args(
@@ -618,6 +670,7 @@ class GuidedPerturber:
                 kl = kl_divergence(lp0, lp1)
                 tk = float(np.mean(kl[pos[top]]))
                 bk = float(np.mean(kl[pos[base]]))
+                facts["norm"] = float(np.linalg.norm(delta))
                 acc = None
                 if labels is not None:
                     y = labels[top]
@@ -629,7 +682,15 @@ class GuidedPerturber:
             norm_ratio = float("nan")
             if norms is not None:
                 norm_ratio = safe_ratio(float(np.mean(norms[top])), float(np.mean(norms[base])))
-            details = {s: per_sign[s][4] for s in (1, -1)} if self.kind_ == "diagonal" else {}
+            details = {s: per_sign[s][4] for s in (1, -1)}
+            if bk > MAX_BASELINE_KL:
+                warnings.warn(
+                    f"component {j}: the perturbation moves the random baseline examples by "
+                    f"{bk:.3g} nats of KL on average (||delta|| = {details[sign]['norm']:.3g}):"
+                    " far beyond the small-perturbation regime where KL ~ delta^T F delta / 2,"
+                    " so the KL ratio says little about the component. Use a smaller "
+                    "magnitude, or magnitude='auto' (sized to kl_target on the top "
+                    "examples).", UserWarning, stacklevel=user_stacklevel())
             results.append(KLRatioResult(
                 component=j, kl_ratio=ratio, sign=sign, top_kl=tk, baseline_kl=bk,
                 norm_ratio=norm_ratio, accuracy_change=acc,
