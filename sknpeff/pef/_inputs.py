@@ -1,18 +1,24 @@
 """Examples in, batches out: the inputs a PEF computation accepts.
 
-Batches of any shape a model eats (tensors, arrays, dicts of them, lists of per-example
-items, torch Datasets), moved to the model's device, and the forward adapters that turn
-a model's output into a ``(batch, n_outputs)`` logits tensor.
+Batches of any shape a model eats (tensors, arrays, dicts of them, tuples of them read
+as columns, lists of per-example items or of strings, torch Datasets and DataLoaders),
+moved to the model's device, the forward adapters that turn a model's output into a
+``(batch, n_outputs)`` logits tensor, and the checks of what comes out (logits of the
+right shape, not probabilities, finite).
 """
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..utils import user_stacklevel
 
 __all__ = [
     "ForwardWrapper",
@@ -28,6 +34,7 @@ __all__ = [
     "tree_leaves",
     "tree_map",
 ]
+
 
 
 def tree_map(fn, tree):
@@ -52,8 +59,55 @@ def _is_dataset(X) -> bool:
     return isinstance(X, torch.utils.data.Dataset)
 
 
+def _is_loader(X) -> bool:
+    return isinstance(X, torch.utils.data.DataLoader)
+
+
+def _is_columns(X) -> bool:
+    """Whether ``X`` is a tuple of arrays batched along one first axis (``(inputs,
+    targets)``, as given to ``TensorDataset``): its batches are tuples of slices."""
+    if not isinstance(X, tuple) or not X:
+        return False
+    if not all(isinstance(c, (torch.Tensor, np.ndarray)) and c.ndim >= 1 for c in X):
+        return False
+    return len({int(c.shape[0]) for c in X}) == 1
+
+
+def _is_text(v) -> bool:
+    return isinstance(v, (str, bytes))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (numbers.Number, np.bool_))
+
+
+def _numeric_rows(items: Sequence) -> bool:
+    """Whether ``items`` are (nested) lists or tuples of numbers only: rows of an array."""
+
+    def numeric(seq) -> bool:
+        return all(_is_number(e) or (isinstance(e, (list, tuple)) and numeric(e)) for e in seq)
+
+    return all(isinstance(it, (list, tuple)) and numeric(it) for it in items)
+
+
+def _loader_n_examples(loader) -> int | None:
+    """Examples a DataLoader yields per pass, when its sampler or dataset tells."""
+    try:
+        n = len(loader.sampler) if loader.batch_size is not None else len(loader.dataset)
+    except TypeError:  # an IterableDataset (or a sampler) without __len__
+        return None
+    if loader.batch_size is None:
+        # a custom batch_sampler (assumed to cover the dataset), or no automatic
+        # batching: each item of the dataset is a batch whose size is unknown
+        return n if loader.batch_sampler is not None else None
+    if loader.drop_last:
+        n -= n % loader.batch_size
+    return n
+
+
 def n_examples(X) -> int | None:
-    """Number of examples in ``X`` (``None`` for a Dataset without ``len``)."""
+    """Number of examples in ``X`` (``None`` when unknown: a Dataset without ``len``, a
+    DataLoader whose sampler and dataset do not tell)."""
     if isinstance(X, (torch.Tensor, np.ndarray)):
         if X.ndim == 0:
             raise ValueError("X must be batched along its first axis; got a 0-d array.")
@@ -66,6 +120,10 @@ def n_examples(X) -> int | None:
                 f"length; got lengths {sorted(lens)}."
             )
         return lens.pop()
+    if _is_columns(X):
+        return int(X[0].shape[0])
+    if _is_loader(X):
+        return _loader_n_examples(X)
     if _is_dataset(X):
         try:
             return len(X)
@@ -74,9 +132,10 @@ def n_examples(X) -> int | None:
     if isinstance(X, (list, tuple)):
         return len(X)
     raise ValueError(
-        "X must be a tensor/array batched along the first axis, a dict of such arrays, "
-        f"a list of per-example items (e.g. dicts of tensors), or a torch Dataset; got "
-        f"{type(X).__name__}."
+        "X must be a tensor/array batched along the first axis, a dict of such arrays, a "
+        "tuple of such arrays (columns such as (inputs, targets)), a list of per-example "
+        "items (e.g. dicts of tensors, or strings for a tokenizing forward), a torch "
+        f"Dataset or a torch DataLoader; got {type(X).__name__}."
     )
 
 
@@ -87,13 +146,97 @@ def as_tensor(v):
     return v
 
 
-def _collate(items: Sequence):
-    return torch.utils.data.default_collate([tree_map(as_tensor, it) for it in items])
+def _shapes(item, path: str = "") -> dict[str, tuple]:
+    """``{path: shape}`` of the leaves of one example; a list of numbers is one leaf."""
+    if isinstance(item, Mapping):
+        out: dict[str, tuple] = {}
+        for k, v in item.items():
+            out.update(_shapes(v, f"{path}[{k!r}]"))
+        return out
+    if isinstance(item, (list, tuple)):
+        out = {path: (len(item),)}
+        if not all(_is_number(e) for e in item):
+            for i, v in enumerate(item):
+                out.update(_shapes(v, f"{path}[{i}]"))
+        return out
+    if hasattr(item, "shape"):
+        return {path: tuple(item.shape)}
+    return {}
+
+
+def _ragged_error(items: Sequence, start: int | None) -> ValueError | None:
+    """The error for examples whose shapes differ (``None`` when they do not)."""
+    shapes = [_shapes(it) for it in items]
+    for path, first in shapes[0].items():
+        seen: dict[tuple, int] = {first: 0}
+        for i, sh in enumerate(shapes[1:], 1):
+            if path in sh:
+                seen.setdefault(sh[path], i)
+        if len(seen) < 2:
+            continue
+        where = f"example{path} has shapes" if path else "their shapes are"
+        at = "; ".join(
+            f"{sh} (example {i} of a batch)" if start is None else f"{sh} (example {start + i})"
+            for sh, i in list(seen.items())[:4])
+        return ValueError(
+            f"the examples have different lengths and cannot be stacked into a batch: "
+            f"{where} {at}. Pad them: pass a torch.utils.data.DataLoader whose "
+            "collate_fn pads each batch (e.g. DataLoader(X, batch_size=32, "
+            "collate_fn=transformers.DataCollatorWithPadding(tokenizer))), or pass the "
+            "padded batch (e.g. tokenizer(texts, padding=True, return_tensors='pt'))."
+        )
+    return None
+
+
+def _collate(items: Sequence, start: int | None = None):
+    """``default_collate`` of per-example items (``start``: index of the first one in
+    ``X``, for error messages); a clear error for items of different lengths."""
+    items = [tree_map(as_tensor, it) for it in items]
+    try:
+        return torch.utils.data.default_collate(items)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        err = _ragged_error(items, start)
+        if err is None:
+            raise
+        raise err from exc
+
+
+def _as_rows(items: list) -> np.ndarray:
+    """Equal-length lists of numbers as the rows of an array (a clear error otherwise)."""
+    try:
+        return np.asarray(items)
+    except ValueError as exc:
+        err = _ragged_error(items, 0)
+        if err is None:
+            raise
+        raise err from exc
+
+
+def _warn_if_shuffled(loader) -> None:
+    if isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        warnings.warn(
+            "the DataLoader shuffles its examples (shuffle=True): results come in the "
+            "order of its batches, a new one at every pass, and cannot be matched to the "
+            "dataset's examples. Pass a DataLoader with shuffle=False.",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def iter_batches(X, batch_size: int) -> Iterator[Any]:
-    """Consecutive batches of at most ``batch_size`` examples of ``X``, in order."""
-    if isinstance(X, (torch.Tensor, np.ndarray)):
+    """Consecutive batches of at most ``batch_size`` examples of ``X``, in order.
+
+    A DataLoader's batches come as it makes them (its own batch size and
+    ``collate_fn``); ``batch_size`` is not used then. A tuple of arrays with one first
+    dimension gives tuples of slices; a list of strings (or an array of them), lists of
+    strings; a list of equal-length lists of numbers, slices of their array.
+    """
+    if _is_loader(X):
+        _warn_if_shuffled(X)
+        yield from X
+    elif isinstance(X, np.ndarray) and X.dtype.kind in "US":
+        for s in range(0, X.shape[0], batch_size):
+            yield X[s : s + batch_size].tolist()
+    elif isinstance(X, (torch.Tensor, np.ndarray)):
         for s in range(0, X.shape[0], batch_size):
             yield as_tensor(X[s : s + batch_size])
     elif isinstance(X, Mapping):
@@ -104,6 +247,9 @@ def iter_batches(X, batch_size: int) -> Iterator[Any]:
                     else v)
                 for k, v in X.items()
             }
+    elif _is_columns(X):
+        for s in range(0, X[0].shape[0], batch_size):
+            yield tuple(as_tensor(c[s : s + batch_size]) for c in X)
     elif _is_dataset(X):
         loader = torch.utils.data.DataLoader(
             X, batch_size=batch_size, shuffle=False, collate_fn=_collate
@@ -111,12 +257,21 @@ def iter_batches(X, batch_size: int) -> Iterator[Any]:
         yield from loader
     else:
         X = list(X)
+        if X and _is_text(X[0]):
+            if not all(_is_text(v) for v in X):
+                raise ValueError("a list X of strings must hold strings only.")
+            for s in range(0, len(X), batch_size):
+                yield X[s : s + batch_size]
+            return
+        if X and isinstance(X[0], (list, tuple)) and _numeric_rows(X):
+            yield from iter_batches(_as_rows(X), batch_size)
+            return
         if X and not isinstance(X[0], (Mapping, torch.Tensor, np.ndarray, tuple, list)):
             arr = np.asarray(X)
             yield from iter_batches(arr, batch_size)
             return
         for s in range(0, len(X), batch_size):
-            yield _collate(X[s : s + batch_size])
+            yield _collate(X[s : s + batch_size], s)
 
 
 def to_device(batch, device, float_dtype):
@@ -134,9 +289,12 @@ def to_device(batch, device, float_dtype):
 
 
 def default_forward(model, batch):
-    """``model(batch)``; ``model(**batch)`` for dicts; ``model(batch[0])`` for pairs."""
+    """``model(batch)``; ``model(**batch)`` for dicts; ``model(batch[0])`` for pairs and
+    other tuples or lists, but ``model(batch)`` for a list of strings."""
     if isinstance(batch, Mapping):
         return model(**batch)
+    if isinstance(batch, list) and batch and _is_text(batch[0]):
+        return model(batch)
     if isinstance(batch, (tuple, list)):
         # (inputs, targets) pairs as returned by most labelled Datasets.
         return model(batch[0])
@@ -175,11 +333,16 @@ class ForwardWrapper(nn.Module):
 
 
 def first_batch(X, batch_size: int):
-    """A first batch of at most ``min(batch_size, 2)`` examples of ``X`` (to probe the model)."""
+    """A first batch of at most ``min(batch_size, 2)`` examples of ``X`` (to probe the
+    model); a DataLoader's first batch as it comes.
+    """
     n = n_examples(X)
     if n == 0:
         raise ValueError("X holds no example.")
-    return next(iter(iter_batches(X, min(batch_size, 2))))
+    it = iter(X) if _is_loader(X) else iter_batches(X, min(batch_size, 2))
+    for batch in it:
+        return batch
+    raise ValueError("X holds no example.")
 
 
 def known_n_examples(X) -> int:
@@ -201,6 +364,15 @@ def take_rows(X, idx) -> Any:
     if isinstance(X, Mapping):
         return {k: (take_rows(v, idx) if hasattr(v, "shape") and len(v.shape) else v)
                 for k, v in X.items()}
+    if _is_columns(X):
+        return tuple(take_rows(c, idx) for c in X)
+    if _is_loader(X):
+        raise ValueError(
+            "picking examples by index (as GuidedPerturber does) needs indexable examples "
+            "(a tensor, an array, a dict or tuple of them, a list or a Dataset), not a "
+            "DataLoader: pass its dataset (loader.dataset, whose items are then collated "
+            "with torch's default_collate) or the examples themselves."
+        )
     if _is_dataset(X):
         return torch.utils.data.Subset(X, idx.tolist())
     return [X[int(i)] for i in idx]

@@ -95,7 +95,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     forward : callable, default=None
         ``forward(model, batch) -> logits`` for models with another signature. Default:
         ``model(batch)``, ``model(**batch)`` for dicts, ``model(batch[0])`` for
-        ``(inputs, targets)`` tuples. The output may also be an object with a ``.logits``
+        ``(inputs, targets)`` tuples (and lists), ``model(texts)`` for a list of strings.
+        The output may also be an object with a ``.logits``
         attribute (transformers). A binary model with one sigmoid logit ``z`` must
         return ``torch.cat([torch.zeros_like(z), z], 1)`` (a single softmax logit has a
         zero Fisher).
@@ -137,6 +138,28 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         Number of class slots (low rank).
     n_features_out_ : int
         Width of the PEF rows.
+
+    Notes
+    -----
+    The examples ``X`` (of :meth:`fit`, :meth:`compute`, :meth:`iter_compute`,
+    :meth:`transform`) may be:
+
+    * a tensor or array batched along its first axis (a list of equal-length lists of
+      numbers is read as the rows of an array);
+    * a dict of such arrays, such as a tokenizer's padded output (``model(**batch)``);
+    * a tuple of such arrays with one first dimension: columns such as
+      ``(inputs, targets)``, as given to ``TensorDataset``. Batches are tuples of slices,
+      and the default forward uses ``batch[0]``. A list is never read as columns;
+    * a list of per-example items (dicts of tensors, ``(input, target)`` pairs),
+      stacked with torch's ``default_collate``: items of different lengths must be padded,
+      e.g. by a DataLoader whose ``collate_fn`` pads;
+    * a list (or array) of strings: batches are lists of strings, passed as they are to
+      a tokenizing ``forward``, e.g. ``forward=lambda m, texts: m(**tok(texts,
+      padding=True, return_tensors="pt"))``;
+    * a torch ``Dataset`` (batches stacked with ``default_collate``);
+    * a torch ``DataLoader``, whose batches are used as they come (its own batch size and
+      ``collate_fn``; ``batch_size`` is not used); results follow its order, so pass one
+      with ``shuffle=False``. :meth:`fit` reads its first batch.
 
     Examples
     --------
@@ -344,9 +367,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
-            Examples batched along the first axis (one small batch is run through the
-            model to read its number of outputs).
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`); one small batch (a
+            DataLoader's first batch) is run through the model to read its number of
+            outputs.
         y : ignored
 
         Returns
@@ -388,7 +412,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
         y : ignored
 
         Returns
@@ -407,6 +432,16 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Memory stays bounded by ``batch_size`` whatever the number of examples; pair
         it with :class:`sknpeff.io.PEFWriter` to stream PEFs to disk.
+
+        Parameters
+        ----------
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
+
+        Yields
+        ------
+        result : PEFResult
+            The PEFs of one batch.
         """
         check_is_fitted(self, "layout_")
         self._validate()
@@ -467,7 +502,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
         out : str or path, default=None
             If given, stream the results to this directory (see :mod:`sknpeff.io`)
             instead of holding them in memory, and return them memory-mapped. The store
@@ -507,7 +543,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
 
         Returns
         -------
