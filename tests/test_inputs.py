@@ -1,5 +1,7 @@
 """The input forms PEFTransformer accepts, and the clear errors for those it cannot use."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,78 @@ def test_list_of_number_lists_is_rows():
     with pytest.raises(ValueError, match=r"different lengths.*\(6,\) \(example 0\); "
                                          r"\(5,\) \(example 1\)"):
         tr.fit([[1.0] * 6, [2.0] * 5])
+
+
+# -- 6. 3-D logits -------------------------------------------------------------------------------
+
+
+def test_sequence_logits_say_how_to_pick_a_position():
+    model, X = _mlp()
+
+    def per_position(m, b):  # (batch, seq_len, vocab)
+        return m(b)[:, None, :].expand(-1, 4, -1)
+
+    with pytest.raises(ValueError, match=r"logits\[:, -1, :\]"):
+        PEFTransformer(model, forward=per_position).fit(X)
+    with pytest.raises(ValueError, match=r"torch.stack\(\[torch.zeros_like"):
+        PEFTransformer(model, forward=lambda m, b: m(b)[:, 0]).fit(X)
+    # the engine's check (a forward changed after fit)
+    tr = PEFTransformer(model, n_values=5).fit(X)
+    tr.forward = per_position
+    with pytest.raises(ValueError, match=r"logits\[:, -1, :\]"):
+        tr.compute(X)
+
+
+# -- 7. NaN and infinity -------------------------------------------------------------------------
+
+
+def test_nonfinite_inputs_are_named():
+    model, X = _mlp(12)
+    tr = PEFTransformer(model, n_values=5, batch_size=4).fit(X)
+    Xb = X.clone()
+    Xb[5, 1] = float("nan")
+    Xb[6, 0] = float("inf")
+    for Xi in (Xb, Xb.numpy(), list(Xb), {"x": Xb}):
+        t = tr if not isinstance(Xi, dict) else PEFTransformer(
+            model, n_values=5, batch_size=4, forward=lambda m, b: m(b["x"])).fit(Xi)
+        with pytest.raises(ValueError, match="2 example") as exc:
+            t.compute(Xi)
+        msg = str(exc.value)
+        assert "of the batch of examples 4 to 7 give NaN or infinity" in msg
+        assert "logits of example(s) 5;" in msg and "PEF norms of example(s) 6" in msg
+        assert "inputs of examples 5, 6 hold NaN or infinity" in msg
+    with pytest.raises(ValueError, match="could not be checked"):
+        tr.compute(DL(Xb, batch_size=4))
+    with pytest.raises(ValueError, match="example"):
+        list(tr.iter_compute(Xb))
+
+
+def test_nonfinite_model_and_masked_classes():
+    model, X = _mlp()
+    bad = MLP().double().eval()
+    bad.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        next(bad.parameters())[0, 0] = float("nan")
+    tr = PEFTransformer(bad, n_values=5).fit(X)
+    with pytest.raises(ValueError, match="are finite: the model makes"):
+        tr.compute(X)
+    # -inf logits of masked-out classes stay fine (the other classes are finite)
+    mask = torch.tensor([False, False, True, False])
+    masked = PEFTransformer(model, kind="low_rank", n_values=40,
+                            forward=lambda m, b: m(b).masked_fill(mask, float("-inf")))
+    res = masked.fit(X).compute(X)
+    assert np.isfinite(res.norms).all()
+
+
+# -- 8. probabilities instead of logits ----------------------------------------------------------
+
+
+def test_probabilities_warn_not_logits():
+    model, X = _mlp()
+    with pytest.warns(UserWarning, match="look like probabilities") as rec:
+        PEFTransformer(nn.Sequential(model, nn.Softmax(1)).eval(), n_values=5).fit(X)
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PEFTransformer(nn.Sequential(model, nn.LogSoftmax(1)).eval(), n_values=5).fit(X)
+        PEFTransformer(model, n_values=5).fit(X)

@@ -24,6 +24,9 @@ __all__ = [
     "ForwardWrapper",
     "as_logits",
     "as_tensor",
+    "check_finite",
+    "check_logits",
+    "check_not_probabilities",
     "default_forward",
     "first_batch",
     "iter_batches",
@@ -327,6 +330,156 @@ class ForwardWrapper(nn.Module):
 
     def forward(self, batch):
         return as_logits(self._fwd(self.model, batch))
+
+
+# -- checks of the model's output ----------------------------------------------------------------
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raise a ``ValueError`` unless ``logits`` has shape ``(batch, n_classes)``.
+
+    The message says how to get there from a sequence model's per-position logits
+    ``(batch, seq_len, vocab)`` and from a single sigmoid logit per example.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        What the model (or ``forward``) returned, through :func:`as_logits`.
+    """
+    if logits.dim() == 2:
+        return
+    if logits.dim() == 3:
+        hint = (
+            " Per-position logits (batch, seq_len, vocab) of a sequence model: pick one "
+            "position per example in forward, e.g. forward=lambda m, b: "
+            "m(**b).logits[:, -1, :] (the last position; with right padding, take each "
+            "example's last non-padding position from its attention mask instead)."
+        )
+    elif logits.dim() == 1:
+        hint = (
+            " One logit per example: a binary model with one sigmoid logit z must return "
+            "torch.stack([torch.zeros_like(z), z], 1) (two softmax logits)."
+        )
+    else:
+        hint = " Select or reshape them in forward=lambda m, b: ..."
+    raise ValueError(
+        "the model (or forward) must return logits of shape (batch, n_classes); got "
+        f"shape {tuple(logits.shape)}.{hint}"
+    )
+
+
+def check_not_probabilities(logits: torch.Tensor) -> None:
+    """Warn when ``logits`` look like probabilities (softmax already applied).
+
+    Every row non-negative and summing to 1 within ``1e-4``: the PEFs would be those of
+    the softmax of the probabilities. Log-probabilities are fine (``softmax(log p) = p``).
+
+    Parameters
+    ----------
+    logits : torch.Tensor of shape (batch, n_outputs)
+        The model's output on a first batch.
+    """
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+        return
+    lg = logits.detach().to(torch.float64)
+    if bool((lg >= 0).all()) and bool(((lg.sum(1) - 1).abs() <= 1e-4).all()):
+        warnings.warn(
+            "the model's outputs look like probabilities (every row is non-negative and "
+            "sums to 1), not logits: the PEFs apply a softmax to them, so they would be "
+            "wrong. Return the logits (drop the final softmax), or log-probabilities "
+            "(log_softmax is fine: softmax(log p) = p), e.g. forward=lambda m, b: "
+            "m(b).clamp_min(1e-30).log().",
+            stacklevel=user_stacklevel(),
+        )
+
+
+def _nonfinite(v, n: int | None) -> np.ndarray | None:
+    """Whether a floating-point leaf holds NaN or infinity: per row of its first axis
+    (``n`` rows), or as a whole (``n=None``); ``None`` for other leaves."""
+    if isinstance(v, np.ndarray) and v.dtype.kind in "fc":
+        bad = ~np.isfinite(v)
+    elif isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+        bad = (~torch.isfinite(v)).cpu().numpy()
+    elif isinstance(v, float):
+        bad = np.asarray(not np.isfinite(v))
+    else:
+        return None
+    if n is None:
+        return np.asarray(bad.any())
+    if bad.ndim == 0 or bad.shape[0] != n:
+        return None
+    return bad.reshape(n, -1).any(axis=1)
+
+
+def _nonfinite_inputs(X, idx: np.ndarray) -> np.ndarray | None:
+    """Per example ``idx`` of ``X``: whether its floating-point inputs hold NaN or
+    infinity (``None`` when ``X`` cannot be indexed: a DataLoader, an iterable Dataset)."""
+    if _is_loader(X) or isinstance(X, torch.utils.data.IterableDataset):
+        return None
+    rows = take_rows(X, idx)
+    if isinstance(X, (torch.Tensor, np.ndarray, Mapping)) or _is_columns(X):
+        # batched along the first axis
+        out = np.zeros(len(idx), dtype=bool)
+        for v in tree_leaves(rows):
+            bad = _nonfinite(v, len(idx))
+            if bad is not None:
+                out |= bad
+        return out
+    # per-example items (a list, a Dataset's Subset)
+    items = [rows[j] for j in range(len(idx))]
+    return np.array([any(bool(b) for b in (_nonfinite(v, None) for v in tree_leaves(it))
+                         if b is not None) for it in items], dtype=bool)
+
+
+def _few(idx, k: int = 8) -> str:
+    idx = [int(i) for i in idx]
+    return ", ".join(map(str, idx[:k])) + (", ..." if len(idx) > k else "")
+
+
+def check_finite(X, start: int, logits: np.ndarray, norms: np.ndarray) -> None:
+    """Raise a ``ValueError`` naming the examples of a batch whose logits or PEF norms
+    are not finite, and whether their floating-point inputs hold NaN or infinity.
+
+    ``-inf`` logits (classes masked out) are fine while a row keeps a finite one.
+
+    Parameters
+    ----------
+    X : object
+        The examples, as given to ``compute``.
+    start : int
+        Index in ``X`` of the batch's first example.
+    logits : ndarray of shape (B, n_outputs)
+        The batch's logits.
+    norms : ndarray of shape (B,)
+        The batch's PEF norms.
+    """
+    bad_logits = (np.isnan(logits).any(axis=1) | np.isposinf(logits).any(axis=1)
+                  | ~np.isfinite(logits).any(axis=1))
+    bad = bad_logits | ~np.isfinite(norms)
+    if not bad.any():
+        return
+    idx = start + np.flatnonzero(bad)
+    parts = []
+    if bad_logits.any():
+        parts.append(f"the logits of example(s) {_few(start + np.flatnonzero(bad_logits))}")
+    if not bad_logits[bad].all():
+        only = start + np.flatnonzero(bad & ~bad_logits)
+        parts.append(f"the PEF norms of example(s) {_few(only)} (whose logits are finite)")
+    msg = (f"{idx.size} example(s) of the batch of examples {start} to {start + bad.size - 1} "
+           f"give NaN or infinity: {'; '.join(parts)}.")
+    flags = _nonfinite_inputs(X, idx)
+    if flags is None:
+        msg += (f" Their inputs could not be checked here (X is a {type(X).__name__}): "
+                "check them for NaN or infinity.")
+    elif flags.any():
+        msg += (f" The floating-point inputs of examples {_few(idx[flags])} hold NaN or "
+                "infinity: fix or drop those examples (e.g. torch.nan_to_num, or keep the "
+                "rows where torch.isfinite(x) holds everywhere).")
+    if flags is not None and not flags.all():
+        msg += (f" The inputs of examples {_few(idx[~flags])} are finite: the model "
+                "makes the NaN or infinity (check its parameters with "
+                "torch.isfinite, and for overflow in float16/bfloat16).")
+    raise ValueError(msg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ from ..utils import (
 from ._engine import Engine, NeedsOneThread
 from ._inputs import (
     as_logits,
+    check_finite,
+    check_logits,
+    check_not_probabilities,
     default_forward,
     first_batch,
     iter_batches,
@@ -160,6 +163,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     * a torch ``DataLoader``, whose batches are used as they come (its own batch size and
       ``collate_fn``; ``batch_size`` is not used); results follow its order, so pass one
       with ``shuffle=False``. :meth:`fit` reads its first batch.
+
+    The model must return logits: :meth:`fit` warns when its outputs look like
+    probabilities (log-probabilities are fine). Examples whose logits or PEF norms are
+    NaN or infinite stop :meth:`compute` with an error that names them.
 
     Examples
     --------
@@ -385,11 +392,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         with torch.no_grad():
             fwd = self.forward if self.forward is not None else default_forward
             logits = as_logits(fwd(self.model, to_device(batch, p0.device, p0.dtype)))
-        if logits.dim() != 2:
-            raise ValueError(
-                "the model (or forward) must return logits of shape (batch, n_classes); got "
-                f"shape {tuple(logits.shape)}."
-            )
+        check_logits(logits)
+        check_not_probabilities(logits)
         n_out = int(logits.shape[1])
         if self.n_classes is not None and self.n_classes > n_out:
             raise ValueError(
@@ -442,6 +446,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         ------
         result : PEFResult
             The PEFs of one batch.
+
+        Raises
+        ------
+        ValueError
+            At the first batch with examples whose logits or PEF norms are NaN or
+            infinite: it names them and says whether their inputs hold NaN or infinity.
         """
         check_is_fitted(self, "layout_")
         self._validate()
@@ -453,7 +463,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         saved_rg = [p.requires_grad for p in selected]
         progress = tqdm(total=n, desc=f"PEFs ({self.kind})", unit="ex",
                         disable=not self.verbose)
-        n_zero = n_floored = 0
+        n_zero = n_floored = start = 0
         floor = self.min_norm
         results = self._run_batches(eng, iter_batches(X, self.batch_size))
         try:
@@ -462,6 +472,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             eng.add_hooks()
             for counts, idx, data, norms, logits in results:
                 B = counts.shape[0]
+                check_finite(X, start, logits, norms)
+                start += B
                 indptr = np.zeros(B + 1, dtype=np.int64)
                 np.cumsum(counts, out=indptr[1:])
                 n_zero += int((norms <= 0).sum())
@@ -518,6 +530,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         -------
         result : PEFResult
             With attributes ``pefs``, ``norms``, ``logits`` and ``predictions``.
+
+        Raises
+        ------
+        ValueError
+            For examples whose logits or PEF norms are NaN or infinite (see
+            :meth:`iter_compute`).
         """
         if not hasattr(self, "layout_"):
             check_is_fitted(self, "layout_")
