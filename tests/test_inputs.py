@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sknpeff.pef import PEFTransformer
-from sknpeff.pef._inputs import iter_batches, n_examples, take_rows
+from sknpeff.pef._inputs import example_rows, holds_text, iter_batches, n_examples, take_rows
 
 from ._pef_reference import MLP
 
@@ -197,6 +197,37 @@ def test_strings_with_tokenizing_forward():
     tr3 = PEFTransformer(Tokenizing().eval(), n_values=10_000, batch_size=2)
     res3 = tr3.fit(texts).compute(texts)
     np.testing.assert_array_equal(res3.norms, res.norms)
+
+
+class _ScaledTexts(nn.Module):
+    """A model of strings with a parameter no layer rule covers (the generic path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _bag()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+
+    def forward(self, texts):
+        return self.inner(**_tok(texts, padding=True, return_tensors="pt")) * self.scale
+
+
+def test_strings_split_per_example():
+    batch = {"text": ["a", "bb", "ccc"], "x": torch.arange(3), "t": 2.0}
+    assert holds_text(batch) and holds_text((["a"], torch.ones(1)))
+    assert not holds_text({"x": torch.arange(3)}) and not holds_text([torch.ones(2)])
+    sub = example_rows(batch, 1, 3)
+    assert sub["text"] == ["bb", "ccc"] and sub["x"].tolist() == [1, 2] and sub["t"] == 2.0
+
+
+@pytest.mark.xfail(strict=True, reason="sknpeff/pef/_generic.py must split lists of "
+                   "strings per example (holds_text / example_rows of _inputs)")
+def test_strings_on_the_generic_path():
+    model = _ScaledTexts().eval()
+    texts = ["a text", "another one", "hi", "a longer text here", "x"]
+    tr = PEFTransformer(model, n_values=10_000)
+    one = tr.set_params(batch_size=1).fit(texts).compute(texts)
+    two = tr.set_params(batch_size=2).fit(texts).compute(texts)
+    np.testing.assert_allclose(two.norms, one.norms, rtol=1e-10)
 
 
 # -- 5. lists of lists of numbers ----------------------------------------------------------------

@@ -28,7 +28,9 @@ __all__ = [
     "check_logits",
     "check_not_probabilities",
     "default_forward",
+    "example_rows",
     "first_batch",
+    "holds_text",
     "iter_batches",
     "known_n_examples",
     "n_examples",
@@ -302,6 +304,32 @@ def default_forward(model, batch):
         # (inputs, targets) pairs as returned by most labelled Datasets.
         return model(batch[0])
     return model(batch)
+
+
+def holds_text(batch) -> bool:
+    """Whether ``batch`` holds a list of strings (per-example data that ``torch.func.vmap``
+    cannot split: it reaches every example whole)."""
+    if isinstance(batch, list) and batch and _is_text(batch[0]):
+        return True
+    if isinstance(batch, Mapping):
+        return any(holds_text(v) for v in batch.values())
+    return isinstance(batch, (tuple, list)) and any(holds_text(v) for v in batch)
+
+
+def example_rows(batch, b0: int, b1: int):
+    """Examples ``b0:b1`` of ``batch``: tensors sliced along their first axis, lists of
+    strings sliced, other leaves as they are."""
+    if isinstance(batch, list) and batch and _is_text(batch[0]):
+        return batch[b0:b1]
+    if isinstance(batch, Mapping):
+        return {k: example_rows(v, b0, b1) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(example_rows(v, b0, b1) for v in batch)
+    if isinstance(batch, list):
+        return [example_rows(v, b0, b1) for v in batch]
+    if isinstance(batch, torch.Tensor):
+        return batch[b0:b1]
+    return batch
 
 
 def as_logits(out) -> torch.Tensor:
