@@ -86,9 +86,17 @@ def test_dataloader_batches_as_they_come():
     res = tr.compute(loader)  # the loader's batch size, not batch_size=2
     assert calls[1:] == [4, 4, 2]
     _same(res, ref)
+    _same(tr.set_params(n_jobs=2).compute(loader), ref)  # batches run in worker threads
     assert n_examples(loader) == 10
     assert n_examples(DL(X, batch_size=4, drop_last=True)) == 8
     assert n_examples(DL(X, batch_size=None)) is None  # every item is a batch
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(X)
+
+    assert n_examples(DL(Stream(), batch_size=4)) is None
+    _same(tr.compute(DL(Stream(), batch_size=4)), ref)
 
 
 def test_dataloader_with_padding_collate():

@@ -97,9 +97,11 @@ def _numeric_rows(items: Sequence) -> bool:
 
 def _loader_n_examples(loader) -> int | None:
     """Examples a DataLoader yields per pass, when its sampler or dataset tells."""
+    iterable = isinstance(loader.dataset, torch.utils.data.IterableDataset)
     try:
-        n = len(loader.sampler) if loader.batch_size is not None else len(loader.dataset)
-    except TypeError:  # an IterableDataset (or a sampler) without __len__
+        n = len(loader.sampler if loader.batch_size is not None and not iterable
+                else loader.dataset)
+    except TypeError:  # an IterableDataset without __len__
         return None
     if loader.batch_size is None:
         # a custom batch_sampler (assumed to cover the dataset), or no automatic
