@@ -32,7 +32,7 @@ from ..layout import ParameterLayout, select_parameters
 from ..utils import user_stacklevel
 from ._classes import class_cotangents
 from ._generic import generic_grads
-from ._inputs import as_logits, default_forward, tree_leaves
+from ._inputs import as_logits, check_logits, default_forward, tree_leaves
 from ._inputs import to_device as to_device_tree
 from ._rows import RowAssembler
 from ._topk import (
@@ -376,11 +376,7 @@ class Engine:
                 continue
             finally:
                 self.recording_thread = None
-            if logits.dim() != 2:
-                raise ValueError(
-                    "the model (or forward) must return logits of shape (batch, n_classes); "
-                    f"got shape {tuple(logits.shape)}."
-                )
+            check_logits(logits)
             B = logits.shape[0]
             cot, c_eff = class_cotangents(logits, self.n_slots, est.min_class_prob,
                                           self.output)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..utils import user_stacklevel
-from ._inputs import ForwardWrapper, as_logits, tree_map
+from ._inputs import ForwardWrapper, as_logits, example_rows, holds_text, tree_map
 
 __all__ = ["generic_grads"]
 
@@ -65,6 +65,9 @@ def generic_grads(model: nn.Module, forward: Callable, names: Sequence[str],
 
     in_dims = tree_map(lambda v: 0 if isinstance(v, torch.Tensor) else None, batch)
     try:
+        if holds_text(batch):
+            # vmap would hand every example the whole list of strings
+            raise TypeError("a batch of strings is split per example by the loop")
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*performance drop.*")
             res = torch.func.vmap(
@@ -85,7 +88,7 @@ def generic_grads(model: nn.Module, forward: Callable, names: Sequence[str],
     out = {i: [] for i in pids}
     plist = [params[i] for i in pids]
     for b in range(B):
-        xb = tree_map(lambda t, b=b: t[b : b + 1] if isinstance(t, torch.Tensor) else t, batch)
+        xb = example_rows(batch, b, b + 1)
         with torch.enable_grad():
             lg = as_logits(forward(model, xb))
             gs = torch.autograd.grad(

@@ -44,6 +44,9 @@ from ._classes import OUTPUTS, predictions, resolve_output
 from ._engine import Engine, NeedsOneThread
 from ._inputs import (
     as_logits,
+    check_finite,
+    check_logits,
+    check_not_probabilities,
     default_forward,
     first_batch,
     iter_batches,
@@ -106,9 +109,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     forward : callable, default=None
         ``forward(model, batch) -> logits`` for models with another signature. Default:
         ``model(batch)``, ``model(**batch)`` for dicts, ``model(batch[0])`` for
-        ``(inputs, targets)`` tuples. The output may also be an object with a ``.logits``
-        attribute (transformers). A model with one logit is a binary classifier with a
-        sigmoid output (see ``output``).
+        ``(inputs, targets)`` tuples (and lists), ``model(texts)`` for a list of strings.
+        The output may also be an object with a ``.logits`` attribute (transformers). A
+        model with one logit is a binary classifier with a sigmoid output (see
+        ``output``).
     batch_size : int, default=32
         Examples per forward/backward pass; bounds the memory used.
     n_jobs : int, default=None
@@ -149,6 +153,32 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         The output distribution used (``output`` with ``"auto"`` resolved).
     n_features_out_ : int
         Width of the PEF rows.
+
+    Notes
+    -----
+    The examples ``X`` (of :meth:`fit`, :meth:`compute`, :meth:`iter_compute`,
+    :meth:`transform`) may be:
+
+    * a tensor or array batched along its first axis (a list of equal-length lists of
+      numbers is read as the rows of an array);
+    * a dict of such arrays, such as a tokenizer's padded output (``model(**batch)``);
+    * a tuple of such arrays with one first dimension: columns such as
+      ``(inputs, targets)``, as given to ``TensorDataset``. Batches are tuples of slices,
+      and the default forward uses ``batch[0]``. A list is never read as columns;
+    * a list of per-example items (dicts of tensors, ``(input, target)`` pairs),
+      stacked with torch's ``default_collate``: items of different lengths must be padded,
+      e.g. by a DataLoader whose ``collate_fn`` pads;
+    * a list (or array) of strings: batches are lists of strings, passed as they are to
+      a tokenizing ``forward``, e.g. ``forward=lambda m, texts: m(**tok(texts,
+      padding=True, return_tensors="pt"))``;
+    * a torch ``Dataset`` (batches stacked with ``default_collate``);
+    * a torch ``DataLoader``, whose batches are used as they come (its own batch size and
+      ``collate_fn``; ``batch_size`` is not used); results follow its order, so pass one
+      with ``shuffle=False``. :meth:`fit` reads its first batch.
+
+    The model must return logits: :meth:`fit` warns when its outputs look like
+    probabilities (log-probabilities are fine). Examples whose logits or PEF norms are
+    NaN or infinite stop :meth:`compute` with an error that names them.
 
     Examples
     --------
@@ -359,9 +389,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
-            Examples batched along the first axis (one small batch is run through the
-            model to read its number of outputs).
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`); one small batch (a
+            DataLoader's first batch) is run through the model to read its number of
+            outputs.
         y : ignored
 
         Returns
@@ -376,11 +407,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         with torch.no_grad():
             fwd = self.forward if self.forward is not None else default_forward
             logits = as_logits(fwd(self.model, to_device(batch, p0.device, p0.dtype)))
-        if logits.dim() != 2:
-            raise ValueError(
-                "the model (or forward) must return logits of shape (batch, n_classes); got "
-                f"shape {tuple(logits.shape)}."
-            )
+        check_logits(logits)
+        check_not_probabilities(logits)
         n_out = int(logits.shape[1])
         if self.n_classes is not None and self.n_classes > n_out:
             raise ValueError(
@@ -410,7 +438,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
         y : ignored
 
         Returns
@@ -429,6 +458,22 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Memory stays bounded by ``batch_size`` whatever the number of examples; pair
         it with :class:`sknpeff.io.PEFWriter` to stream PEFs to disk.
+
+        Parameters
+        ----------
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
+
+        Yields
+        ------
+        result : PEFResult
+            The PEFs of one batch.
+
+        Raises
+        ------
+        ValueError
+            At the first batch with examples whose logits or PEF norms are NaN or
+            infinite: it names them and says whether their inputs hold NaN or infinity.
         """
         check_is_fitted(self, "layout_")
         self._validate()
@@ -440,7 +485,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         saved_rg = [p.requires_grad for p in selected]
         progress = tqdm(total=n, desc=f"PEFs ({self.kind})", unit="ex",
                         disable=not self.verbose)
-        n_zero = n_floored = 0
+        n_zero = n_floored = start = 0
         floor = self.min_norm
         results = self._run_batches(eng, iter_batches(X, self.batch_size))
         try:
@@ -449,6 +494,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             eng.add_hooks()
             for counts, idx, data, norms, logits in results:
                 B = counts.shape[0]
+                check_finite(X, start, logits, norms)
+                start += B
                 indptr = np.zeros(B + 1, dtype=np.int64)
                 np.cumsum(counts, out=indptr[1:])
                 n_zero += int((norms <= 0).sum())
@@ -489,7 +536,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
         out : str or path, default=None
             If given, stream the results to this directory (see :mod:`sknpeff.io`)
             instead of holding them in memory, and return them memory-mapped. The store
@@ -504,6 +552,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         -------
         result : PEFResult
             With attributes ``pefs``, ``norms``, ``logits`` and ``predictions``.
+
+        Raises
+        ------
+        ValueError
+            For examples whose logits or PEF norms are NaN or infinite (see
+            :meth:`iter_compute`).
         """
         if not hasattr(self, "layout_"):
             check_is_fitted(self, "layout_")
@@ -531,7 +585,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array, tensor, dict of tensors, list of per-example items or Dataset
+        X : tensor, array, dict or tuple of arrays, list, Dataset or DataLoader
+            Examples (forms in the Notes of :class:`PEFTransformer`).
 
         Returns
         -------
