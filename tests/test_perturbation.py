@@ -512,3 +512,10 @@ def test_huge_baseline_kl_warns(gated):
                          batch_size=300)
     with pytest.warns(UserWarning, match="small-perturbation regime"):
         gp.kl_ratio(g["Xh"], 0, W=g["Wh"], n_top=32, random_state=0)
+
+
+def test_kl_divergence_refuses_a_dataloader(gated):
+    g = gated
+    loader = torch.utils.data.DataLoader(g["Xh"][:20], batch_size=5, shuffle=True)
+    with pytest.raises(ValueError, match="not a DataLoader"):
+        g["gp"].kl_divergence(loader, 0)

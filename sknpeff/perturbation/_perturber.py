@@ -511,6 +511,11 @@ class GuidedPerturber:
         kl : ndarray of shape (n_examples,)
         """
         known_n_examples(X)
+        if isinstance(X, torch.utils.data.DataLoader):
+            raise ValueError(
+                "kl_divergence compares each example before and after the perturbation: "
+                "pass the examples themselves (a tensor, array, dict, list or Dataset), "
+                "not a DataLoader, whose batches may come in another order at each pass.")
         delta = self.perturbation(component, sign)
         lp0 = self._log_probs(X)
         with self._applied(delta):
