@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from .layout import ParameterLayout
 from .pef._result import PEFResult
-from .utils import csr_from_parts
+from .utils import csr_from_parts, tag_pef_matrix
 
 __all__ = ["PEFWriter", "save_pefs", "load_pefs", "iter_row_batches"]
 
@@ -467,7 +467,7 @@ def load_pefs(path, *, mmap: bool = True, allow_incomplete: bool = False) -> PEF
     pefs = csr_from_parts(data, indices, indptr, shape)
     layout = ParameterLayout.from_dict(meta["layout"]) if meta.get("layout") else None
     return PEFResult(
-        pefs=pefs,
+        pefs=tag_pef_matrix(pefs, meta.get("kind"), meta.get("n_classes")),
         norms=load("norms.npy"),
         logits=load("logits.npy") if meta.get("has_logits") else None,
         predictions=load("predictions.npy") if meta.get("has_predictions") else None,

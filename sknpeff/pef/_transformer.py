@@ -38,6 +38,7 @@ from ..utils import (
     check_int,
     csr_from_parts,
     limit_threads,
+    tag_pef_matrix,
     user_stacklevel,
 )
 from ._classes import OUTPUTS, predictions, resolve_output
@@ -504,7 +505,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 pefs = csr_from_parts(data, idx, indptr, (B, self.n_features_out_),
                                       index_dtype="auto")
                 yield PEFResult(
-                    pefs=pefs,
+                    pefs=tag_pef_matrix(pefs, self.kind, self.n_classes_),
                     norms=norms.astype(np.float64),
                     logits=logits.astype(self.dtype),
                     predictions=predictions(logits, self.output_),
@@ -574,6 +575,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         parts = list(self.iter_compute(X))
         res = concat_results(parts, self.n_features_out_, self.dtype, self.n_outputs_)
         res.metadata = self._metadata()
+        tag_pef_matrix(res.pefs, self.kind, self.n_classes_)
         return res
 
     def _metadata(self) -> dict:

@@ -5,7 +5,7 @@ One home for each job, so that every estimator rejects bad input with the same k
 message and every thread setting is restored the same way.
 """
 
-from ._sparse import csr_from_parts
+from ._sparse import csr_from_parts, pef_tag, tag_pef_matrix
 from ._threads import limit_threads
 from ._validation import (
     InvalidParameterError,
@@ -24,5 +24,7 @@ __all__ = [
     "check_int",
     "csr_from_parts",
     "limit_threads",
+    "pef_tag",
+    "tag_pef_matrix",
     "user_stacklevel",
 ]

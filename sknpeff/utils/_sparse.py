@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["csr_from_parts"]
+__all__ = ["csr_from_parts", "pef_tag", "tag_pef_matrix"]
 
 
 def csr_from_parts(data, indices, indptr, shape, *, index_dtype=None) -> sp.csr_matrix:
@@ -40,3 +40,27 @@ def csr_from_parts(data, indices, indptr, shape, *, index_dtype=None) -> sp.csr_
     m = sp.csr_matrix(shape, dtype=data.dtype)
     m.data, m.indices, m.indptr = data, indices, indptr
     return m
+
+
+#: attributes a PEF matrix carries, so that a decomposition can check its layout
+PEF_KIND_ATTR = "pef_kind"
+PEF_SLOTS_ATTR = "pef_n_slots"
+
+
+def tag_pef_matrix(matrix, kind: str | None, n_slots: int | None):
+    """Attach the PEF kind and slot count to a sparse PEF matrix (returned, not copied).
+
+    A low-rank PEF row is the flattened ``(n_slots, n_params)`` matrix of an example's
+    class-slot vectors; a decomposition told another slot count would misread every
+    row. :class:`~sknpeff.PEFTransformer` and :func:`~sknpeff.io.load_pefs` tag what
+    they return, and the decompositions check the tag (:func:`pef_tag`). Operations
+    that make a new matrix (slicing, stacking) drop it; nothing is checked then.
+    """
+    setattr(matrix, PEF_KIND_ATTR, kind)
+    setattr(matrix, PEF_SLOTS_ATTR, None if n_slots is None else int(n_slots))
+    return matrix
+
+
+def pef_tag(matrix) -> tuple[str | None, int | None]:
+    """``(kind, n_slots)`` attached by :func:`tag_pef_matrix`, ``(None, None)`` if none."""
+    return getattr(matrix, PEF_KIND_ATTR, None), getattr(matrix, PEF_SLOTS_ATTR, None)
