@@ -194,9 +194,9 @@ def bench_convergence(seeds) -> None:
     schedules = {
         "default (data init, curvature step, HALS W)": dict(),
         "reference (random init, lr=1e-3, MU W)": dict(init="random", learning_rate=1e-3,
-                                                        w_solver="mu", max_iter=1500, tol=0),
+                                                        solver="mu", max_iter=1500, tol=0),
         "data init + fixed lr=1e-3 + MU W": dict(init="data", learning_rate=1e-3,
-                                                 w_solver="mu", max_iter=1500, tol=0),
+                                                 solver="mu", max_iter=1500, tol=0),
         "random init + curvature step": dict(init="random"),
     }
     print("\n## 4. Convergence on planted data (n=600, m=3000, c=3, r=8; method doc §8)")

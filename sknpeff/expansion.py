@@ -7,6 +7,7 @@ frozen lets the new components specialise to what the old ones do not explain.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any
 
@@ -21,19 +22,33 @@ __all__ = ["ComponentExpander"]
 _OWN_PARAMS = ("estimator", "n_new_components")
 
 
+def _takes_frozen(est: Any) -> bool:
+    """Whether ``est.fit_transform`` takes the ``frozen_components`` keyword."""
+    method = getattr(est, "fit_transform", None)
+    if not callable(method):
+        return False
+    try:
+        return "frozen_components" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Add ``n_new_components`` components to a fitted NPEFF estimator, the old ones frozen.
 
     ``fit(X)`` clones ``estimator``, sets ``n_components = r0 + n_new_components`` (and
-    ``fit_params``) on the clone and fits it on ``X`` through its ``_fit_with_frozen``
-    hook: the first ``r0`` rows of its components are ``estimator.components_`` bit for bit
-    and never updated, the new rows and the coefficients over all components are learned.
+    ``fit_params``) on the clone and fits it on ``X`` with the estimators' frozen-components
+    protocol, ``fit_transform(X, frozen_components=estimator.components_)``: the first
+    ``r0`` rows of its components are ``estimator.components_`` bit for bit and never
+    updated, the new rows and the coefficients over all components are learned.
     ``estimator`` itself is never modified.
 
     Parameters
     ----------
     estimator : LowRankNPEFF or DiagonalNPEFF
-        A fitted decomposition with a ``_fit_with_frozen(X, frozen_components)`` hook.
+        A fitted decomposition whose ``fit_transform`` takes ``frozen_components``
+        (see :meth:`LowRankNPEFF.fit_transform
+        <sknpeff.decomposition.LowRankNPEFF.fit_transform>`).
     n_new_components : int, default=8
         Number of components to learn (the paper used 64 on misclassified examples).
     **fit_params
@@ -128,10 +143,10 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if not hasattr(est, "get_params") or not callable(getattr(est, "fit", None)):
             raise ValueError(f"estimator must be a fitted NPEFF estimator; got "
                              f"{type(est).__name__}.")
-        if not callable(getattr(est, "_fit_with_frozen", None)):
+        if not _takes_frozen(est):
             raise ValueError(
-                f"estimator {type(est).__name__} cannot be expanded: it has no "
-                "_fit_with_frozen(X, frozen_components) hook.")
+                f"estimator {type(est).__name__} cannot be expanded: its fit_transform "
+                "takes no frozen_components.")
         check_is_fitted(est, "components_")
         fit_params = dict(self._fit_params)
         if "n_components" in fit_params:
@@ -175,12 +190,12 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         r0 = frozen.shape[0]
         est = clone(self.estimator)
         est.set_params(n_components=r0 + int(self.n_new_components), **fit_params)
-        W = est._fit_with_frozen(X, frozen_components=frozen)
+        W = est.fit_transform(X, frozen_components=frozen)
         comps = np.asarray(est.components_)
         if comps.shape[0] != r0 + self.n_new_components or not np.array_equal(
                 comps[:r0], frozen.astype(comps.dtype)):
             raise RuntimeError(
-                f"{type(est).__name__}._fit_with_frozen did not keep the frozen components "
+                f"{type(est).__name__}.fit_transform did not keep the frozen components "
                 "unchanged.")
         if comps.dtype != frozen.dtype and not np.array_equal(comps[:r0].astype(frozen.dtype),
                                                               frozen):
@@ -197,7 +212,8 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if hasattr(est, "feature_names_in_"):
             self.feature_names_in_ = est.feature_names_in_
         # like transform and the estimators: CuPy input gives CuPy output on its device
-        return to_device(np.asarray(W), cupy_device(X))
+        # (the estimator returns it so already)
+        return to_device(W, cupy_device(X))
 
     # --------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:

@@ -510,15 +510,15 @@ def test_fit_with_frozen_components_keeps_them_bit_for_bit(solver):
                                     support_size=100, random_state=0)
     base = DiagonalNPEFF(n_components=3, solver=solver, random_state=0).fit(X)
     est = DiagonalNPEFF(n_components=6, solver=solver, random_state=1, max_iter=100)
-    W = est._fit_with_frozen(X, base.components_)
+    W = est.fit_transform(X, frozen_components=base.components_)
     np.testing.assert_array_equal(est.components_[:3], base.components_)
     assert W.shape == (300, 6) and (W >= 0).all()
     # the free components take what the frozen ones miss
     assert est.reconstruction_err_ < 0.75 * base.reconstruction_err_
     with pytest.raises(ValueError, match="r0"):
-        DiagonalNPEFF(n_components=3)._fit_with_frozen(X, base.components_)
+        DiagonalNPEFF(n_components=3).fit(X, frozen_components=base.components_)
     with pytest.raises(ValueError, match="non-negative"):
-        DiagonalNPEFF(n_components=6)._fit_with_frozen(X, -base.components_)
+        DiagonalNPEFF(n_components=6).fit(X, frozen_components=-base.components_)
 
 
 def test_nndsvd_in_place_factor_equals_allocated(monkeypatch):
@@ -528,18 +528,19 @@ def test_nndsvd_in_place_factor_equals_allocated(monkeypatch):
 
     from sknpeff.backends import ColumnBlocks
     from sknpeff.datasets import make_planted_diagonal
+    from sknpeff.decomposition._init import nndsvd
 
     X, _, _ = make_planted_diagonal(n_examples=200, n_params=900, n_components=6,
                                     support_size=120, random_state=3)
     est = DiagonalNPEFF(n_components=6, random_state=0, block_size=128)
     est._check_params()
-    Xv = est._validated(X, reset=True, whom="fit")
+    Xv = est._validate(X, reset=True, whom="fit")
     prob = est._prepare(Xv, fitting=True)
-    W1, F1 = est._nndsvd(prob, check_random_state(0))
+    W1, F1 = nndsvd(prob, 6, check_random_state(0))
     real = ColumnBlocks.rmatmul
     monkeypatch.setattr(ColumnBlocks, "rmatmul",
                         lambda self, R: [np.asfortranarray(p) for p in real(self, R)])
-    W2, F2 = est._nndsvd(prob, check_random_state(0))
+    W2, F2 = nndsvd(prob, 6, check_random_state(0))
     np.testing.assert_array_equal(W1, W2)
     for a, b in zip(F1, F2, strict=True):
         assert a.flags.c_contiguous
@@ -559,7 +560,7 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path, monkeypatch):
     np.testing.assert_allclose(resumed.components_, straight.components_, rtol=1e-6,
                                atol=1e-12)
     # Ctrl-C saves the state reached, and says so
-    import sknpeff.decomposition._diagonal as dmod
+    import sknpeff.decomposition._solvers as dmod  # where the iteration computes the loss
 
     real, calls = dmod.diag_loss, {"n": 0}
 

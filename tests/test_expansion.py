@@ -93,14 +93,12 @@ def test_validation_errors(planted):
     with pytest.raises(ValueError, match="not_a_param"):
         ComponentExpander(base, 2, not_a_param=1).fit(X)
     nmf = NMF(2).fit(np.abs(np.random.default_rng(0).random((10, 5))))
-    with pytest.raises(ValueError, match="_fit_with_frozen"):
+    with pytest.raises(ValueError, match="frozen_components"):
         ComponentExpander(nmf, 2).fit(X)
     with pytest.raises(ValueError, match="frozen_components|features"):
         ComponentExpander(base, 2).fit(X[:, :300])  # PEFs of another width
 
 
-@pytest.mark.skipif(not hasattr(DiagonalNPEFF, "_fit_with_frozen"),
-                    reason="DiagonalNPEFF has no _fit_with_frozen hook yet (being written)")
 def test_diagonal_expansion():
     from sknpeff.datasets import make_planted_diagonal
 

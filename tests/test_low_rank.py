@@ -124,7 +124,7 @@ def test_reference_schedule_is_available_and_descends():
     X, _, _ = make_planted_lowrank(n_examples=100, n_params=300, n_components=4,
                                    support_size=30, random_state=0)
     est = LowRankNPEFF(n_components=4, n_classes=3, init="random", learning_rate=1e-3,
-                       w_solver="mu", max_iter=50, tol=0, random_state=0)
+                       solver="mu", max_iter=50, tol=0, random_state=0)
     est.fit(X)
     assert est.loss_curve_[-1] < est.loss_curve_[0]
 
@@ -266,7 +266,7 @@ def test_int32_block_boundary_uses_same_blocks():
         (dict(init="svd"), "init"),
         (dict(tol=-1), "tol"),
         (dict(max_iter=1.5), "max_iter"),
-        (dict(w_solver="x"), "w_solver"),
+        (dict(solver="x"), "solver"),
     ],
 )
 def test_bad_parameters(params, match):
@@ -301,9 +301,9 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path):
 
 
 def _interrupt_on_call(monkeypatch, name, at):
-    """Make sknpeff.decomposition._low_rank.<name> raise KeyboardInterrupt (as Ctrl-C
-    would) on its `at`-th call."""
-    import sknpeff.decomposition._low_rank as lr
+    """Make sknpeff.decomposition._solvers.<name> (what one iteration calls) raise
+    KeyboardInterrupt (as Ctrl-C would) on its `at`-th call."""
+    import sknpeff.decomposition._solvers as lr
 
     real = getattr(lr, name)
     calls = {"n": 0}
@@ -389,9 +389,9 @@ def test_ctrl_c_mid_sweep_leaves_consistent_state(monkeypatch):
 @pytest.mark.parametrize("sorted_rows", [True, False])
 @pytest.mark.parametrize("min_nnz", [1, 3])
 def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
-    import sknpeff.decomposition._base as base
+    import sknpeff.decomposition._data as base
 
-    monkeypatch.setattr(base, "_CHUNK_NNZ", 7)  # many row chunks, rows of every length
+    monkeypatch.setattr(base, "CHUNK_NNZ", 7)  # many row chunks, rows of every length
     n, c, m = 13, 3, 20
     X = sp.random(n, c * m, density=0.3, format="csr", random_state=1).tolil()
     X[4] = 0
