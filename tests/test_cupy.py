@@ -380,7 +380,8 @@ def test_diagonal_cupy_input_gives_cupy_output(cp, backend):
 
 
 @pytest.mark.parametrize("n_devices", [1, 2])
-def test_expander_hook_returns_numpy_for_cupy_input(cp, n_devices):
+def test_frozen_components_fit_on_cupy_input(cp, n_devices):
+    # the frozen-components protocol follows the estimators' rule: CuPy in, CuPy out
     _need_devices(cp, n_devices)
     X, _, _ = make_planted_diagonal(n_examples=120, n_params=800, n_components=4,
                                     support_size=80, random_state=1)
@@ -388,7 +389,7 @@ def test_expander_hook_returns_numpy_for_cupy_input(cp, n_devices):
     est = DiagonalNPEFF(n_components=4, random_state=0, max_iter=10, tol=0,
                         devices=list(range(n_devices)), block_size=128)
     W = est.fit_transform(_to_cupy_csr(cp, X), frozen_components=base.components_)
-    assert _is_numpy(W) and W.shape == (120, 4)
+    assert not _is_numpy(W) and W.shape == (120, 4)
     np.testing.assert_array_equal(est.components_[:2], base.components_)
 
 
