@@ -711,9 +711,9 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_examples, n_features)
-            PEFs in the estimator's layout (see :meth:`fit`).
-        y : Ignored
-            Not used, present for API consistency by convention.
+            PEFs, as :meth:`loss` takes them.
+        y : None
+            Ignored (scikit-learn's signature for scores).
 
         Returns
         -------

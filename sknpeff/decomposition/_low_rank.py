@@ -16,15 +16,8 @@ from sklearn.utils import check_random_state
 from ..utils import check_choice, check_float, check_int
 from ._base import BaseNPEFF, Problem, shared_doc
 from ._init import lowrank_init_factor
-from ._solvers import lowrank_step
-from ._updates import (
-    lowrank_curvature,
-    lowrank_g_update,
-    lowrank_grad_matrix,
-    lowrank_loss,
-    lowrank_sq_proj,
-    lowrank_weighted_rows,
-)
+from ._solvers import lowrank_g_step, lowrank_step
+from ._updates import lowrank_curvature, lowrank_loss, lowrank_sq_proj
 
 __all__ = ["LowRankNPEFF"]
 
@@ -374,12 +367,9 @@ class LowRankNPEFF(BaseNPEFF):
         Q = terms["Q"]
         W = self._coefficients(xp, terms)
         loss = lowrank_loss(xp, prob.const, W, terms["N"], Q)
-        L = lowrank_curvature(xp, W, Q)
-        stepk = 1.0 / xp.maximum(L, 1e-30)
-        R = lowrank_weighted_rows(xp, W, P, c)
-        B = lowrank_grad_matrix(xp, W, Q)
-        prob.blocks.sweep(parts, R, lambda Fb, T, B, s: lowrank_g_update(xp, Fb, T, B, s),
-                          consts=(B, stepk))
+        # one gradient step with the curvature step size (no step-size schedule)
+        stepk = 1.0 / xp.maximum(lowrank_curvature(xp, W, Q), 1e-30)
+        lowrank_g_step(xp, prob.blocks, parts, W, P, Q, c, stepk)
         Ft = prob.blocks.gather_factor(parts)
         norms = np.linalg.norm(Ft.astype(np.float64), axis=0)
         self.components_ = self._full_components(

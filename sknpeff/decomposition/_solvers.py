@@ -24,7 +24,7 @@ from ._updates import (
     lowrank_weighted_rows,
 )
 
-__all__ = ["diagonal_h_update", "diagonal_step", "lowrank_step"]
+__all__ = ["diagonal_h_update", "diagonal_step", "lowrank_g_step", "lowrank_step"]
 
 
 def diagonal_h_update(xp: Any, update: Callable[..., None], solver: str, n_frozen: int
@@ -100,6 +100,20 @@ def lowrank_step(xp: Any, blocks: Any, parts: list[Any], state: dict, it: int, *
     else:
         stepk = float(learning_rate) * free
     state["prev"] = loss
+    state["P"], state["Q"] = lowrank_g_step(xp, blocks, parts, W, P, Q, n_slots, stepk,
+                                            ortho, ortho_target)
+    state["W"] = W
+    return loss
+
+
+def lowrank_g_step(xp: Any, blocks: Any, parts: list[Any], W: Any, P: Any, Q: Any,
+                   n_slots: int, stepk: Any, ortho: float = 0.0, ortho_target: float = 0.0
+                   ) -> tuple[Any, Any]:
+    """One gradient step on the LRM-NPEFF factor, block by block, in place on ``parts``.
+
+    ``stepk`` holds one step size per component (0 freezes a component). Returns the
+    products of the new factor, ``(A @ Ft, Ft.T @ Ft)``.
+    """
     R = lowrank_weighted_rows(xp, W, P, n_slots)
     B = lowrank_grad_matrix(xp, W, Q, ortho, ortho_target)
 
@@ -107,6 +121,4 @@ def lowrank_step(xp: Any, blocks: Any, parts: list[Any], state: dict, it: int, *
         lowrank_g_update(xp, Fb, T, B, s)
 
     # B and the steps go through consts: each device gets its own copy
-    state["P"], state["Q"] = blocks.sweep(parts, R, g_update, consts=(B, stepk))
-    state["W"] = W
-    return loss
+    return blocks.sweep(parts, R, g_update, consts=(B, stepk))
