@@ -1,6 +1,7 @@
 """LowRankNPEFF: recovery, exact formulas, streaming, partitions, validation."""
 
 import pickle
+import re
 import warnings
 
 import joblib
@@ -105,8 +106,10 @@ def test_fit_matches_dense_loss_and_reported_error():
     W = est.fit_transform(X)
     F = dense_pefs(X, 3)
     loss = dense_loss(F, W, est.components_)
-    assert est.loss_curve_[-1] == pytest.approx(loss, rel=1e-6, abs=1e-9)
-    assert est.reconstruction_err_ == pytest.approx(np.sqrt(max(loss, 0)), rel=1e-5, abs=1e-6)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(loss, rel=1e-6, abs=1e-9)
+    assert len(est.loss_curve_) == est.n_iter_ == 30
+    # the coefficients re-solved for the final components can only lower the objective
+    assert loss <= est.loss_curve_[-1] * (1 + 1e-9)
     assert est.loss(X, W) == pytest.approx(loss, rel=1e-6, abs=1e-9)
 
 
@@ -296,8 +299,7 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path):
     X2, _, _ = make_planted_lowrank(n_examples=120, n_params=400, n_components=4,
                                     support_size=40, random_state=1, dtype=np.float64)
     kw = dict(n_components=4, n_classes=3, random_state=0, tol=0)
-    # the loss curve ends with one more entry: the loss of the final fit
-    check_checkpoint_resume(LowRankNPEFF, X, X2, tmp_path / "fit.npz", kw, n_curve=31)
+    check_checkpoint_resume(LowRankNPEFF, X, X2, tmp_path / "fit.npz", kw, n_curve=30)
 
 
 def _interrupt_on_call(monkeypatch, name, at):
@@ -323,16 +325,19 @@ def test_ctrl_c_keeps_state_and_saves_checkpoint(tmp_path, monkeypatch):
     ckpt = tmp_path / "fit.npz"
     est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, tol=0, max_iter=50,
                        checkpoint_path=ckpt)
-    _interrupt_on_call(monkeypatch, "lowrank_loss", 8)  # once per iteration
+    # twice per iteration (after the W step, at the end): the 15th call is in the 8th
+    _interrupt_on_call(monkeypatch, "lowrank_loss", 15)
     with pytest.warns(RuntimeWarning, match="interrupted after 7 iterations.*checkpoint"
                       r" \(loss [0-9.e+-]+, coefficients re-solved; ") as rec:
         W = est.fit_transform(X)
     assert est.n_iter_ == 7 and np.isfinite(W).all()
-    # the message names the kept state's exact loss (the last entry of the curve) beside
+    # the message names the kept state's exact loss (reconstruction_err_ squared) beside
     # the lowest of the loop, and says whether the kept state is the best so far
     msg = str(rec[0].message)
-    kept, best = est.loss_curve_[-1], min(est.loss_curve_[:7])
-    assert f"(loss {kept:.6e}, coefficients re-solved" in msg
+    assert len(est.loss_curve_) == 7
+    kept = float(re.search(r"\(loss ([0-9.e+-]+), coefficients re-solved", msg).group(1))
+    assert kept == pytest.approx(est.reconstruction_err_ ** 2, rel=1e-6)
+    best = min(est.loss_curve_)
     assert f"lowest {best:.6e}" in msg or f"fit, {best:.6e}" in msg
     assert ("the best state so far" in msg) == (kept <= best)
     assert kept <= best  # the re-solved coefficients of the latest state: the best here
@@ -383,7 +388,8 @@ def test_ctrl_c_mid_sweep_leaves_consistent_state(monkeypatch):
     monkeypatch.undo()
     # coefficients and reported loss belong to the components actually returned
     F = dense_pefs(X, 3)
-    assert est.loss_curve_[-1] == pytest.approx(dense_loss(F, W, est.components_), rel=1e-8)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(dense_loss(F, W, est.components_),
+                                                          rel=1e-8)
 
 
 @pytest.mark.parametrize("sorted_rows", [True, False])

@@ -62,6 +62,28 @@ block_size : int, "auto" or None, default="auto"
     one block per partition on any backend. Blocks are always cut where they would
     hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
 """,
+    "fit_attributes": """\
+reconstruction_err_ : float
+    ``sqrt(loss(X, W))`` for the training ``X`` and the returned coefficients
+    ``W = fit_transform(X)``, pruned parameters included, as
+    :class:`sklearn.decomposition.NMF` reports it. After :meth:`partial_fit`, that of
+    the last batch before its update. With float32 input the loss terms are float32
+    products summed in float64: expect an absolute error near 1e-7 times the loss of
+    zero coefficients.
+loss_curve_ : list of float
+    The objective (see :meth:`loss`) at the end of each iteration, for that
+    iteration's coefficients and components, over the kept parameters (pruned ones
+    add a constant that no iteration changes): one entry per iteration, the first
+    after the first iteration (the initialization is not recorded), so
+    ``len(loss_curve_) == n_iter_``. The coefficients returned by
+    :meth:`fit_transform` are re-solved for the final components and give
+    ``reconstruction_err_``. After :meth:`partial_fit`: one entry per batch, the
+    batch's objective before its update.
+n_iter_ : int
+    Number of iterations run (after :meth:`partial_fit`: number of batches seen).
+n_steps_ : int
+    Number of :meth:`partial_fit` batches seen (only after :meth:`partial_fit`).
+""",
     "cupy_host_attributes": """\
 ``backend="auto"`` computes on the input's device. The input is copied to the host
 once (validation, pruning and the column blocks are host work; the blocks then go to
@@ -444,42 +466,54 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         self.reconstruction_err_ = float(np.sqrt(max(batch_loss, 0.0)))
 
     # ---------------------------------------------------------------- fit loop
-    def _run_loop(self, step: Callable[[int], float], max_iter: int, *, label: str,
-                  check_every: int = 10, on_interrupt: Callable[[], None] | None = None,
-                  start: int = 0, losses: list[float] | None = None,
-                  checkpoint: Callable[[int, list[float]], None] | None = None,
+    def _run_loop(self, step: Callable[[int], float | tuple[float, float]], max_iter: int,
+                  *, label: str, check_every: int = 10,
+                  on_interrupt: Callable[[], None] | None = None, start: int = 0,
+                  losses: list[float] | None = None, monitored: list[float] | None = None,
+                  checkpoint: Callable[..., None] | None = None,
                   checkpoint_every: int = 0) -> tuple[list[float], int]:
-        """Call ``step(it) -> loss`` until converged, ``max_iter`` or Ctrl-C.
+        """Call ``step(it)`` until converged, ``max_iter`` or Ctrl-C.
 
-        Stops when the loss fell by less than ``tol`` times the first loss over the last
-        ``check_every`` iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt``
-        ends the loop with the state reached so far; ``on_interrupt`` then lets the caller
-        make that state consistent, and the estimator stays usable. The caller, once it
-        has the kept state's final loss, calls :meth:`_warn_if_interrupted` to say so.
-        A resumed fit passes ``start`` (iterations already done) and their ``losses``;
-        ``checkpoint(n_done, losses)`` is called every ``checkpoint_every`` iterations
-        and after an interrupt.
+        ``step(it)`` returns the objective at the end of the iteration (an entry of
+        ``loss_curve_``), or a pair ``(objective, monitored)`` when the stopping rule
+        watches another value of the iteration (LowRankNPEFF: the loss after its W
+        step, which also drives its step size). The loop stops when the monitored value
+        fell by less than ``tol`` times its first value over the last ``check_every``
+        iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt`` ends the loop
+        with the state reached so far; ``on_interrupt`` then lets the caller make that
+        state consistent, and the estimator stays usable. The caller, once it has the
+        kept state's final loss, calls :meth:`_warn_if_interrupted` to say so. A resumed
+        fit passes ``start`` (iterations already done), their ``losses`` and
+        ``monitored`` values; ``checkpoint(n_done, losses, monitored)`` is called every
+        ``checkpoint_every`` iterations and after an interrupt.
+
+        Returns the objective after each iteration (``loss_curve_``) and the number of
+        iterations done.
         """
         self._interrupted: tuple[int, list[float], bool] | None = None
         losses = list(losses or [])
+        monitored = list(losses if monitored is None else monitored)
         t0 = time.perf_counter()
         self._loop_seconds = 0.0  # wall time of the iterations alone (for benchmarks)
         n_iter = start
         try:
             for it in range(start, max_iter):
-                loss = float(step(it))
+                out = step(it)
+                loss, watched = (out, out) if np.ndim(out) == 0 else out
+                loss, watched = float(loss), float(watched)
                 self._loop_seconds = time.perf_counter() - t0
                 losses.append(loss)
+                monitored.append(watched)
                 n_iter = it + 1
                 if checkpoint is not None and checkpoint_every and n_iter % checkpoint_every == 0:
-                    checkpoint(n_iter, losses)
+                    checkpoint(n_iter, losses, monitored)
                 if self._speaks and (it % check_every == 0 or it == max_iter - 1):
                     print(f"[{type(self).__name__}] {label} iteration {it + 1:4d}  "
                           f"loss {loss:.6e}  ({time.perf_counter() - t0:.2f} s)")
                 if self.tol > 0 and it >= check_every and it % check_every == 0:
-                    prev = losses[-1 - check_every]
-                    scale = max(abs(losses[0]), np.finfo(np.float64).tiny)
-                    if (prev - loss) / scale < self.tol:
+                    prev = monitored[-1 - check_every]
+                    scale = max(abs(monitored[0]), np.finfo(np.float64).tiny)
+                    if (prev - watched) / scale < self.tol:
                         if self._speaks:
                             print(f"[{type(self).__name__}] converged at iteration {it + 1}")
                         return losses, n_iter
@@ -487,14 +521,14 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
             if on_interrupt is not None:
                 on_interrupt()
             if checkpoint is not None:
-                checkpoint(n_iter, losses)
+                checkpoint(n_iter, losses, monitored)
             self._interrupted = (n_iter, list(losses), checkpoint is not None)
             return losses, n_iter
         if max_iter > 0 and self.tol > 0:
             warnings.warn(
                 f"{type(self).__name__}: maximum number of iterations {max_iter} reached "
                 f"({label}); increase max_iter to improve the fit.", ConvergenceWarning,
-                stacklevel=3)
+                stacklevel=_caller_stacklevel())
         return losses, n_iter
 
     def _warn_if_interrupted(self, final_loss: float) -> None:
@@ -573,8 +607,9 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         """Resume from ``checkpoint_path`` when it holds this fit's state.
 
         The factor parts are refilled in place from the checkpoint; the returned dict
-        holds ``W`` (on the backend), ``n_iter``, ``losses`` (a list) and the other
-        saved values. None when there is nothing to resume from.
+        holds ``W`` (on the backend), ``n_iter``, ``losses`` and ``monitored`` (lists,
+        see :meth:`_run_loop`) and the other saved values. None when there is nothing
+        to resume from.
         """
         data = self._load_checkpoint(fingerprint)
         if data is None:
@@ -584,6 +619,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         data["W"] = blocks.backend.asarray(data["W"], dtype=prob.dtype)
         data["n_iter"] = int(data["n_iter"])
         data["losses"] = [float(v) for v in data["losses"]]
+        data["monitored"] = [float(v) for v in data.get("monitored", data["losses"])]
         if self._speaks:
             print(f"[{type(self).__name__}] resuming from {self.checkpoint_path} at "
                   f"iteration {data['n_iter']}")
@@ -591,17 +627,19 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 
     def _saver(self, fingerprint: np.ndarray, prob: Problem, parts: list[Any], state: dict,
                keys: tuple[str, ...] = ()) -> Callable[[int, list[float]], None] | None:
-        """``save(n_done, losses)`` writing the factor, ``state["W"]`` and
-        ``state[key]`` for ``keys``; None without ``checkpoint_path``."""
+        """``save(n_done, losses, monitored)`` writing the factor, ``state["W"]``, the
+        loop's two series and ``state[key]`` for ``keys``; None without
+        ``checkpoint_path``."""
         if not self.checkpoint_path:
             return None
         blocks = prob.blocks
 
-        def save(n_done: int, losses: list[float]) -> None:
+        def save(n_done: int, losses: list[float], monitored: list[float]) -> None:
             # any (W, factor) pair is a valid state: the products are recomputed on resume
             self._save_checkpoint(fingerprint, Ft=blocks.gather_factor(parts),
                                   W=blocks.backend.to_numpy(state["W"]), n_iter=n_done,
                                   losses=np.asarray(losses, dtype=np.float64),
+                                  monitored=np.asarray(monitored, dtype=np.float64),
                                   **{k: state[k] for k in keys})
 
         return save

@@ -107,19 +107,7 @@ class DiagonalNPEFF(BaseNPEFF):
         Indices of the parameters kept after pruning.
     n_components_ : int
         Number of components.
-    reconstruction_err_ : float
-        Frobenius norm ``||X - W H||_F`` of the training residual for the returned
-        coefficients ``W = fit_transform(X)`` (pruned columns included), as
-        :class:`sklearn.decomposition.NMF` reports it. For :meth:`partial_fit`, that of
-        the last batch before its H step. With float32 input the loss terms are float32
-        products summed in float64: expect an absolute error near ``1e-7 ||X||_F^2``.
-    loss_curve_ : list of float
-        ``||X - W H||_F^2`` (not halved) over the kept columns after each iteration
-        (after its H step). :meth:`partial_fit` appends one value per batch.
-    n_iter_ : int
-        Number of iterations run (:meth:`partial_fit`: number of batches seen).
-    n_steps_ : int
-        Number of :meth:`partial_fit` batches seen (only after :meth:`partial_fit`).
+    {fit_attributes}
     n_features_in_ : int
         Number of parameters of the input.
     feature_names_in_ : ndarray of str
@@ -234,17 +222,18 @@ class DiagonalNPEFF(BaseNPEFF):
         xp = blocks.backend.xp
         update = DIAG_UPDATES[self.solver]
         fingerprint = self._fingerprint(prob, n_frozen)
-        start, losses0 = 0, []
+        start, losses0, monitored0 = 0, [], None
         resumed = self._resume(prob, fingerprint, parts)  # refills parts in place
         if resumed is not None:
-            W, start, losses0 = resumed["W"], resumed["n_iter"], resumed["losses"]
+            W, start = resumed["W"], resumed["n_iter"]
+            losses0, monitored0 = resumed["losses"], resumed["monitored"]
         state = {"W": W, "XHt": blocks.matmul(parts), "HHt": blocks.gram(parts),
                  "fresh": True}
         h_update = diagonal_h_update(xp, update, self.solver, n_frozen)
         losses, n_iter = self._run_loop(
             lambda it: diagonal_step(xp, blocks, parts, state, update, h_update,
                                      prob.const),
-            self.max_iter, label="fit", start=start, losses=losses0,
+            self.max_iter, label="fit", start=start, losses=losses0, monitored=monitored0,
             checkpoint=self._saver(fingerprint, prob, parts, state),
             checkpoint_every=self.checkpoint_every)
         if state["fresh"]:

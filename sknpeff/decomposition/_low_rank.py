@@ -76,8 +76,9 @@ class LowRankNPEFF(BaseNPEFF):
     n_iter_g_only : int, default=0
         Iterations with W frozen before the joint phase (reference's warm-up).
     tol : float, default=1e-5
-        Stop when the loss decreased by less than ``tol`` times the initial loss over
-        the last 10 iterations (set 0 to always run ``max_iter``). Loss plateaus on the
+        Stop when the loss after the W step (the value that also drives the step size)
+        decreased by less than ``tol`` times its first value over the last 10
+        iterations (set 0 to always run ``max_iter``). Loss plateaus on the
         way to a good minimum are common; 1e-4 stopped on one on 1 of 10 planted seeds.
     transform_max_iter : int or None, default=200
         Maximum number of coefficient steps of :meth:`transform` (and of the final
@@ -112,16 +113,13 @@ class LowRankNPEFF(BaseNPEFF):
         pruned parameters); their scale is folded into the coefficients.
     kept_columns_ : ndarray of int64
         Parameter indices kept after pruning.
+    n_components_ : int
+        Number of components.
     n_classes_ : int
         Class slots per example.
     n_params_ : int
         Number of parameters (``n_features_in_ / n_classes``).
-    loss_curve_ : list of float
-        Loss after each iteration's W step.
-    n_iter_ : int
-        Iterations run.
-    reconstruction_err_ : float
-        Frobenius norm of the residual, ``sqrt(sum_i ||F_i - sum_k W_ik g_k g_k^T||^2)``.
+    {fit_attributes}
     n_features_in_ : int
         ``n_classes * n_params``.
 
@@ -283,15 +281,16 @@ class LowRankNPEFF(BaseNPEFF):
         state = {"W": W, "P": P, "Q": Q, "eta": 1.0, "prev": np.inf}
         n_g_only = int(self.n_iter_g_only)
         fingerprint = self._fingerprint(prob, n_frozen)
-        start, losses0 = 0, []
+        start, losses0, monitored0 = 0, [], None
         resumed = self._resume(prob, fingerprint, parts)  # refills parts in place
         if resumed is not None:
             state.update(W=resumed["W"], P=blocks.matmul(parts), Q=blocks.gram(parts),
                          eta=float(resumed["eta"]), prev=float(resumed["prev"]))
             start, losses0 = resumed["n_iter"], resumed["losses"]
+            monitored0 = resumed["monitored"]
         solver = self._fitted_solver()
 
-        def step(it: int) -> float:
+        def step(it: int) -> tuple[float, float]:
             return lowrank_step(xp, blocks, parts, state, it, const=prob.const, n_slots=c,
                                 solver=solver, n_g_only=n_g_only,
                                 learning_rate=self.learning_rate, free=free, ortho=ortho,
@@ -299,20 +298,21 @@ class LowRankNPEFF(BaseNPEFF):
 
         def resync() -> None:  # Ctrl-C may land mid-sweep: recompute the products
             state["P"], state["Q"] = blocks.matmul(parts), blocks.gram(parts)
+            state.pop("N", None)
 
         losses, n_iter = self._run_loop(
             step, self.max_iter + n_g_only, label="fit", on_interrupt=resync, start=start,
-            losses=losses0, checkpoint=self._saver(fingerprint, prob, parts, state,
-                                                   keys=("eta", "prev")),
+            losses=losses0, monitored=monitored0,
+            checkpoint=self._saver(fingerprint, prob, parts, state, keys=("eta", "prev")),
             checkpoint_every=self.checkpoint_every)
         # Final coefficients for the final components, solved exactly as transform does
         # (the W problem is convex): fit_transform(X) and fit(X).transform(X) agree, and
         # the loss can only fall.
-        terms = {"N": lowrank_sq_proj(xp, state["P"], c), "Q": state["Q"],
-                 "const": prob.const}
+        N = state.get("N")
+        terms = {"N": lowrank_sq_proj(xp, state["P"], c) if N is None else N,
+                 "Q": state["Q"], "const": prob.const}
         W = self._coefficients(xp, terms)
-        final = self._objective(xp, terms, W)
-        return W, losses + [final], n_iter, final
+        return W, losses, n_iter, self._objective(xp, terms, W)
 
     def _finish_factor(self, Ft: np.ndarray, W: np.ndarray, n_frozen: int) -> np.ndarray:
         """Fold the scale of each ``g_k`` into W (in place on ``Ft``):

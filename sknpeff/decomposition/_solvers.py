@@ -76,17 +76,21 @@ def diagonal_step(xp: Any, blocks: Any, parts: list[Any], state: dict,
 def lowrank_step(xp: Any, blocks: Any, parts: list[Any], state: dict, it: int, *,
                  const: float, n_slots: int, solver: str, n_g_only: int,
                  learning_rate: str | float, free: Any, ortho: float,
-                 ortho_target: float) -> float:
+                 ortho_target: float) -> tuple[float, float]:
     """One LRM-NPEFF iteration: the W step (after the ``n_g_only`` warm-up
     iterations), then a gradient step on the factor, block by block.
 
-    ``state`` holds ``W``, ``P = A @ Ft``, ``Q = Ft.T @ Ft`` and, for
-    ``learning_rate="auto"``, the step scale ``eta`` and the previous loss ``prev``.
-    ``free`` is 1 for the components that move and 0 for frozen ones. Returns the loss
-    after the W step.
+    ``state`` holds ``W``, ``P = A @ Ft``, ``Q = Ft.T @ Ft``, ``N`` (the squared
+    projections of ``P``, when known) and, for ``learning_rate="auto"``, the step scale
+    ``eta`` and the previous loss ``prev``. ``free`` is 1 for the components that move
+    and 0 for frozen ones. Returns the objective at the end of the iteration (new W, new
+    factor) and the loss after the W step (which drives the step size and the stopping
+    rule).
     """
     W, P, Q = state["W"], state["P"], state["Q"]
-    N = lowrank_sq_proj(xp, P, n_slots)
+    N = state.pop("N", None)
+    if N is None:
+        N = lowrank_sq_proj(xp, P, n_slots)
     if it >= n_g_only:
         # the W problem, min_W sum_i (w_i QQ w_i^T - 2 N_i . w_i) with W >= 0, is the
         # same row-wise non-negative least squares as D-NPEFF's: the same updates
@@ -100,10 +104,10 @@ def lowrank_step(xp: Any, blocks: Any, parts: list[Any], state: dict, it: int, *
     else:
         stepk = float(learning_rate) * free
     state["prev"] = loss
-    state["P"], state["Q"] = lowrank_g_step(xp, blocks, parts, W, P, Q, n_slots, stepk,
-                                            ortho, ortho_target)
-    state["W"] = W
-    return loss
+    P, Q = lowrank_g_step(xp, blocks, parts, W, P, Q, n_slots, stepk, ortho, ortho_target)
+    N = lowrank_sq_proj(xp, P, n_slots)  # also the next iteration's
+    state.update(W=W, P=P, Q=Q, N=N)
+    return lowrank_loss(xp, const, W, N, Q), loss
 
 
 def lowrank_g_step(xp: Any, blocks: Any, parts: list[Any], W: Any, P: Any, Q: Any,

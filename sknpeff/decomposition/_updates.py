@@ -6,9 +6,9 @@ not here; they come from :class:`sknpeff.backends.ColumnBlocks`, which calls the
 block-level updates below on each column block of the transposed factor ``Ft``
 (kept parameters x components).
 
-Notation (as in Matena & Raffel, arXiv 2310.04649): ``n`` examples, ``c`` class slots, ``r`` components, ``W`` (n, r)
-coefficients, ``Ft`` (m', r) the transposed factor (``G.T`` or ``H.T``), ``P = A @ Ft``,
-``Q = Ft.T @ Ft``.
+Notation (as in Matena & Raffel, arXiv 2310.04649): ``n`` examples, ``c`` class slots,
+``r`` components, ``W`` (n, r) coefficients, ``Ft`` (m', r) the transposed factor
+(``G.T`` or ``H.T``), ``P = A @ Ft``, ``Q = Ft.T @ Ft``.
 """
 
 from __future__ import annotations
