@@ -576,3 +576,64 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path, monkeypatch):
         DiagonalNPEFF(max_iter=30, checkpoint_path=ckpt2, **kw).fit(X)
     with np.load(ckpt2) as f:
         assert int(f["n_iter"]) == 6
+
+
+# ------------------------------------------------------- one contract for both estimators
+def test_loss_and_score_match_dense_formula():
+    X = _noisy(1)
+    est = DiagonalNPEFF(n_components=6, min_nnz_per_column=12, random_state=0, max_iter=20)
+    W = est.fit_transform(X)
+    assert 0 < len(est.kept_columns_) < X.shape[1]
+    dense = _dense_loss(X, W, est.components_)  # pruned columns included
+    assert est.loss(X, W) == pytest.approx(dense, rel=1e-9)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(est.loss(X, W), rel=1e-9)
+    Wt = est.transform(X[:50])
+    assert est.loss(X[:50]) == pytest.approx(_dense_loss(X[:50], Wt, est.components_),
+                                             rel=1e-9)
+    assert est.score(X[:50]) == -est.loss(X[:50])
+    with pytest.raises(ValueError, match="W must have shape"):
+        est.loss(X, W[:, :2])
+    with pytest.raises(NotFittedError):
+        DiagonalNPEFF().loss(X)
+    assert len(est.loss_curve_) == est.n_iter_ == 20
+
+
+def test_transform_reads_components():
+    X = _noisy(2)
+    est = DiagonalNPEFF(n_components=5, random_state=0, max_iter=30)
+    W = est.fit(X).transform(X)
+    assert (W[:, 2] > 0).any()
+    est.components_[2] = 0.0  # components_ is the only copy: transform follows it
+    W2 = est.transform(X)
+    assert (W2[:, 2] == 0).all() and not np.allclose(W2, W)
+    # on partitions too (the blocked path splits components_ at each call)
+    est3 = DiagonalNPEFF(n_components=5, random_state=0, max_iter=30, block_size=256,
+                         backend=NumpyBackend(n_partitions=3)).fit(X)
+    est3.components_[2] = 0.0
+    assert (est3.transform(X)[:, 2] == 0).all()
+
+
+def test_transform_max_iter():
+    X = _noisy(3)
+    kw = dict(n_components=5, random_state=0, max_iter=40, tol=0)
+    a = DiagonalNPEFF(**kw).fit(X)  # None: max_iter coefficient steps
+    b = DiagonalNPEFF(transform_max_iter=40, **kw).fit(X)
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+    c = DiagonalNPEFF(transform_max_iter=1, **kw).fit(X)
+    np.testing.assert_array_equal(c.components_, a.components_)  # the fit is the same
+    assert not np.allclose(c.transform(X), a.transform(X))
+    with pytest.raises(ValueError, match="transform_max_iter"):
+        DiagonalNPEFF(transform_max_iter=-1).fit(X)
+
+
+def test_frozen_components_is_a_fit_parameter():
+    X, _, _ = make_planted_diagonal(n_examples=200, n_params=600, n_components=5,
+                                    support_size=80, random_state=0)
+    base = DiagonalNPEFF(n_components=2, random_state=0, max_iter=30).fit(X)
+    est = DiagonalNPEFF(n_components=5, random_state=0, max_iter=30)
+    assert est.fit(X, frozen_components=base.components_) is est
+    np.testing.assert_array_equal(est.components_[:2], base.components_)
+    with pytest.raises(ValueError, match="frozen_components must have shape"):
+        est.fit(X, frozen_components=base.components_[:, :10])
+    with pytest.raises(ValueError, match="finite"):
+        est.fit(X, frozen_components=np.full_like(base.components_, np.nan))

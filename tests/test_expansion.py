@@ -130,3 +130,14 @@ def test_frozen_components_that_do_not_survive_the_dtype_are_refused(planted):
     base32 = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, max_iter=30).fit(X)
     exp = ComponentExpander(base32, 1, max_iter=5).fit(X64[special])
     assert np.array_equal(exp.components_[:4], base32.components_.astype(np.float64))
+
+
+def test_score_works_with_either_base():
+    from sknpeff.datasets import make_planted_diagonal
+
+    X, _, _ = make_planted_diagonal(n_examples=150, n_params=500, n_components=4,
+                                    support_size=60, random_state=0)
+    base = DiagonalNPEFF(n_components=2, random_state=0, max_iter=30).fit(X)
+    exp = ComponentExpander(base, n_new_components=2, random_state=0, max_iter=30).fit(X)
+    assert exp.score(X) == pytest.approx(-exp.estimator_.loss(X))
+    assert exp.score(X) > base.score(X)  # more components, lower loss

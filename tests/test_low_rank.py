@@ -419,3 +419,57 @@ def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
     np.testing.assert_allclose(A2.toarray(), D[:, [1, 5, 7]], rtol=1e-6)
     np.testing.assert_array_equal(X.data, before[0])
     np.testing.assert_array_equal(X.indices, before[1])
+
+
+# ------------------------------------------------------- one contract for both estimators
+def test_w_solver_is_deprecated_for_solver():
+    X, _, _ = make_planted_lowrank(n_examples=60, n_params=200, n_components=3,
+                                   support_size=30, random_state=0)
+    kw = dict(n_components=3, n_classes=3, random_state=0, max_iter=15, tol=0)
+    new = LowRankNPEFF(solver="mu", **kw)
+    W_new = new.fit_transform(X)
+    old = LowRankNPEFF(w_solver="mu", **kw)
+    with pytest.warns(FutureWarning, match=r"'w_solver' was renamed to 'solver'.*0\.3.*"
+                                           r"solver='mu'"):
+        W_old = old.fit_transform(X)
+    np.testing.assert_array_equal(W_old, W_new)
+    np.testing.assert_array_equal(old.components_, new.components_)
+    np.testing.assert_array_equal(old.transform(X), new.transform(X))
+    assert old.get_params()["w_solver"] == "mu" and old.solver == "cd"  # params untouched
+    with pytest.raises(ValueError, match="both w_solver='mu' and solver='cd'|both"):
+        LowRankNPEFF(w_solver="mu", solver="mu", **kw).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the new name alone: no warning
+        LowRankNPEFF(solver="mu", **kw).fit(X)
+
+
+def test_transform_reads_components_and_none_transform_max_iter():
+    X, _, _ = make_planted_lowrank(n_examples=80, n_params=200, n_components=3,
+                                   support_size=30, random_state=0)
+    est = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=40, tol=0)
+    W = est.fit(X).transform(X)
+    assert (W[:, 1] > 0).any()
+    est.components_[1] = 0.0  # components_ is the only copy: transform follows it
+    W2 = est.transform(X)
+    assert (W2[:, 1] == 0).all() and not np.allclose(W2, W)
+    assert est.loss(X, W2) == pytest.approx(est.loss(X), rel=1e-9)  # W2 = transform(X)
+    # transform_max_iter=None: max_iter coefficient steps, as DiagonalNPEFF's default
+    a = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=40, tol=0,
+                     transform_max_iter=None).fit(X)
+    b = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=40, tol=0,
+                     transform_max_iter=40).fit(X)
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+
+
+def test_reconstruction_err_and_loss_include_pruned_parameters():
+    X, _, _ = make_planted_lowrank(n_examples=60, n_params=120, n_components=3,
+                                   support_size=40, random_state=2, dtype=np.float64)
+    est = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=30, tol=0,
+                       min_nnz_per_column=4)
+    W = est.fit_transform(X)
+    assert 0 < est.kept_columns_.size < 120  # something with values was pruned
+    dense = dense_loss(dense_pefs(X, 3), W, est.components_)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(dense, rel=1e-9)
+    assert est.loss(X, W) == pytest.approx(dense, rel=1e-9)
+    assert est.score(X) == -est.loss(X)
+    assert len(est.loss_curve_) == est.n_iter_ == 30
