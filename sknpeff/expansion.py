@@ -8,7 +8,6 @@ frozen lets the new components specialise to what the old ones do not explain.
 from __future__ import annotations
 
 import inspect
-import numbers
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted
 
 from .backends import cupy_device, to_device
+from .utils import check_int
 
 __all__ = ["ComponentExpander"]
 
@@ -136,9 +136,7 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     # --------------------------------------------------------------------- fit
     def _check(self) -> tuple[np.ndarray, dict]:
-        n_new = self.n_new_components
-        if isinstance(n_new, bool) or not isinstance(n_new, numbers.Integral) or n_new < 1:
-            raise ValueError(f"n_new_components must be an integer >= 1, got {n_new!r}.")
+        check_int(self.n_new_components, "n_new_components", low=1)
         est = self.estimator
         if not hasattr(est, "get_params") or not callable(getattr(est, "fit", None)):
             raise ValueError(f"estimator must be a fitted NPEFF estimator; got "

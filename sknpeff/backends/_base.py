@@ -100,6 +100,11 @@ class Backend(ABC):
 
         Then a product with a whole host matrix needs no column blocks, copies or
         transfers, and a factor held in one part is the whole factor already.
+
+        Returns
+        -------
+        bool
+            ``on_host`` and a single partition in the whole job.
         """
         return self.on_host and self.n_partitions() == 1
 

@@ -458,8 +458,19 @@ class ColumnBlocks:
 
     def whole_factor(self, parts: list[Any]) -> np.ndarray:
         """The whole factor on the host, as :meth:`gather_factor`, without a copy when
-        this process computes the whole job on one host partition (``parts[0]`` is then
-        the whole factor already and is returned as it is)."""
+        this process computes the whole job on one host partition.
+
+        Parameters
+        ----------
+        parts : list of arrays
+            This process's factor parts, one per local partition.
+
+        Returns
+        -------
+        ndarray of shape (n_cols, r)
+            ``parts[0]`` itself when it is the whole factor already, else a gathered
+            host copy.
+        """
         if self.backend.holds_whole_job() and len(parts) == 1:
             return parts[0]
         return self.gather_factor(parts)
