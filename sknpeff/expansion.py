@@ -183,12 +183,32 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         W : ndarray of shape (n_examples, r0 + n_new_components)
             A CuPy array on ``X``'s device when ``X`` is a CuPy array or sparse matrix.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            On Ctrl-C during the fit, once the state fitted so far is stored (as the
+            estimator does).
         """
         frozen, fit_params = self._check()
         r0 = frozen.shape[0]
         est = clone(self.estimator)
         est.set_params(n_components=r0 + int(self.n_new_components), **fit_params)
-        W = est.fit_transform(X, frozen_components=frozen)
+        try:
+            W = est.fit_transform(X, frozen_components=frozen)
+        except KeyboardInterrupt:
+            # the estimator kept the state fitted so far (and warned): keep it here too
+            if hasattr(est, "components_"):
+                self._store(est, frozen)
+            raise
+        self._store(est, frozen)
+        # like transform and the estimators: CuPy input gives CuPy output on its device
+        # (the estimator returns it so already)
+        return to_device(W, cupy_device(X))
+
+    def _store(self, est: Any, frozen: np.ndarray) -> None:
+        """Check that ``est`` kept ``frozen`` bit for bit and take its fitted state."""
+        r0 = frozen.shape[0]
         comps = np.asarray(est.components_)
         if comps.shape[0] != r0 + self.n_new_components or not np.array_equal(
                 comps[:r0], frozen.astype(comps.dtype)):
@@ -209,9 +229,6 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.n_features_in_ = est.n_features_in_
         if hasattr(est, "feature_names_in_"):
             self.feature_names_in_ = est.feature_names_in_
-        # like transform and the estimators: CuPy input gives CuPy output on its device
-        # (the estimator returns it so already)
-        return to_device(W, cupy_device(X))
 
     # --------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:

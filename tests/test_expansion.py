@@ -141,3 +141,50 @@ def test_score_works_with_either_base():
     exp = ComponentExpander(base, n_new_components=2, random_state=0, max_iter=30).fit(X)
     assert exp.score(X) == pytest.approx(-exp.estimator_.loss(X))
     assert exp.score(X) > base.score(X)  # more components, lower loss
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank"])
+def test_ctrl_c_in_fit_keeps_state_warns_and_reraises(kind, monkeypatch):
+    """A real SIGINT inside an iteration: the fitted state is kept and announced, and
+    KeyboardInterrupt reaches the caller (a script fitting in a loop stops)."""
+    import signal
+
+    import sknpeff.decomposition._solvers as solvers
+    from sknpeff.datasets import make_planted_diagonal
+
+    if kind == "diagonal":
+        X, _, _ = make_planted_diagonal(n_examples=120, n_params=400, n_components=4,
+                                        support_size=60, random_state=0)
+        est, name = DiagonalNPEFF(n_components=4, random_state=0, max_iter=50), "diag_loss"
+        base = DiagonalNPEFF(n_components=2, random_state=0, max_iter=10, tol=0).fit(X)
+    else:
+        X, _, _ = make_planted_lowrank(n_examples=120, n_params=400, n_classes=3,
+                                       n_components=4, support_size=40, random_state=0)
+        est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, max_iter=50)
+        name = "lowrank_loss"
+        base = LowRankNPEFF(n_components=2, n_classes=3, random_state=0, max_iter=10,
+                            tol=0).fit(X)
+    real, calls = getattr(solvers, name), {"n": 0}
+
+    def sigint_on_5th(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solvers, name, sigint_on_5th)
+    fits = 0
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="interrupted"):
+        for _ in range(3):  # the loop stops at the first Ctrl-C
+            est.fit(X)
+            fits += 1
+    assert fits == 0
+    assert 0 < est.n_iter_ < 50 and len(est.loss_curve_) == est.n_iter_
+    assert est.transform(X).shape == (X.shape[0], 4)  # the kept state is usable
+    # the expander keeps the interrupted expansion too, and re-raises
+    calls["n"] = 0
+    exp = ComponentExpander(base, n_new_components=2, random_state=0, max_iter=50)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="interrupted"):
+        exp.fit(X)
+    assert np.array_equal(exp.components_[:2], base.components_.astype(X.dtype))
+    assert exp.transform(X).shape == (X.shape[0], 4)

@@ -404,6 +404,14 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
             (a CuPy array on ``X``'s device for CuPy ``X``). They are fitted exactly as
             :meth:`transform` fits them, from the products of the last iteration, so
             ``fit_transform(X)`` and ``fit(X).transform(X)`` agree.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            On Ctrl-C during the iterations, after the state reached so far is stored
+            as the fitted state (and saved to ``checkpoint_path`` when set), which a
+            ``RuntimeWarning`` reports with its loss: the estimator is usable, and a
+            script that fits in a loop stops.
         """
         return self._dispatch(self._fit_transform, X, frozen_components)
 
@@ -429,7 +437,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 with backend.device(i):
                     parts[i][:, :r0] = backend.asarray(block, partition=i)
         W, losses, n_iter, final = self._iterate(prob, W, parts, r0)
-        self._warn_if_interrupted(final)
+        interrupted = self._warn_if_interrupted(final)
         backend = prob.blocks.backend
         # the whole factor on the host (one CPU partition: it already is)
         Ft = prob.blocks.whole_factor(parts)
@@ -446,6 +454,9 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         for attr in ("n_steps_", "_stat_XtW", "_stat_WtW"):  # partial_fit's state
             if hasattr(self, attr):
                 delattr(self, attr)
+        if interrupted:
+            # the fitted state is kept (and was announced); Ctrl-C still stops the caller
+            raise KeyboardInterrupt
         if self._speaks:
             print(f"[{type(self).__name__}] fit done in {time.perf_counter() - t0:.2f} s, "
                   f"{n_iter} iterations, loss {final:.6e}")
@@ -481,8 +492,9 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         fell by less than ``tol`` times its first value over the last ``check_every``
         iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt`` ends the loop
         with the state reached so far; ``on_interrupt`` then lets the caller make that
-        state consistent, and the estimator stays usable. The caller, once it has the
-        kept state's final loss, calls :meth:`_warn_if_interrupted` to say so. A resumed
+        state consistent; the fit stores it and raises the interrupt again. The caller,
+        once it has the kept state's final loss, calls :meth:`_warn_if_interrupted` to
+        say so. A resumed
         fit passes ``start`` (iterations already done), their ``losses`` and
         ``monitored`` values; ``checkpoint(n_done, losses, monitored)`` is called every
         ``checkpoint_every`` iterations and after an interrupt.
@@ -531,7 +543,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 stacklevel=_caller_stacklevel())
         return losses, n_iter
 
-    def _warn_if_interrupted(self, final_loss: float) -> None:
+    def _warn_if_interrupted(self, final_loss: float) -> bool:
         """After an interrupted loop: warn, naming the kept state's loss beside the fit's.
 
         ``final_loss`` is the loss of the state the estimator keeps (its components with
@@ -540,12 +552,13 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         factor, as large as the data, at nearly every iteration (the loss falls at almost
         every one). The exact loss of the kept state, computed after the interrupt, says
         whether it is the best anyway; it usually is, since the re-solved coefficients can
-        only lower the loss.
+        only lower the loss. Returns whether the loop was interrupted (the fit then
+        raises ``KeyboardInterrupt`` again once the state is stored).
         """
         info = getattr(self, "_interrupted", None)
         self._interrupted = None
         if info is None:
-            return
+            return False
         n_iter, losses, saved = info
         text = (f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
                 f"fitted so far is kept" + (" and saved to the checkpoint" if saved else "")
@@ -561,6 +574,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         else:
             text += ")"
         warnings.warn(text + ".", RuntimeWarning, stacklevel=_caller_stacklevel())
+        return True
 
     @property
     def _speaks(self) -> bool:
