@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
+from sklearn.utils import check_random_state, metadata_routing
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..backends import Backend, ColumnBlocks, cupy_device, from_device, get_backend, to_device
@@ -168,6 +168,10 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     ``_init_state``, ``_iterate`` and ``_coefficient_terms``, and, when an example
     spans several rows of ``A``, ``_n_slots()``.
     """
+
+    # frozen_components is an argument of the fit, not data routed by meta-estimators
+    # (no set_fit_request method): scikit-learn's way to declare it
+    __metadata_request__fit = {"frozen_components": metadata_routing.UNUSED}
 
     #: renamed parameters, old name -> new name: the old name still works until
     #: ``_REMOVED_IN`` with a ``FutureWarning`` (its default is the string "deprecated")
