@@ -14,7 +14,7 @@ Tables printed:
 2. ``transform`` against a ``fit`` of the same number of iterations;
 3. peak memory of a fit (user's input included) against the input's bytes plus the dense
    factors, measured in a fresh subprocess from ``VmHWM`` (peak resident set);
-4. iterations and seconds to converge on planted data (method doc §8) for the default
+4. iterations and seconds to converge on planted data for the default
    schedule against the reference schedule (random init, fixed lr = 1e-3, multiplicative W
    step), with the recovery of the planted components on each seed.
 """
@@ -194,12 +194,12 @@ def bench_convergence(seeds) -> None:
     schedules = {
         "default (data init, curvature step, HALS W)": dict(),
         "reference (random init, lr=1e-3, MU W)": dict(init="random", learning_rate=1e-3,
-                                                        w_solver="mu", max_iter=1500, tol=0),
+                                                        solver="mu", max_iter=1500, tol=0),
         "data init + fixed lr=1e-3 + MU W": dict(init="data", learning_rate=1e-3,
-                                                 w_solver="mu", max_iter=1500, tol=0),
+                                                 solver="mu", max_iter=1500, tol=0),
         "random init + curvature step": dict(init="random"),
     }
-    print("\n## 4. Convergence on planted data (n=600, m=3000, c=3, r=8; method doc §8)")
+    print("\n## 4. Convergence on planted data (n=600, m=3000, c=3, r=8)")
     print("iterations to 99% of the loss decrease (first t with L_t - L_end <= "
           "0.01 (L_0 - L_end)), seconds of the whole fit, min matched |cos| of the 8 "
           "planted components")

@@ -7,7 +7,7 @@ frozen lets the new components specialise to what the old ones do not explain.
 
 from __future__ import annotations
 
-import numbers
+import inspect
 from typing import Any
 
 import numpy as np
@@ -15,25 +15,40 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted
 
 from .backends import cupy_device, to_device
+from .utils import check_int
 
 __all__ = ["ComponentExpander"]
 
 _OWN_PARAMS = ("estimator", "n_new_components")
 
 
+def _takes_frozen(est: Any) -> bool:
+    """Whether ``est.fit_transform`` takes the ``frozen_components`` keyword."""
+    method = getattr(est, "fit_transform", None)
+    if not callable(method):
+        return False
+    try:
+        return "frozen_components" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Add ``n_new_components`` components to a fitted NPEFF estimator, the old ones frozen.
 
     ``fit(X)`` clones ``estimator``, sets ``n_components = r0 + n_new_components`` (and
-    ``fit_params``) on the clone and fits it on ``X`` through its ``_fit_with_frozen``
-    hook: the first ``r0`` rows of its components are ``estimator.components_`` bit for bit
-    and never updated, the new rows and the coefficients over all components are learned.
+    ``fit_params``) on the clone and fits it on ``X`` with the estimators' frozen-components
+    protocol, ``fit_transform(X, frozen_components=estimator.components_)``: the first
+    ``r0`` rows of its components are ``estimator.components_`` bit for bit and never
+    updated, the new rows and the coefficients over all components are learned.
     ``estimator`` itself is never modified.
 
     Parameters
     ----------
     estimator : LowRankNPEFF or DiagonalNPEFF
-        A fitted decomposition with a ``_fit_with_frozen(X, frozen_components)`` hook.
+        A fitted decomposition whose ``fit_transform`` takes ``frozen_components``
+        (see :meth:`LowRankNPEFF.fit_transform
+        <sknpeff.decomposition.LowRankNPEFF.fit_transform>`).
     n_new_components : int, default=8
         Number of components to learn (the paper used 64 on misclassified examples).
     **fit_params
@@ -121,17 +136,15 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     # --------------------------------------------------------------------- fit
     def _check(self) -> tuple[np.ndarray, dict]:
-        n_new = self.n_new_components
-        if isinstance(n_new, bool) or not isinstance(n_new, numbers.Integral) or n_new < 1:
-            raise ValueError(f"n_new_components must be an integer >= 1, got {n_new!r}.")
+        check_int(self.n_new_components, "n_new_components", low=1)
         est = self.estimator
         if not hasattr(est, "get_params") or not callable(getattr(est, "fit", None)):
             raise ValueError(f"estimator must be a fitted NPEFF estimator; got "
                              f"{type(est).__name__}.")
-        if not callable(getattr(est, "_fit_with_frozen", None)):
+        if not _takes_frozen(est):
             raise ValueError(
-                f"estimator {type(est).__name__} cannot be expanded: it has no "
-                "_fit_with_frozen(X, frozen_components) hook.")
+                f"estimator {type(est).__name__} cannot be expanded: its fit_transform "
+                "takes no frozen_components.")
         check_is_fitted(est, "components_")
         fit_params = dict(self._fit_params)
         if "n_components" in fit_params:
@@ -170,17 +183,37 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         W : ndarray of shape (n_examples, r0 + n_new_components)
             A CuPy array on ``X``'s device when ``X`` is a CuPy array or sparse matrix.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            On Ctrl-C during the fit, once the state fitted so far is stored (as the
+            estimator does).
         """
         frozen, fit_params = self._check()
         r0 = frozen.shape[0]
         est = clone(self.estimator)
         est.set_params(n_components=r0 + int(self.n_new_components), **fit_params)
-        W = est._fit_with_frozen(X, frozen_components=frozen)
+        try:
+            W = est.fit_transform(X, frozen_components=frozen)
+        except KeyboardInterrupt:
+            # the estimator kept the state fitted so far (and warned): keep it here too
+            if hasattr(est, "components_"):
+                self._store(est, frozen)
+            raise
+        self._store(est, frozen)
+        # like transform and the estimators: CuPy input gives CuPy output on its device
+        # (the estimator returns it so already)
+        return to_device(W, cupy_device(X))
+
+    def _store(self, est: Any, frozen: np.ndarray) -> None:
+        """Check that ``est`` kept ``frozen`` bit for bit and take its fitted state."""
+        r0 = frozen.shape[0]
         comps = np.asarray(est.components_)
         if comps.shape[0] != r0 + self.n_new_components or not np.array_equal(
                 comps[:r0], frozen.astype(comps.dtype)):
             raise RuntimeError(
-                f"{type(est).__name__}._fit_with_frozen did not keep the frozen components "
+                f"{type(est).__name__}.fit_transform did not keep the frozen components "
                 "unchanged.")
         if comps.dtype != frozen.dtype and not np.array_equal(comps[:r0].astype(frozen.dtype),
                                                               frozen):
@@ -196,8 +229,6 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.n_features_in_ = est.n_features_in_
         if hasattr(est, "feature_names_in_"):
             self.feature_names_in_ = est.feature_names_in_
-        # like transform and the estimators: CuPy input gives CuPy output on its device
-        return to_device(np.asarray(W), cupy_device(X))
 
     # --------------------------------------------------------------- transform
     def transform(self, X: Any) -> np.ndarray:

@@ -316,7 +316,6 @@ def test_lowrank_cupy_input_gives_cupy_output(cp, kind):
     np.testing.assert_allclose(W.get(), W_ref, rtol=1e-5, atol=1e-7)
     # fitted attributes stay NumPy (documented), equal to the CPU fit
     assert _is_numpy(est.components_) and _is_numpy(est.kept_columns_)
-    assert _is_numpy(est._Ft)  # the cached factor too: the host copy transform splits
     np.testing.assert_allclose(est.components_, ref.components_, rtol=1e-5, atol=1e-7)
     Wt = est.transform(Xd)
     assert _on_device(cp, Wt, device)
@@ -381,15 +380,16 @@ def test_diagonal_cupy_input_gives_cupy_output(cp, backend):
 
 
 @pytest.mark.parametrize("n_devices", [1, 2])
-def test_expander_hook_returns_numpy_for_cupy_input(cp, n_devices):
+def test_frozen_components_fit_on_cupy_input(cp, n_devices):
+    # the frozen-components protocol follows the estimators' rule: CuPy in, CuPy out
     _need_devices(cp, n_devices)
     X, _, _ = make_planted_diagonal(n_examples=120, n_params=800, n_components=4,
                                     support_size=80, random_state=1)
     base = DiagonalNPEFF(n_components=2, random_state=0, max_iter=10, tol=0).fit(X)
     est = DiagonalNPEFF(n_components=4, random_state=0, max_iter=10, tol=0,
                         devices=list(range(n_devices)), block_size=128)
-    W = est._fit_with_frozen(_to_cupy_csr(cp, X), base.components_)
-    assert _is_numpy(W) and W.shape == (120, 4)
+    W = est.fit_transform(_to_cupy_csr(cp, X), frozen_components=base.components_)
+    assert not _is_numpy(W) and W.shape == (120, 4)
     np.testing.assert_array_equal(est.components_[:2], base.components_)
 
 

@@ -17,13 +17,13 @@ def test_sklearn_compatible_estimator(estimator, check):
 
 
 def test_shared_docstring_paragraphs_filled_in():
-    # paragraphs both estimators state word for word are written once (_SHARED_DOCS)
+    # paragraphs both estimators state word for word are written once (SHARED_DOCS)
     import inspect
     import re
 
-    from sknpeff.decomposition._base import _SHARED_DOCS
+    from sknpeff.decomposition._base import SHARED_DOCS
 
     for est in (DiagonalNPEFF, LowRankNPEFF):
         assert not re.search(r"^\s*\{\w+\}$", est.__doc__, flags=re.MULTILINE)
-        for text in _SHARED_DOCS.values():
+        for text in SHARED_DOCS.values():
             assert text in inspect.cleandoc(est.__doc__)

@@ -93,14 +93,12 @@ def test_validation_errors(planted):
     with pytest.raises(ValueError, match="not_a_param"):
         ComponentExpander(base, 2, not_a_param=1).fit(X)
     nmf = NMF(2).fit(np.abs(np.random.default_rng(0).random((10, 5))))
-    with pytest.raises(ValueError, match="_fit_with_frozen"):
+    with pytest.raises(ValueError, match="frozen_components"):
         ComponentExpander(nmf, 2).fit(X)
     with pytest.raises(ValueError, match="frozen_components|features"):
         ComponentExpander(base, 2).fit(X[:, :300])  # PEFs of another width
 
 
-@pytest.mark.skipif(not hasattr(DiagonalNPEFF, "_fit_with_frozen"),
-                    reason="DiagonalNPEFF has no _fit_with_frozen hook yet (being written)")
 def test_diagonal_expansion():
     from sknpeff.datasets import make_planted_diagonal
 
@@ -132,3 +130,61 @@ def test_frozen_components_that_do_not_survive_the_dtype_are_refused(planted):
     base32 = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, max_iter=30).fit(X)
     exp = ComponentExpander(base32, 1, max_iter=5).fit(X64[special])
     assert np.array_equal(exp.components_[:4], base32.components_.astype(np.float64))
+
+
+def test_score_works_with_either_base():
+    from sknpeff.datasets import make_planted_diagonal
+
+    X, _, _ = make_planted_diagonal(n_examples=150, n_params=500, n_components=4,
+                                    support_size=60, random_state=0)
+    base = DiagonalNPEFF(n_components=2, random_state=0, max_iter=30).fit(X)
+    exp = ComponentExpander(base, n_new_components=2, random_state=0, max_iter=30).fit(X)
+    assert exp.score(X) == pytest.approx(-exp.estimator_.loss(X))
+    assert exp.score(X) > base.score(X)  # more components, lower loss
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank"])
+def test_ctrl_c_in_fit_keeps_state_warns_and_reraises(kind, monkeypatch):
+    """A real SIGINT inside an iteration: the fitted state is kept and announced, and
+    KeyboardInterrupt reaches the caller (a script fitting in a loop stops)."""
+    import signal
+
+    import sknpeff.decomposition._solvers as solvers
+    from sknpeff.datasets import make_planted_diagonal
+
+    if kind == "diagonal":
+        X, _, _ = make_planted_diagonal(n_examples=120, n_params=400, n_components=4,
+                                        support_size=60, random_state=0)
+        est, name = DiagonalNPEFF(n_components=4, random_state=0, max_iter=50), "diag_loss"
+        base = DiagonalNPEFF(n_components=2, random_state=0, max_iter=10, tol=0).fit(X)
+    else:
+        X, _, _ = make_planted_lowrank(n_examples=120, n_params=400, n_classes=3,
+                                       n_components=4, support_size=40, random_state=0)
+        est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, max_iter=50)
+        name = "lowrank_loss"
+        base = LowRankNPEFF(n_components=2, n_classes=3, random_state=0, max_iter=10,
+                            tol=0).fit(X)
+    real, calls = getattr(solvers, name), {"n": 0}
+
+    def sigint_on_5th(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solvers, name, sigint_on_5th)
+    fits = 0
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="interrupted"):
+        for _ in range(3):  # the loop stops at the first Ctrl-C
+            est.fit(X)
+            fits += 1
+    assert fits == 0
+    assert 0 < est.n_iter_ < 50 and len(est.loss_curve_) == est.n_iter_
+    assert est.transform(X).shape == (X.shape[0], 4)  # the kept state is usable
+    # the expander keeps the interrupted expansion too, and re-raises
+    calls["n"] = 0
+    exp = ComponentExpander(base, n_new_components=2, random_state=0, max_iter=50)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="interrupted"):
+        exp.fit(X)
+    assert np.array_equal(exp.components_[:2], base.components_.astype(X.dtype))
+    assert exp.transform(X).shape == (X.shape[0], 4)

@@ -1,6 +1,7 @@
 """LowRankNPEFF: recovery, exact formulas, streaming, partitions, validation."""
 
 import pickle
+import re
 import warnings
 
 import joblib
@@ -105,8 +106,10 @@ def test_fit_matches_dense_loss_and_reported_error():
     W = est.fit_transform(X)
     F = dense_pefs(X, 3)
     loss = dense_loss(F, W, est.components_)
-    assert est.loss_curve_[-1] == pytest.approx(loss, rel=1e-6, abs=1e-9)
-    assert est.reconstruction_err_ == pytest.approx(np.sqrt(max(loss, 0)), rel=1e-5, abs=1e-6)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(loss, rel=1e-6, abs=1e-9)
+    assert len(est.loss_curve_) == est.n_iter_ == 30
+    # the coefficients re-solved for the final components can only lower the objective
+    assert loss <= est.loss_curve_[-1] * (1 + 1e-9)
     assert est.loss(X, W) == pytest.approx(loss, rel=1e-6, abs=1e-9)
 
 
@@ -124,7 +127,7 @@ def test_reference_schedule_is_available_and_descends():
     X, _, _ = make_planted_lowrank(n_examples=100, n_params=300, n_components=4,
                                    support_size=30, random_state=0)
     est = LowRankNPEFF(n_components=4, n_classes=3, init="random", learning_rate=1e-3,
-                       w_solver="mu", max_iter=50, tol=0, random_state=0)
+                       solver="mu", max_iter=50, tol=0, random_state=0)
     est.fit(X)
     assert est.loss_curve_[-1] < est.loss_curve_[0]
 
@@ -266,7 +269,7 @@ def test_int32_block_boundary_uses_same_blocks():
         (dict(init="svd"), "init"),
         (dict(tol=-1), "tol"),
         (dict(max_iter=1.5), "max_iter"),
-        (dict(w_solver="x"), "w_solver"),
+        (dict(solver="x"), "solver"),
     ],
 )
 def test_bad_parameters(params, match):
@@ -296,14 +299,13 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path):
     X2, _, _ = make_planted_lowrank(n_examples=120, n_params=400, n_components=4,
                                     support_size=40, random_state=1, dtype=np.float64)
     kw = dict(n_components=4, n_classes=3, random_state=0, tol=0)
-    # the loss curve ends with one more entry: the loss of the final fit
-    check_checkpoint_resume(LowRankNPEFF, X, X2, tmp_path / "fit.npz", kw, n_curve=31)
+    check_checkpoint_resume(LowRankNPEFF, X, X2, tmp_path / "fit.npz", kw, n_curve=30)
 
 
 def _interrupt_on_call(monkeypatch, name, at):
-    """Make sknpeff.decomposition._low_rank.<name> raise KeyboardInterrupt (as Ctrl-C
-    would) on its `at`-th call."""
-    import sknpeff.decomposition._low_rank as lr
+    """Make sknpeff.decomposition._solvers.<name> (what one iteration calls) raise
+    KeyboardInterrupt (as Ctrl-C would) on its `at`-th call."""
+    import sknpeff.decomposition._solvers as lr
 
     real = getattr(lr, name)
     calls = {"n": 0}
@@ -323,23 +325,28 @@ def test_ctrl_c_keeps_state_and_saves_checkpoint(tmp_path, monkeypatch):
     ckpt = tmp_path / "fit.npz"
     est = LowRankNPEFF(n_components=4, n_classes=3, random_state=0, tol=0, max_iter=50,
                        checkpoint_path=ckpt)
-    _interrupt_on_call(monkeypatch, "lowrank_loss", 8)  # once per iteration
-    with pytest.warns(RuntimeWarning, match="interrupted after 7 iterations.*checkpoint"
-                      r" \(loss [0-9.e+-]+, coefficients re-solved; ") as rec:
-        W = est.fit_transform(X)
+    # twice per iteration (after the W step, at the end): the 15th call is in the 8th
+    _interrupt_on_call(monkeypatch, "lowrank_loss", 15)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(
+            RuntimeWarning, match="interrupted after 7 iterations.*checkpoint"
+            r" \(loss [0-9.e+-]+, coefficients re-solved; ") as rec:
+        est.fit_transform(X)  # the state is kept, and Ctrl-C still stops the caller
+    monkeypatch.undo()
+    W = est.transform(X)
     assert est.n_iter_ == 7 and np.isfinite(W).all()
-    # the message names the kept state's exact loss (the last entry of the curve) beside
+    # the message names the kept state's exact loss (reconstruction_err_ squared) beside
     # the lowest of the loop, and says whether the kept state is the best so far
     msg = str(rec[0].message)
-    kept, best = est.loss_curve_[-1], min(est.loss_curve_[:7])
-    assert f"(loss {kept:.6e}, coefficients re-solved" in msg
+    assert len(est.loss_curve_) == 7
+    kept = float(re.search(r"\(loss ([0-9.e+-]+), coefficients re-solved", msg).group(1))
+    assert kept == pytest.approx(est.reconstruction_err_ ** 2, rel=1e-6)
+    best = min(est.loss_curve_)
     assert f"lowest {best:.6e}" in msg or f"fit, {best:.6e}" in msg
     assert ("the best state so far" in msg) == (kept <= best)
     assert kept <= best  # the re-solved coefficients of the latest state: the best here
     with np.load(ckpt) as f:
         assert int(f["n_iter"]) == 7
-    monkeypatch.undo()
-    np.testing.assert_allclose(est.transform(X), W, rtol=1e-4, atol=1e-6)
+    assert est.loss(X, W) == pytest.approx(kept, rel=1e-5)
 
 
 def test_interrupt_warning_compares_kept_loss_with_the_fit():
@@ -378,20 +385,22 @@ def test_ctrl_c_mid_sweep_leaves_consistent_state(monkeypatch):
     assert n_blocks >= 4
     # block updates are called once per column block: this call is inside the 3rd sweep
     _interrupt_on_call(monkeypatch, "lowrank_g_update", 2 * n_blocks + n_blocks // 2)
-    with pytest.warns(RuntimeWarning, match="interrupted"):
-        W = est.fit_transform(X)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="interrupted"):
+        est.fit_transform(X)
     monkeypatch.undo()
+    W = est.transform(X)  # as the interrupted fit solved them, up to rounding
     # coefficients and reported loss belong to the components actually returned
     F = dense_pefs(X, 3)
-    assert est.loss_curve_[-1] == pytest.approx(dense_loss(F, W, est.components_), rel=1e-8)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(dense_loss(F, W, est.components_),
+                                                          rel=1e-6)
 
 
 @pytest.mark.parametrize("sorted_rows", [True, False])
 @pytest.mark.parametrize("min_nnz", [1, 3])
 def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
-    import sknpeff.decomposition._base as base
+    import sknpeff.decomposition._data as base
 
-    monkeypatch.setattr(base, "_CHUNK_NNZ", 7)  # many row chunks, rows of every length
+    monkeypatch.setattr(base, "CHUNK_NNZ", 7)  # many row chunks, rows of every length
     n, c, m = 13, 3, 20
     X = sp.random(n, c * m, density=0.3, format="csr", random_state=1).tolil()
     X[4] = 0
@@ -413,3 +422,57 @@ def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
     np.testing.assert_allclose(A2.toarray(), D[:, [1, 5, 7]], rtol=1e-6)
     np.testing.assert_array_equal(X.data, before[0])
     np.testing.assert_array_equal(X.indices, before[1])
+
+
+# ------------------------------------------------------- one contract for both estimators
+def test_w_solver_is_deprecated_for_solver():
+    X, _, _ = make_planted_lowrank(n_examples=60, n_params=200, n_components=3,
+                                   support_size=30, random_state=0)
+    kw = dict(n_components=3, n_classes=3, random_state=0, max_iter=15, tol=0)
+    new = LowRankNPEFF(solver="mu", **kw)
+    W_new = new.fit_transform(X)
+    old = LowRankNPEFF(w_solver="mu", **kw)
+    with pytest.warns(FutureWarning, match=r"'w_solver' was renamed to 'solver'.*0\.3.*"
+                                           r"solver='mu'"):
+        W_old = old.fit_transform(X)
+    np.testing.assert_array_equal(W_old, W_new)
+    np.testing.assert_array_equal(old.components_, new.components_)
+    np.testing.assert_array_equal(old.transform(X), new.transform(X))
+    assert old.get_params()["w_solver"] == "mu" and old.solver == "cd"  # params untouched
+    with pytest.raises(ValueError, match="both w_solver='mu' and solver='cd'|both"):
+        LowRankNPEFF(w_solver="mu", solver="mu", **kw).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the new name alone: no warning
+        LowRankNPEFF(solver="mu", **kw).fit(X)
+
+
+def test_transform_reads_components_and_none_transform_max_iter():
+    X, _, _ = make_planted_lowrank(n_examples=80, n_params=200, n_components=3,
+                                   support_size=30, random_state=0)
+    est = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=40, tol=0)
+    W = est.fit(X).transform(X)
+    assert (W[:, 1] > 0).any()
+    est.components_[1] = 0.0  # components_ is the only copy: transform follows it
+    W2 = est.transform(X)
+    assert (W2[:, 1] == 0).all() and not np.allclose(W2, W)
+    assert est.loss(X, W2) == pytest.approx(est.loss(X), rel=1e-9)  # W2 = transform(X)
+    # transform_max_iter=None: max_iter coefficient steps, as DiagonalNPEFF's default
+    a = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=40, tol=0,
+                     transform_max_iter=None).fit(X)
+    b = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=40, tol=0,
+                     transform_max_iter=40).fit(X)
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+
+
+def test_reconstruction_err_and_loss_include_pruned_parameters():
+    X, _, _ = make_planted_lowrank(n_examples=60, n_params=120, n_components=3,
+                                   support_size=40, random_state=2, dtype=np.float64)
+    est = LowRankNPEFF(n_components=3, n_classes=3, random_state=0, max_iter=30, tol=0,
+                       min_nnz_per_column=4)
+    W = est.fit_transform(X)
+    assert 0 < est.kept_columns_.size < 120  # something with values was pruned
+    dense = dense_loss(dense_pefs(X, 3), W, est.components_)
+    assert est.reconstruction_err_ ** 2 == pytest.approx(dense, rel=1e-9)
+    assert est.loss(X, W) == pytest.approx(dense, rel=1e-9)
+    assert est.score(X) == -est.loss(X)
+    assert len(est.loss_curve_) == est.n_iter_ == 30

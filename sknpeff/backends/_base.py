@@ -41,6 +41,8 @@ class Backend(ABC):
     #: block per partition (cut only at the int32 nonzero cap). CPUs and GPUs both want
     #: blocks whose slice of the factor stays in cache (see ``benchmarks/gpu.py``).
     default_block_size: int | None = 4096
+    #: the arrays of this backend are host NumPy arrays (False: device arrays)
+    on_host: bool = True
 
     @abstractmethod
     def asarray(self, x: Any, dtype: Any = None, partition: int = 0) -> Any:
@@ -92,6 +94,19 @@ class Backend(ABC):
         the distributed backend all-gathers.
         """
         return local
+
+    def holds_whole_job(self) -> bool:
+        """True when this process computes the whole job on one host partition.
+
+        Then a product with a whole host matrix needs no column blocks, copies or
+        transfers, and a factor held in one part is the whole factor already.
+
+        Returns
+        -------
+        bool
+            ``on_host`` and a single partition in the whole job.
+        """
+        return self.on_host and self.n_partitions() == 1
 
     def is_root(self) -> bool:
         """True on the process that should print, save or log (rank 0)."""

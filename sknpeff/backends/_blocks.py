@@ -438,8 +438,8 @@ class ColumnBlocks:
         if Ft.shape[0] != self.n_cols:
             raise ValueError(f"factor has {Ft.shape[0]} rows, expected {self.n_cols}")
         dtype = np.dtype(dtype or self.dtype)
-        if not copy and self.n_global_partitions == 1 and self.backend.xp is np \
-                and Ft.dtype == dtype and Ft.flags.c_contiguous:
+        if not copy and self.backend.holds_whole_job() and Ft.dtype == dtype \
+                and Ft.flags.c_contiguous:
             return [Ft]
         return [self.backend.asarray(np.array(Ft[s:e], dtype=dtype, order="C"), partition=p)
                 for p, (s, e) in enumerate(self.partition_ranges)]
@@ -455,6 +455,25 @@ class ColumnBlocks:
             raise ValueError(f"gathered factor has {full.shape[0]} rows, expected "
                              f"{self.n_cols}")
         return full
+
+    def whole_factor(self, parts: list[Any]) -> np.ndarray:
+        """The whole factor on the host, as :meth:`gather_factor`, without a copy when
+        this process computes the whole job on one host partition.
+
+        Parameters
+        ----------
+        parts : list of arrays
+            This process's factor parts, one per local partition.
+
+        Returns
+        -------
+        ndarray of shape (n_cols, r)
+            ``parts[0]`` itself when it is the whole factor already, else a gathered
+            host copy.
+        """
+        if self.backend.holds_whole_job() and len(parts) == 1:
+            return parts[0]
+        return self.gather_factor(parts)
 
     def replicate(self, x: Any) -> list[Any]:
         """``x`` (a replicated array, on local partition 0) on every local partition.

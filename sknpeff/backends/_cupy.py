@@ -69,6 +69,8 @@ class CupyBackend(Backend):
 
     name = "cupy"
     xp = cupy
+    on_host = False
+
     def __init__(self, devices: Any = None, use_nccl: bool = True) -> None:
         try:
             n_available = int(cupy.cuda.runtime.getDeviceCount())

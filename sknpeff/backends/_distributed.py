@@ -81,7 +81,8 @@ class DistributedBackend(Backend):
         self.xp = local.xp
         self.default_block_size = local.default_block_size
         self._n_local = int(local.n_partitions())
-        self._on_cuda = local.xp is not np
+        self.on_host = local.on_host
+        self._on_cuda = not local.on_host
         if not self._on_cuda and dist.get_backend(group) == "nccl":
             raise ValueError(
                 "distributed=True with a CPU backend needs a 'gloo' process group "
@@ -144,7 +145,7 @@ class DistributedBackend(Backend):
         x = xp.asarray(x)
         if x.ndim == 0:
             x = x.reshape(1)
-        if not x.flags.c_contiguous or (xp is np and not x.flags.writeable):
+        if not x.flags.c_contiguous or (self.on_host and not x.flags.writeable):
             x = xp.ascontiguousarray(x).copy()
         return x
 

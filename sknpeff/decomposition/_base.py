@@ -1,14 +1,17 @@
-"""What DiagonalNPEFF and LowRankNPEFF share: validation, column pruning, the fit loop.
+"""What DiagonalNPEFF and LowRankNPEFF share: validation, the fit template, the iteration
+loop, checkpoints, frozen components, coefficients, ``loss`` and ``score``.
 
 Both estimators factor a sparse matrix ``A`` (rows x kept parameters) into non-negative
 coefficients ``W`` (examples x components) and a factor stored transposed, ``Ft``
 (kept parameters x components), so that a column block's slice of the factor is a
-contiguous run of rows (see :mod:`sknpeff.backends._blocks`).
+contiguous run of rows (see :class:`sknpeff.backends.ColumnBlocks`). As in
+scikit-learn's NMF, the public classes are thin: :class:`BaseNPEFF` runs one fit
+template, and each estimator supplies its loss constant, initialization and iteration
+(the update rules themselves are free functions of :mod:`._updates`).
 """
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 import sys
@@ -21,38 +24,20 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state, metadata_routing
 from sklearn.utils.validation import check_is_fitted, validate_data
-from threadpoolctl import threadpool_limits
 
 from ..backends import Backend, ColumnBlocks, cupy_device, from_device, get_backend, to_device
+from ..utils import InvalidParameterError, check_choice, check_float, check_int, limit_threads
+from ._data import reshape_and_prune, sample_rows
+from ._updates import DIAG_UPDATES, diag_solve_w
 
-#: nonzeros handled per chunk when re-indexing the input (bounds temporary memory)
-_CHUNK_NNZ = 1 << 24
+__all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "shared_doc"]
 
-
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-
-
-def _check_float(name: str, value: Any, low: float, strict: bool = False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-    if ok:
-        ok = value > low if strict else value >= low
-    if not ok:
-        op = ">" if strict else ">="
-        raise ValueError(f"{name} must be a finite number {op} {low}, got {value!r}.")
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
+#: the release in which deprecated parameter names stop working
+_REMOVED_IN = "0.3"
 
 def _caller_stacklevel() -> int:
     """``stacklevel`` for ``warnings.warn`` that names the first frame outside sknpeff
@@ -68,14 +53,36 @@ def _caller_stacklevel() -> int:
     return level
 
 
-# docstring paragraphs that both estimators state word for word (see _shared_doc)
-_SHARED_DOCS = {
+# docstring paragraphs that both estimators state word for word (see shared_doc)
+SHARED_DOCS = {
     "block_size_param": """\
 block_size : int, "auto" or None, default="auto"
     Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPUs and
     GPUs (a block's slice of the factor stays in cache). ``None``:
     one block per partition on any backend. Blocks are always cut where they would
     hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
+""",
+    "fit_attributes": """\
+reconstruction_err_ : float
+    ``sqrt(loss(X, W))`` for the training ``X`` and the returned coefficients
+    ``W = fit_transform(X)``, pruned parameters included, as
+    :class:`sklearn.decomposition.NMF` reports it. After :meth:`partial_fit`, that of
+    the last batch before its update. With float32 input the loss terms are float32
+    products summed in float64: expect an absolute error near 1e-7 times the loss of
+    zero coefficients.
+loss_curve_ : list of float
+    The objective (see :meth:`loss`) at the end of each iteration, for that
+    iteration's coefficients and components, over the kept parameters (pruned ones
+    add a constant that no iteration changes): one entry per iteration, the first
+    after the first iteration (the initialization is not recorded), so
+    ``len(loss_curve_) == n_iter_``. The coefficients returned by
+    :meth:`fit_transform` are re-solved for the final components and give
+    ``reconstruction_err_``. After :meth:`partial_fit`: one entry per batch, the
+    batch's objective before its update.
+n_iter_ : int
+    Number of iterations run (after :meth:`partial_fit`: number of batches seen).
+n_steps_ : int
+    Number of :meth:`partial_fit` batches seen (only after :meth:`partial_fit`).
 """,
     "cupy_host_attributes": """\
 ``backend="auto"`` computes on the input's device. The input is copied to the host
@@ -90,13 +97,13 @@ once the fit is done; the tools that consume it (:class:`~sknpeff.GuidedPerturbe
 }
 
 
-def _shared_doc(cls):
-    """Class decorator: put each paragraph of ``_SHARED_DOCS`` where the class docstring
+def shared_doc(cls):
+    """Class decorator: put each paragraph of ``SHARED_DOCS`` where the class docstring
     has a line ``{name}`` alone, indented as that line."""
 
     def fill(match: re.Match) -> str:
         indent = match.group(1)
-        text = _SHARED_DOCS[match.group(2)].rstrip("\n")
+        text = SHARED_DOCS[match.group(2)].rstrip("\n")
         return "\n".join(indent + line if line else line for line in text.split("\n"))
 
     cls.__doc__ = re.sub(r"^([ \t]*)\{(\w+)\}$", fill, cls.__doc__, flags=re.MULTILINE)
@@ -113,115 +120,12 @@ class Problem:
     #: rows of A per example (class slots; 1 for diagonal)
     n_slots: int
     dtype: Any
-    #: loss constant: sum over examples of the squared Frobenius norm of the PEF
+    #: loss constant over the kept columns: sum over examples of the squared Frobenius
+    #: norm of the PEF restricted to them
     const: float
     extras: dict = field(default_factory=dict)
-
-
-def row_chunks(indptr: np.ndarray, chunk_nnz: int = _CHUNK_NNZ) -> Iterator[tuple[int, int]]:
-    """Row ranges ``[r0, r1)`` holding about ``chunk_nnz`` stored values each."""
-    n = len(indptr) - 1
-    r0 = 0
-    while r0 < n:
-        r1 = int(np.searchsorted(indptr, indptr[r0] + chunk_nnz, side="right")) - 1
-        r1 = min(max(r1, r0 + 1), n)
-        yield r0, r1
-        r0 = r1
-
-
-def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
-                      min_nnz: int, dtype: Any) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Turn ``(n, n_slots * m)`` PEF rows into ``A`` of shape ``(n * n_slots, m')``.
-
-    Row ``i * n_slots + j`` of ``A`` is class slot ``j`` of example ``i``, restricted to
-    the kept columns. When ``kept`` is None the kept columns are chosen here: those with
-    at least ``min_nnz`` nonzero entries (over all rows of ``A``); all columns are kept
-    when none qualifies. ``X`` is not modified. Work runs over row chunks of about
-    ``_CHUNK_NNZ`` values, so temporaries stay small: ``A`` costs one int32 index per value
-    beside ``X`` (its ``data`` is shared when ``X``'s rows are sorted, nothing is pruned
-    and the dtype matches; otherwise one permuted copy).
-
-    Returns
-    -------
-    A : csr_matrix of shape (n * n_slots, len(kept))
-    kept : ndarray of int64, the kept parameter indices (sorted)
-    """
-    n, width = X.shape
-    m = width // n_slots
-    indptr = np.asarray(X.indptr, dtype=np.int64)
-    nnz = int(indptr[-1])
-    col_dtype = np.int64 if m > np.iinfo(np.int32).max else np.int32
-    # slot-major order within each row is what the reshape needs; sorted rows have it
-    ordered = X.has_sorted_indices or n_slots == 1
-    # one slot: the columns are X's own indices; share them unless pruning rewrites them
-    share = n_slots == 1 and X.indices.dtype == col_dtype
-    col = X.indices if share else np.empty(nnz, dtype=col_dtype)
-    data = None if ordered else np.empty(nnz, dtype=dtype)
-    slot = None if ordered else np.empty(nnz, dtype=np.min_scalar_type(n_slots))
-    counts = np.zeros(m, dtype=np.int64) if kept is None else None
-    for r0, r1 in row_chunks(indptr):
-        lo, hi = indptr[r0], indptr[r1]
-        idx = X.indices[lo:hi]
-        vals = X.data[lo:hi]
-        if share:
-            pass
-        elif ordered:
-            col[lo:hi] = idx % m
-        else:  # stable sort of each row's values by class slot
-            rows = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
-            s_ = idx // m
-            order = np.argsort(rows * n_slots + s_, kind="stable")
-            col[lo:hi] = (idx % m)[order]
-            data[lo:hi] = vals[order]
-            slot[lo:hi] = s_[order]
-        if counts is not None:
-            counts += np.bincount(col[lo:hi][(data[lo:hi] if data is not None else vals) != 0],
-                                  minlength=m)
-    if kept is None:
-        kept = np.flatnonzero(counts >= min_nnz)
-        if kept.size == 0:
-            kept = np.arange(m)
-    kept = np.asarray(kept, dtype=np.int64)
-    colmap = np.full(m, -1, dtype=col_dtype)
-    colmap[kept] = np.arange(kept.size, dtype=col_dtype)
-    keep_all = kept.size == m
-    if share and not keep_all:
-        col = col.copy()  # pruning remaps the indices: never in the caller's array
-    mask = None if keep_all else np.empty(nnz, dtype=bool)
-    slot_counts = np.zeros(n * n_slots, dtype=np.int64)
-    # one slot, nothing pruned: A's rows are X's rows (no second pass)
-    trivial = n_slots == 1 and keep_all
-    if trivial:
-        slot_counts = np.diff(indptr)
-    for r0, r1 in ([] if trivial else row_chunks(indptr)):
-        lo, hi = indptr[r0], indptr[r1]
-        rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
-        s_ = X.indices[lo:hi] // m if slot is None else slot[lo:hi]
-        key = rows * n_slots + s_
-        mapped = colmap[col[lo:hi]]
-        if mask is not None:
-            mask[lo:hi] = mapped >= 0
-            key = key[mask[lo:hi]]
-        slot_counts += np.bincount(key, minlength=n * n_slots)
-        if not keep_all:  # all kept: the map is the identity
-            col[lo:hi] = mapped
-    del slot
-    new_indptr = np.zeros(n * n_slots + 1, dtype=np.int64)
-    np.cumsum(slot_counts, out=new_indptr[1:])
-    if data is None:
-        data = np.asarray(X.data, dtype=dtype)
-    if mask is None:
-        indices = col
-    else:
-        data = data[mask]
-        indices = col[mask]
-        del col
-    if new_indptr[-1] <= np.iinfo(np.int32).max:
-        new_indptr = new_indptr.astype(np.int32)
-        if indices.dtype != np.int32:
-            indices = indices.astype(np.int32)
-    A = sp.csr_matrix((data, indices, new_indptr), shape=(n * n_slots, kept.size), copy=False)
-    return A, kept
+    #: the same constant over all columns (pruned ones included); None unless asked for
+    full_const: float | None = None
 
 
 #: below this many stored values a fit runs torch's sparse kernels on one thread
@@ -238,76 +142,104 @@ def compute_context(X: Any) -> Iterator[None]:
     whole fits 3-10x on a loaded 2-core machine. For small inputs (fewer than
     ``SMALL_NNZ`` values) torch's kernels run on one thread too: there, thread start-up
     and spinning cost more than the work (a scikit-learn check on 40 x 10 data took 85 s
-    with two threads on a loaded machine, 2.7 s with one).
+    with two threads on a loaded machine, 2.7 s with one). Larger inputs keep torch's
+    threads as they are.
     """
     if sp.issparse(X):
         nnz = X.nnz
     else:  # no NumPy dispatch: X may be any array-like (list, DataFrame, ...)
         shape = getattr(X, "shape", None)
         nnz = int(np.prod(shape)) if isinstance(shape, tuple) else SMALL_NNZ
-    with threadpool_limits(limits=1, user_api="blas"):
-        old = torch.get_num_threads()
-        if nnz < SMALL_NNZ and old > 1:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            if torch.get_num_threads() != old:
-                torch.set_num_threads(old)
+    with limit_threads(1, torch_threads=nnz < SMALL_NNZ):
+        yield
 
 
-def row_sq_norms(A: sp.csr_matrix) -> np.ndarray:
-    """Squared L2 norm of every row of a CSR matrix, in float64, without copying A."""
-    out = np.zeros(A.shape[0], dtype=np.float64)
-    indptr = A.indptr
-    for r0, r1 in row_chunks(indptr):
-        lo, hi = indptr[r0], indptr[r1]
-        d = np.asarray(A.data[lo:hi], dtype=np.float64)
-        cs = np.concatenate([[0.0], np.cumsum(d * d)])
-        out[r0:r1] = cs[indptr[r0 + 1:r1 + 1] - lo] - cs[indptr[r0:r1] - lo]
-    return np.maximum(out, 0.0)
+class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Base class of the NPEFF decompositions (not for direct use).
 
+    Holds what :class:`~sknpeff.decomposition.DiagonalNPEFF` and
+    :class:`~sknpeff.decomposition.LowRankNPEFF` share: parameter and input
+    validation, the fit template (prepare, initialize, iterate, store), the iteration
+    loop with its stopping rule, checkpoints, fitting with frozen components,
+    coefficient fitting (:meth:`transform`) and the objective (:meth:`loss`,
+    :meth:`score`).
 
-def sample_rows(A: sp.csr_matrix, n_rows: int, rng: np.random.RandomState | None
-                ) -> tuple[sp.csr_matrix, np.ndarray]:
-    """At most ``n_rows`` random nonzero rows of ``A`` (sorted) and their L2 norms."""
-    norms = np.sqrt(row_sq_norms(A))
-    rows = np.flatnonzero(norms > 0)
-    if rows.size > n_rows:
-        rng = rng if rng is not None else np.random.RandomState(0)
-        rows = np.sort(rng.choice(rows, n_rows, replace=False))
-    return A[rows], norms[rows]
-
-
-class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
-    """Parameters, validation and the iteration loop shared by both estimators.
-
-    A subclass defines ``_loss_constant(A) -> float``, the sum over examples of the
-    squared Frobenius norm of each PEF (the constant term of its loss), and, when an
-    example spans several rows of ``A``, ``_n_slots()``.
+    A subclass supplies ``_loss_constant(A)`` (the constant term of its loss),
+    ``_init_state``, ``_iterate`` and ``_coefficient_terms``, and, when an example
+    spans several rows of ``A``, ``_n_slots()``.
     """
+
+    # frozen_components is an argument of the fit, not data routed by meta-estimators
+    # (no set_fit_request method): scikit-learn's way to declare it
+    __metadata_request__fit = {"frozen_components": metadata_routing.UNUSED}
+
+    #: renamed parameters, old name -> new name: the old name still works until
+    #: ``_REMOVED_IN`` with a ``FutureWarning`` (its default is the string "deprecated")
+    _renamed: dict[str, str] = {}
 
     #: rows of A per example; LowRankNPEFF uses n_classes
     def _n_slots(self) -> int:
         return 1
 
     # --------------------------------------------------------------- validation
-    def _check_common_params(self) -> None:
-        _check_int("n_components", self.n_components, 1)
-        _check_int("max_iter", self.max_iter, 0)
-        _check_float("tol", self.tol, 0.0)
-        _check_int("min_nnz_per_column", self.min_nnz_per_column, 1)
-        bs = self.block_size
-        if not (bs is None or (isinstance(bs, str) and bs == "auto") or (
-                isinstance(bs, numbers.Integral) and not isinstance(bs, bool) and bs >= 1)):
-            raise ValueError(f"block_size must be an integer >= 1, 'auto' or None, got "
-                             f"{bs!r}.")
-        _check_int("checkpoint_every", self.checkpoint_every, 1)
-        _check_int("verbose", int(self.verbose) if isinstance(self.verbose, bool)
-                   else self.verbose, 0)
+    def _resolve_renamed(self) -> None:
+        """Move each deprecated parameter's value to its new name, as scikit-learn does.
 
-    def _validate_input(self, X: Any, reset: bool) -> sp.csr_matrix:
-        """sklearn validation (dtype, NaN/inf, n_features_in_), then CSR."""
+        The value in use is stored as ``_<new name>`` (the parameters themselves are
+        never modified; ``_solver`` always exists after this). Passing both names is an
+        error.
+        """
+        import inspect
+
+        defaults = inspect.signature(type(self).__init__).parameters
+        self._solver = self.solver
+        for old, new in self._renamed.items():
+            value = getattr(self, new)
+            old_value = getattr(self, old)
+            if not (isinstance(old_value, str) and old_value == "deprecated"):
+                if value != defaults[new].default:
+                    raise InvalidParameterError(
+                        f"{type(self).__name__}: got both {old}={old_value!r} and "
+                        f"{new}={value!r}; pass only {new} ({old} is deprecated).")
+                warnings.warn(
+                    f"{type(self).__name__}: parameter {old!r} was renamed to {new!r} in "
+                    f"version 0.1 and will be removed in {_REMOVED_IN}; use "
+                    f"{new}={old_value!r} instead.", FutureWarning,
+                    stacklevel=_caller_stacklevel())
+                value = old_value
+            setattr(self, "_" + new, value)
+
+    def _check_common_params(self) -> None:
+        self._resolve_renamed()
+        check_int(self.n_components, "n_components", low=1)
+        check_int(self.max_iter, "max_iter", low=0)
+        check_int(self.transform_max_iter, "transform_max_iter", low=0, allow_none=True)
+        check_float(self.tol, "tol", low=0.0)
+        check_choice(self._solver, "solver", ("cd", "mu"))
+        check_int(self.min_nnz_per_column, "min_nnz_per_column", low=1)
+        bs = self.block_size
+        if not (bs is None or (isinstance(bs, str) and bs == "auto")):
+            try:
+                check_int(bs, "block_size", low=1)
+            except InvalidParameterError:
+                raise InvalidParameterError(f"block_size must be an integer >= 1, 'auto' "
+                                            f"or None; got {bs!r}.") from None
+        check_int(self.checkpoint_every, "checkpoint_every", low=1)
+        check_int(int(self.verbose) if isinstance(self.verbose, bool) else self.verbose,
+                  "verbose", low=0)
+
+    def _transform_iters(self) -> int:
+        """Coefficient steps of :meth:`transform`: ``transform_max_iter``, or
+        ``max_iter`` when it is None."""
+        return self.max_iter if self.transform_max_iter is None else self.transform_max_iter
+
+    def _fitted_solver(self) -> str:
+        """The solver the fit used (the deprecated name resolved)."""
+        return getattr(self, "_solver", self.solver)
+
+    def _validate(self, X: Any, *, reset: bool, whom: str) -> sp.csr_matrix:
+        """scikit-learn's validation (dtype, NaN/inf, ``n_features_in_``), then CSR,
+        then the estimator's own checks of the values (``_check_input``)."""
         X = validate_data(self, X, accept_sparse=("csr", "csc", "coo"),
                           dtype=[np.float64, np.float32], reset=reset,
                           ensure_all_finite=True, ensure_min_samples=1)
@@ -315,7 +247,28 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             X = sp.csr_matrix(X)
         elif X.format != "csr":
             X = X.tocsr()
+        self._check_input(X, f"{type(self).__name__}.{whom}")
         return X
+
+    def _check_input(self, X: sp.csr_matrix, whom: str) -> None:
+        """Checks of the input's values beyond scikit-learn's (none by default)."""
+
+    def _check_frozen(self, frozen: Any, X: sp.csr_matrix) -> np.ndarray | None:
+        """Validate ``frozen_components`` against the data and ``n_components``."""
+        if frozen is None:
+            return None
+        frozen = np.asarray(frozen)
+        n_params = X.shape[1] // self._n_slots()
+        if frozen.ndim != 2 or frozen.shape[1] != n_params:
+            raise ValueError(f"frozen_components must have shape (r0, n_params={n_params}), "
+                             f"got {frozen.shape}.")
+        r0 = frozen.shape[0]
+        if not 0 < r0 < self.n_components:
+            raise ValueError(f"frozen_components: need 0 < r0 < n_components, got r0={r0}, "
+                             f"n_components={self.n_components}.")
+        if not np.all(np.isfinite(frozen)):
+            raise ValueError("frozen_components must be finite.")
+        return frozen
 
     def _get_backend(self, X: Any = None) -> Backend:
         # inside _dispatch X is the host copy: "auto" must see the caller's CuPy input
@@ -348,7 +301,7 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
 
     def _prepare(self, X: sp.csr_matrix, *, fitting: bool,
                  pool_rows: int = 0, rng: np.random.RandomState | None = None,
-                 transpose: bool = True) -> Problem:
+                 transpose: bool = True, full_const: bool = False) -> Problem:
         """Reshape, prune (when fitting) and block the input.
 
         When fitting, sets ``kept_columns_`` and ``n_params_``; otherwise uses the
@@ -358,7 +311,8 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         data-seeded initialization. The reshaped copy is dropped as soon as its CSC
         copy exists, so the peak stays at input + CSC + blocks. With
         ``transpose=False`` (components frozen: only ``A @ Ft`` is needed) no CSC copy
-        or transposed blocks are built.
+        or transposed blocks are built. ``full_const`` also computes the loss constant
+        over all columns (it differs only when pruned columns hold stored values).
         """
         n_slots = self._n_slots()
         kept = None if fitting else self.kept_columns_
@@ -370,6 +324,10 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         if pool_rows:
             extras["pool"], extras["pool_norms"] = sample_rows(A, pool_rows, rng)
         const = self._loss_constant(A)
+        full = None
+        if full_const:
+            full = const if A.nnz == X.nnz else self._loss_constant(reshape_and_prune(
+                X, n_slots, np.arange(X.shape[1] // n_slots), 1, X.dtype)[0])
         backend = self._get_backend(X)
         self._root = bool(backend.is_root())  # only rank 0 prints and writes checkpoints
         if not transpose:
@@ -381,7 +339,11 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             # the CSC is ours: the blocks reorder it in place rather than copy it
             blocks = ColumnBlocks(csc, backend, block_size=self.block_size, owned=True)
             del csc
-        return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras)
+        return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras, full)
+
+    def _prepare_kw(self, rng: np.random.RandomState) -> dict:
+        """Extra ``_prepare`` arguments of a fit (LowRankNPEFF samples rows there)."""
+        return {}
 
     @property
     def _n_features_out(self) -> int:
@@ -393,43 +355,181 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
-    # ---------------------------------------------------------------- fit loop
-    def _run_loop(self, step: Callable[[int], float], max_iter: int, *, label: str,
-                  check_every: int = 10, on_interrupt: Callable[[], None] | None = None,
-                  start: int = 0, losses: list[float] | None = None,
-                  checkpoint: Callable[[int, list[float]], None] | None = None,
-                  checkpoint_every: int = 0) -> tuple[list[float], int]:
-        """Call ``step(it) -> loss`` until converged, ``max_iter`` or Ctrl-C.
+    # ------------------------------------------------------------- fit template
+    def fit(self, X: Any, y: Any = None, *, frozen_components: Any = None) -> BaseNPEFF:
+        """Learn the components from PEFs ``X``.
 
-        Stops when the loss fell by less than ``tol`` times the first loss over the last
-        ``check_every`` iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt``
-        ends the loop with the state reached so far; ``on_interrupt`` then lets the caller
-        make that state consistent, and the estimator stays usable. The caller, once it
-        has the kept state's final loss, calls :meth:`_warn_if_interrupted` to say so.
-        A resumed fit passes ``start`` (iterations already done) and their ``losses``;
-        ``checkpoint(n_done, losses)`` is called every ``checkpoint_every`` iterations
-        and after an interrupt.
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_features)
+            PEFs in the estimator's layout: D-PEFs (``n_params`` columns, non-negative)
+            for :class:`DiagonalNPEFF`, low-rank PEFs (``n_classes * n_params``
+            columns) for :class:`LowRankNPEFF`. CSR preferred; CSC, COO and dense are
+            accepted.
+        y : Ignored
+            Not used, present for API consistency by convention.
+        frozen_components : array-like of shape (r0, n_params), default=None
+            Components to keep fixed (see :meth:`fit_transform`).
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        self.fit_transform(X, frozen_components=frozen_components)
+        return self
+
+    def fit_transform(self, X: Any, y: Any = None, *, frozen_components: Any = None) -> Any:
+        """Learn the components from ``X`` and return its coefficients.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_features)
+            PEFs in the estimator's layout (see :meth:`fit`).
+        y : Ignored
+            Not used, present for API consistency by convention.
+        frozen_components : array-like of shape (r0, n_params), default=None
+            Fit with these components frozen (component-set expansion, Matena & Raffel,
+            arXiv 2310.04649, section 3.5; :class:`~sknpeff.ComponentExpander` uses
+            this). With ``0 < r0 < n_components``, they become the first ``r0`` rows
+            of ``components_``, equal to the given rows cast to ``X``'s dtype and never
+            updated; only the other ``n_components - r0`` rows are learned (from the
+            usual initialization), with the coefficients over all components. Their
+            parameters are kept even where ``X`` has fewer than
+            ``min_nnz_per_column`` nonzeros, so that nothing of them is pruned. They
+            must be finite (and non-negative for :class:`DiagonalNPEFF`); a fit with
+            frozen components resumes only from a checkpoint of the same kind of fit.
+            ``None``: every component is learned.
+
+        Returns
+        -------
+        W : ndarray of shape (n_examples, n_components)
+            Non-negative coefficients of the final components, same dtype as ``X``
+            (a CuPy array on ``X``'s device for CuPy ``X``). They are fitted exactly as
+            :meth:`transform` fits them, from the products of the last iteration, so
+            ``fit_transform(X)`` and ``fit(X).transform(X)`` agree.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            On Ctrl-C during the iterations, after the state reached so far is stored
+            as the fitted state (and saved to ``checkpoint_path`` when set), which a
+            ``RuntimeWarning`` reports with its loss: the estimator is usable, and a
+            script that fits in a loop stops.
+        """
+        return self._dispatch(self._fit_transform, X, frozen_components)
+
+    def _fit_transform(self, X: Any, frozen: Any = None) -> np.ndarray:
+        self._check_params()
+        X = self._validate(X, reset=True, whom="fit")
+        frozen = self._check_frozen(frozen, X)
+        t0 = time.perf_counter()
+        rng = check_random_state(self.random_state)
+        prob = self._prepare(X, fitting=True, full_const=True, **self._prepare_kw(rng))
+        r0 = 0 if frozen is None else frozen.shape[0]
+        if r0:  # frozen components keep their parameters even where X has no nonzeros
+            support = np.flatnonzero(np.any(frozen != 0, axis=0))
+            if np.setdiff1d(support, self.kept_columns_).size:
+                self.kept_columns_ = np.union1d(self.kept_columns_, support).astype(np.int64)
+                prob = self._prepare(X, fitting=False, full_const=True,
+                                     **self._prepare_kw(rng))
+        W, parts = self._init_state(prob, rng)
+        if r0:
+            backend = prob.blocks.backend
+            for i, (s0, e0) in enumerate(prob.blocks.partition_ranges):
+                block = frozen[:, self.kept_columns_[s0:e0]].T.astype(parts[i].dtype)
+                with backend.device(i):
+                    parts[i][:, :r0] = backend.asarray(block, partition=i)
+        W, losses, n_iter, final = self._iterate(prob, W, parts, r0)
+        interrupted = self._warn_if_interrupted(final)
+        backend = prob.blocks.backend
+        # the whole factor on the host (one CPU partition: it already is)
+        Ft = prob.blocks.whole_factor(parts)
+        gap = max(0.0, prob.full_const - prob.const)  # what pruned columns hold
+        # the blocks (about twice the input) are not needed any more: free them before
+        # the output arrays are made
+        prob.blocks = parts = None
+        W = self._finish_factor(Ft, np.asarray(backend.to_numpy(W)), r0)
+        self.components_ = self._full_components(Ft)
+        self.n_components_ = self.components_.shape[0]
+        self.loss_curve_ = losses
+        self.n_iter_ = n_iter
+        self.reconstruction_err_ = float(np.sqrt(max(final, 0.0) + gap))
+        for attr in ("n_steps_", "_stat_XtW", "_stat_WtW"):  # partial_fit's state
+            if hasattr(self, attr):
+                delattr(self, attr)
+        if interrupted:
+            # the fitted state is kept (and was announced); Ctrl-C still stops the caller
+            raise KeyboardInterrupt
+        if self._speaks:
+            print(f"[{type(self).__name__}] fit done in {time.perf_counter() - t0:.2f} s, "
+                  f"{n_iter} iterations, loss {final:.6e}")
+        return W
+
+    def _finish_factor(self, Ft: np.ndarray, W: np.ndarray, n_frozen: int) -> np.ndarray:
+        """Last touch on the fitted host factor (in place) and coefficients; returns W."""
+        return W
+
+    def _record_batch(self, batch_loss: float) -> None:
+        """Bookkeeping of one :meth:`partial_fit` batch (its loss before the update)."""
+        t = getattr(self, "n_steps_", 0) + 1
+        self.n_steps_ = t
+        self.n_iter_ = t
+        self.n_components_ = self.components_.shape[0]
+        self.loss_curve_ = [] if t == 1 else list(getattr(self, "loss_curve_", []))
+        self.loss_curve_.append(float(batch_loss))
+        self.reconstruction_err_ = float(np.sqrt(max(batch_loss, 0.0)))
+
+    # ---------------------------------------------------------------- fit loop
+    def _run_loop(self, step: Callable[[int], float | tuple[float, float]], max_iter: int,
+                  *, label: str, check_every: int = 10,
+                  on_interrupt: Callable[[], None] | None = None, start: int = 0,
+                  losses: list[float] | None = None, monitored: list[float] | None = None,
+                  checkpoint: Callable[..., None] | None = None,
+                  checkpoint_every: int = 0) -> tuple[list[float], int]:
+        """Call ``step(it)`` until converged, ``max_iter`` or Ctrl-C.
+
+        ``step(it)`` returns the objective at the end of the iteration (an entry of
+        ``loss_curve_``), or a pair ``(objective, monitored)`` when the stopping rule
+        watches another value of the iteration (LowRankNPEFF: the loss after its W
+        step, which also drives its step size). The loop stops when the monitored value
+        fell by less than ``tol`` times its first value over the last ``check_every``
+        iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt`` ends the loop
+        with the state reached so far; ``on_interrupt`` then lets the caller make that
+        state consistent; the fit stores it and raises the interrupt again. The caller,
+        once it has the kept state's final loss, calls :meth:`_warn_if_interrupted` to
+        say so. A resumed
+        fit passes ``start`` (iterations already done), their ``losses`` and
+        ``monitored`` values; ``checkpoint(n_done, losses, monitored)`` is called every
+        ``checkpoint_every`` iterations and after an interrupt.
+
+        Returns the objective after each iteration (``loss_curve_``) and the number of
+        iterations done.
         """
         self._interrupted: tuple[int, list[float], bool] | None = None
         losses = list(losses or [])
+        monitored = list(losses if monitored is None else monitored)
         t0 = time.perf_counter()
         self._loop_seconds = 0.0  # wall time of the iterations alone (for benchmarks)
         n_iter = start
         try:
             for it in range(start, max_iter):
-                loss = float(step(it))
+                out = step(it)
+                loss, watched = (out, out) if np.ndim(out) == 0 else out
+                loss, watched = float(loss), float(watched)
                 self._loop_seconds = time.perf_counter() - t0
                 losses.append(loss)
+                monitored.append(watched)
                 n_iter = it + 1
                 if checkpoint is not None and checkpoint_every and n_iter % checkpoint_every == 0:
-                    checkpoint(n_iter, losses)
+                    checkpoint(n_iter, losses, monitored)
                 if self._speaks and (it % check_every == 0 or it == max_iter - 1):
                     print(f"[{type(self).__name__}] {label} iteration {it + 1:4d}  "
                           f"loss {loss:.6e}  ({time.perf_counter() - t0:.2f} s)")
                 if self.tol > 0 and it >= check_every and it % check_every == 0:
-                    prev = losses[-1 - check_every]
-                    scale = max(abs(losses[0]), np.finfo(np.float64).tiny)
-                    if (prev - loss) / scale < self.tol:
+                    prev = monitored[-1 - check_every]
+                    scale = max(abs(monitored[0]), np.finfo(np.float64).tiny)
+                    if (prev - watched) / scale < self.tol:
                         if self._speaks:
                             print(f"[{type(self).__name__}] converged at iteration {it + 1}")
                         return losses, n_iter
@@ -437,17 +537,17 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             if on_interrupt is not None:
                 on_interrupt()
             if checkpoint is not None:
-                checkpoint(n_iter, losses)
+                checkpoint(n_iter, losses, monitored)
             self._interrupted = (n_iter, list(losses), checkpoint is not None)
             return losses, n_iter
         if max_iter > 0 and self.tol > 0:
             warnings.warn(
                 f"{type(self).__name__}: maximum number of iterations {max_iter} reached "
                 f"({label}); increase max_iter to improve the fit.", ConvergenceWarning,
-                stacklevel=3)
+                stacklevel=_caller_stacklevel())
         return losses, n_iter
 
-    def _warn_if_interrupted(self, final_loss: float) -> None:
+    def _warn_if_interrupted(self, final_loss: float) -> bool:
         """After an interrupted loop: warn, naming the kept state's loss beside the fit's.
 
         ``final_loss`` is the loss of the state the estimator keeps (its components with
@@ -456,12 +556,13 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         factor, as large as the data, at nearly every iteration (the loss falls at almost
         every one). The exact loss of the kept state, computed after the interrupt, says
         whether it is the best anyway; it usually is, since the re-solved coefficients can
-        only lower the loss.
+        only lower the loss. Returns whether the loop was interrupted (the fit then
+        raises ``KeyboardInterrupt`` again once the state is stored).
         """
         info = getattr(self, "_interrupted", None)
         self._interrupted = None
         if info is None:
-            return
+            return False
         n_iter, losses, saved = info
         text = (f"{type(self).__name__}: interrupted after {n_iter} iterations; the state "
                 f"fitted so far is kept" + (" and saved to the checkpoint" if saved else "")
@@ -477,6 +578,7 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         else:
             text += ")"
         warnings.warn(text + ".", RuntimeWarning, stacklevel=_caller_stacklevel())
+        return True
 
     @property
     def _speaks(self) -> bool:
@@ -518,12 +620,160 @@ class _BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         np.savez(tmp, fingerprint=fingerprint, **arrays)
         os.replace(tmp, path)
 
-    # ---------------------------------------------------------- shared helpers
-    def _full_components(self, Ft: np.ndarray, n_params: int) -> np.ndarray:
+    def _resume(self, prob: Problem, fingerprint: np.ndarray, parts: list[Any]
+                ) -> dict | None:
+        """Resume from ``checkpoint_path`` when it holds this fit's state.
+
+        The factor parts are refilled in place from the checkpoint; the returned dict
+        holds ``W`` (on the backend), ``n_iter``, ``losses`` and ``monitored`` (lists,
+        see :meth:`_run_loop`) and the other saved values. None when there is nothing
+        to resume from.
+        """
+        data = self._load_checkpoint(fingerprint)
+        if data is None:
+            return None
+        blocks = prob.blocks
+        parts[:] = blocks.split_factor(data.pop("Ft"), dtype=prob.dtype)
+        data["W"] = blocks.backend.asarray(data["W"], dtype=prob.dtype)
+        data["n_iter"] = int(data["n_iter"])
+        data["losses"] = [float(v) for v in data["losses"]]
+        data["monitored"] = [float(v) for v in data.get("monitored", data["losses"])]
+        if self._speaks:
+            print(f"[{type(self).__name__}] resuming from {self.checkpoint_path} at "
+                  f"iteration {data['n_iter']}")
+        return data
+
+    def _saver(self, fingerprint: np.ndarray, prob: Problem, parts: list[Any], state: dict,
+               keys: tuple[str, ...] = ()) -> Callable[[int, list[float]], None] | None:
+        """``save(n_done, losses, monitored)`` writing the factor, ``state["W"]``, the
+        loop's two series and ``state[key]`` for ``keys``; None without
+        ``checkpoint_path``."""
+        if not self.checkpoint_path:
+            return None
+        blocks = prob.blocks
+
+        def save(n_done: int, losses: list[float], monitored: list[float]) -> None:
+            # any (W, factor) pair is a valid state: the products are recomputed on resume
+            self._save_checkpoint(fingerprint, Ft=blocks.gather_factor(parts),
+                                  W=blocks.backend.to_numpy(state["W"]), n_iter=n_done,
+                                  losses=np.asarray(losses, dtype=np.float64),
+                                  monitored=np.asarray(monitored, dtype=np.float64),
+                                  **{k: state[k] for k in keys})
+
+        return save
+
+    # ------------------------------------------------------------- components
+    def _full_components(self, Ft: np.ndarray) -> np.ndarray:
         """Place a kept-column factor into the full parameter space, (r, n_params)."""
-        comp = np.zeros((Ft.shape[1], n_params), dtype=Ft.dtype)
+        comp = np.zeros((Ft.shape[1], self.n_params_), dtype=Ft.dtype)
         comp[:, self.kept_columns_] = Ft.T
         return comp
 
+    def _factor_from_components(self, dtype: Any) -> np.ndarray:
+        """The kept-column factor ``Ft`` (m', r) read from ``components_``, C-ordered,
+        in ``dtype``: ``components_`` is the only copy of the fitted components."""
+        return np.ascontiguousarray(self.components_[:, self.kept_columns_].T, dtype=dtype)
+
     def _check_fitted(self) -> None:
         check_is_fitted(self, ("components_", "kept_columns_"))
+
+    # -------------------------------------------------------------- transform
+    def _solve_coefficients(self, xp: Any, T: Any, G: Any, W: Any, update: Any = None,
+                            n_iter: int | None = None) -> Any:
+        """Coefficients for fixed components, in place on the start ``W``: up to
+        ``n_iter`` (default: :meth:`_transform_iters`) steps of ``update`` (default:
+        the solver's) on ``min_W 1/2 tr(W G W^T) - tr(W^T T)``, ``W >= 0``, each row
+        stopping once its relative change is at most ``tol``."""
+        update = DIAG_UPDATES[self._fitted_solver()] if update is None else update
+        n_iter = self._transform_iters() if n_iter is None else n_iter
+        diag_solve_w(xp, W, T, G, update, n_iter, self.tol)
+        return W
+
+    def transform(self, X: Any) -> Any:
+        """Coefficients of new PEFs with the components frozen.
+
+        The products of ``X`` with ``components_`` are computed once (one sparse
+        product); only the cheap coefficient steps are iterated, at most
+        ``transform_max_iter`` times (``max_iter`` when it is None), each example until
+        the relative change of its coefficients is at most ``tol``: the non-negative
+        least squares fit of each example to the components. ``components_`` is read
+        at every call (nothing of it is cached).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_features)
+            PEFs in the estimator's layout (see :meth:`fit`).
+
+        Returns
+        -------
+        W : ndarray of shape (n_examples, n_components)
+            Non-negative coefficients, same dtype as ``X`` (a CuPy array on ``X``'s
+            device for CuPy ``X``).
+        """
+        return self._dispatch(self._transform, X)
+
+    def _transform(self, X: Any) -> np.ndarray:
+        self._check_fitted()
+        X = self._validate(X, reset=False, whom="transform")
+        backend, terms = self._coefficient_terms(X, full_const=False)
+        W = self._coefficients(backend.xp, terms)
+        return np.asarray(backend.to_numpy(W), dtype=X.dtype)
+
+    def loss(self, X: Any, W: Any = None) -> float:
+        """The objective for PEFs ``X`` and coefficients ``W``, over all parameters.
+
+        :class:`DiagonalNPEFF`: ``||X - W H||_F^2`` with ``H = components_``.
+        :class:`LowRankNPEFF`: ``sum_i ||F_i - sum_k W_ik g_k g_k^T||_F^2`` with
+        ``F_i`` the Fisher of example ``i`` (its ``n_classes`` vectors) and ``g_k`` the
+        rows of ``components_``. Squared Frobenius norms, not halved, summed over the
+        examples, pruned parameters included (the components are zero there), in
+        float64; ``reconstruction_err_`` is its square root for the training data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_features)
+            PEFs in the estimator's layout (see :meth:`fit`).
+        W : array-like of shape (n_examples, n_components), default=None
+            Coefficients (NumPy or CuPy); fitted as :meth:`transform` fits them when
+            omitted.
+
+        Returns
+        -------
+        loss : float
+            The objective (lower is better).
+        """
+        self._check_fitted()
+        return float(self._dispatch(self._loss, X, from_device(W)))
+
+    def _loss(self, X: Any, W: Any) -> float:
+        X = self._validate(X, reset=False, whom="loss")
+        if W is not None:
+            W = np.asarray(W)
+            if W.shape != (X.shape[0], self.components_.shape[0]):
+                raise ValueError(f"W must have shape (n_examples, n_components) = "
+                                 f"{(X.shape[0], self.components_.shape[0])}, got {W.shape}.")
+        backend, terms = self._coefficient_terms(X, full_const=True)
+        xp = backend.xp
+        if W is None:  # the coefficients transform(X) gives, from the same products
+            W = self._coefficients(xp, terms)
+        else:
+            W = backend.asarray(W, dtype=X.dtype)
+        return self._objective(xp, terms, W)
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Negative :meth:`loss` of ``X`` with its fitted coefficients (higher is
+        better, scikit-learn's convention for scores).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_examples, n_features)
+            PEFs, as :meth:`loss` takes them.
+        y : None
+            Ignored (scikit-learn's signature for scores).
+
+        Returns
+        -------
+        score : float
+            ``-loss(X)``.
+        """
+        return -self.loss(X)

@@ -6,16 +6,17 @@ not here; they come from :class:`sknpeff.backends.ColumnBlocks`, which calls the
 block-level updates below on each column block of the transposed factor ``Ft``
 (kept parameters x components).
 
-Notation (method doc): ``n`` examples, ``c`` class slots, ``r`` components, ``W`` (n, r)
-coefficients, ``Ft`` (m', r) the transposed factor (``G.T`` or ``H.T``), ``P = A @ Ft``,
-``Q = Ft.T @ Ft``.
+Notation (as in Matena & Raffel, arXiv 2310.04649): ``n`` examples, ``c`` class slots,
+``r`` components, ``W`` (n, r) coefficients, ``Ft`` (m', r) the transposed factor
+(``G.T`` or ``H.T``), ``P = A @ Ft``, ``Q = Ft.T @ Ft``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: added to denominators of multiplicative steps (method doc: eps = 1e-9)
+#: added to the denominators of multiplicative steps (keeps them finite where a row of
+#: the factor products is zero)
 EPS = 1e-9
 
 
@@ -58,7 +59,7 @@ def lowrank_grad_matrix(xp: Any, W: Any, Q: Any, ortho_strength: float = 0.0,
     """The r x r matrix ``B`` with ``grad_G L / 4 = Ft @ B - A^T R`` (transposed layout).
 
     ``B = (W^T W) * Q``, plus ``ortho_strength * (Q - s I)`` for the optional
-    orthogonal regularization (method doc: adds ``lambda (G G^T G - s G)``).
+    orthogonal regularization (its gradient adds ``lambda (G G^T G - s G)``).
     """
     B = (W.T @ W) * Q
     if ortho_strength:
@@ -151,7 +152,8 @@ def diag_hals_update(xp: Any, F: Any, T: Any, G: Any) -> None:
 def diag_mu_update(xp: Any, F: Any, T: Any, G: Any, eps: float = EPS) -> None:
     """One Lee-Seung multiplicative step ``F <- F * T / (F @ G + eps)``, in place.
 
-    The reference D-NPEFF update (method doc section 2), the same for ``W`` and ``Ft``.
+    The D-NPEFF update of the paper (Matena & Raffel, arXiv 2310.04649, section 2), the
+    same for ``W`` and ``Ft``.
     Parameters as in :func:`diag_hals_update`. Multiplicative steps shrink unneeded
     entries geometrically, towards subnormal numbers, whose arithmetic is one to two
     orders of magnitude slower on x86 CPUs (measured: the step itself 10x slower). So

@@ -1,0 +1,147 @@
+"""Input preparation shared by both estimators: PEF rows reshaped to one row per class
+slot, columns pruned, row norms and row samples, all in bounded memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["reshape_and_prune", "row_chunks", "row_sq_norms", "sample_rows"]
+
+#: nonzeros handled per chunk when re-indexing the input (bounds temporary memory)
+CHUNK_NNZ = 1 << 24
+
+
+def row_chunks(indptr: np.ndarray, chunk_nnz: int | None = None
+               ) -> Iterator[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` holding about ``chunk_nnz`` stored values each
+    (default: :data:`CHUNK_NNZ`)."""
+    chunk_nnz = CHUNK_NNZ if chunk_nnz is None else chunk_nnz
+    n = len(indptr) - 1
+    r0 = 0
+    while r0 < n:
+        r1 = int(np.searchsorted(indptr, indptr[r0] + chunk_nnz, side="right")) - 1
+        r1 = min(max(r1, r0 + 1), n)
+        yield r0, r1
+        r0 = r1
+
+
+def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
+                      min_nnz: int, dtype: Any) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Turn ``(n, n_slots * m)`` PEF rows into ``A`` of shape ``(n * n_slots, m')``.
+
+    Row ``i * n_slots + j`` of ``A`` is class slot ``j`` of example ``i``, restricted to
+    the kept columns. When ``kept`` is None the kept columns are chosen here: those with
+    at least ``min_nnz`` nonzero entries (over all rows of ``A``); all columns are kept
+    when none qualifies. ``X`` is not modified. Work runs over row chunks of about
+    ``CHUNK_NNZ`` values, so temporaries stay small: ``A`` costs one int32 index per value
+    beside ``X`` (its ``data`` is shared when ``X``'s rows are sorted, nothing is pruned
+    and the dtype matches; otherwise one permuted copy).
+
+    Returns
+    -------
+    A : csr_matrix of shape (n * n_slots, len(kept))
+    kept : ndarray of int64, the kept parameter indices (sorted)
+    """
+    n, width = X.shape
+    m = width // n_slots
+    indptr = np.asarray(X.indptr, dtype=np.int64)
+    nnz = int(indptr[-1])
+    col_dtype = np.int64 if m > np.iinfo(np.int32).max else np.int32
+    # slot-major order within each row is what the reshape needs; sorted rows have it
+    ordered = X.has_sorted_indices or n_slots == 1
+    # one slot: the columns are X's own indices; share them unless pruning rewrites them
+    share = n_slots == 1 and X.indices.dtype == col_dtype
+    col = X.indices if share else np.empty(nnz, dtype=col_dtype)
+    data = None if ordered else np.empty(nnz, dtype=dtype)
+    slot = None if ordered else np.empty(nnz, dtype=np.min_scalar_type(n_slots))
+    counts = np.zeros(m, dtype=np.int64) if kept is None else None
+    for r0, r1 in row_chunks(indptr):
+        lo, hi = indptr[r0], indptr[r1]
+        idx = X.indices[lo:hi]
+        vals = X.data[lo:hi]
+        if share:
+            pass
+        elif ordered:
+            col[lo:hi] = idx % m
+        else:  # stable sort of each row's values by class slot
+            rows = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
+            s_ = idx // m
+            order = np.argsort(rows * n_slots + s_, kind="stable")
+            col[lo:hi] = (idx % m)[order]
+            data[lo:hi] = vals[order]
+            slot[lo:hi] = s_[order]
+        if counts is not None:
+            counts += np.bincount(col[lo:hi][(data[lo:hi] if data is not None else vals) != 0],
+                                  minlength=m)
+    if kept is None:
+        kept = np.flatnonzero(counts >= min_nnz)
+        if kept.size == 0:
+            kept = np.arange(m)
+    kept = np.asarray(kept, dtype=np.int64)
+    colmap = np.full(m, -1, dtype=col_dtype)
+    colmap[kept] = np.arange(kept.size, dtype=col_dtype)
+    keep_all = kept.size == m
+    if share and not keep_all:
+        col = col.copy()  # pruning remaps the indices: never in the caller's array
+    mask = None if keep_all else np.empty(nnz, dtype=bool)
+    slot_counts = np.zeros(n * n_slots, dtype=np.int64)
+    # one slot, nothing pruned: A's rows are X's rows (no second pass)
+    trivial = n_slots == 1 and keep_all
+    if trivial:
+        slot_counts = np.diff(indptr)
+    for r0, r1 in ([] if trivial else row_chunks(indptr)):
+        lo, hi = indptr[r0], indptr[r1]
+        rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
+        s_ = X.indices[lo:hi] // m if slot is None else slot[lo:hi]
+        key = rows * n_slots + s_
+        mapped = colmap[col[lo:hi]]
+        if mask is not None:
+            mask[lo:hi] = mapped >= 0
+            key = key[mask[lo:hi]]
+        slot_counts += np.bincount(key, minlength=n * n_slots)
+        if not keep_all:  # all kept: the map is the identity
+            col[lo:hi] = mapped
+    del slot
+    new_indptr = np.zeros(n * n_slots + 1, dtype=np.int64)
+    np.cumsum(slot_counts, out=new_indptr[1:])
+    if data is None:
+        data = np.asarray(X.data, dtype=dtype)
+    if mask is None:
+        indices = col
+    else:
+        data = data[mask]
+        indices = col[mask]
+        del col
+    if new_indptr[-1] <= np.iinfo(np.int32).max:
+        new_indptr = new_indptr.astype(np.int32)
+        if indices.dtype != np.int32:
+            indices = indices.astype(np.int32)
+    A = sp.csr_matrix((data, indices, new_indptr), shape=(n * n_slots, kept.size), copy=False)
+    return A, kept
+
+
+def row_sq_norms(A: sp.csr_matrix) -> np.ndarray:
+    """Squared L2 norm of every row of a CSR matrix, in float64, without copying A."""
+    out = np.zeros(A.shape[0], dtype=np.float64)
+    indptr = A.indptr
+    for r0, r1 in row_chunks(indptr):
+        lo, hi = indptr[r0], indptr[r1]
+        d = np.asarray(A.data[lo:hi], dtype=np.float64)
+        cs = np.concatenate([[0.0], np.cumsum(d * d)])
+        out[r0:r1] = cs[indptr[r0 + 1:r1 + 1] - lo] - cs[indptr[r0:r1] - lo]
+    return np.maximum(out, 0.0)
+
+
+def sample_rows(A: sp.csr_matrix, n_rows: int, rng: np.random.RandomState | None
+                ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """At most ``n_rows`` random nonzero rows of ``A`` (sorted) and their L2 norms."""
+    norms = np.sqrt(row_sq_norms(A))
+    rows = np.flatnonzero(norms > 0)
+    if rows.size > n_rows:
+        rng = rng if rng is not None else np.random.RandomState(0)
+        rows = np.sort(rng.choice(rows, n_rows, replace=False))
+    return A[rows], norms[rows]
