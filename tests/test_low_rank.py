@@ -476,3 +476,25 @@ def test_reconstruction_err_and_loss_include_pruned_parameters():
     assert est.loss(X, W) == pytest.approx(dense, rel=1e-9)
     assert est.score(X) == -est.loss(X)
     assert len(est.loss_curve_) == est.n_iter_ == 30
+
+
+def test_slot_count_mismatch_is_refused_at_fit():
+    """PEFs carry their kind and slot count: a misread layout fails at fit, naming both."""
+    import torch
+
+    from sknpeff import DiagonalNPEFF, PEFTransformer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 5)).eval()
+    X = torch.randn(20, 4)
+    pefs = PEFTransformer(model, kind="low_rank", n_values=50).fit(X).transform(X)
+    for n in (1, 10):
+        with pytest.raises(ValueError, match=rf"n_classes={n}\) but the PEFs have 5 class"):
+            LowRankNPEFF(n_components=2, n_classes=n).fit(pefs)
+    LowRankNPEFF(n_components=2, n_classes=5, max_iter=5).fit(pefs)
+    with pytest.raises(ValueError, match="holds low_rank PEFs.*use LowRankNPEFF"):
+        DiagonalNPEFF(n_components=2).fit(pefs)
+    diag = PEFTransformer(model, kind="diagonal", n_values=50).fit(X).transform(X)
+    with pytest.raises(ValueError, match="holds diagonal PEFs.*use DiagonalNPEFF"):
+        LowRankNPEFF(n_components=2, n_classes=1).fit(diag)

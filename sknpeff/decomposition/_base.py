@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,7 +29,15 @@ from sklearn.utils import check_random_state, metadata_routing
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..backends import Backend, ColumnBlocks, cupy_device, from_device, get_backend, to_device
-from ..utils import InvalidParameterError, check_choice, check_float, check_int, limit_threads
+from ..utils import (
+    InvalidParameterError,
+    check_choice,
+    check_float,
+    check_int,
+    limit_threads,
+    pef_tag,
+    user_stacklevel,
+)
 from ._data import reshape_and_prune, sample_rows
 from ._updates import DIAG_UPDATES, diag_solve_w
 
@@ -38,20 +45,6 @@ __all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "shared_doc"]
 
 #: the release in which deprecated parameter names stop working
 _REMOVED_IN = "0.3"
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` for ``warnings.warn`` that names the first frame outside sknpeff
-    and scikit-learn's wrappers (the user's call, however deep inside the package the
-    warning is raised)."""
-    import sklearn
-
-    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-              os.path.dirname(os.path.abspath(sklearn.__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
 
 # docstring paragraphs that both estimators state word for word (see shared_doc)
 SHARED_DOCS = {
@@ -177,6 +170,9 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     #: ``_REMOVED_IN`` with a ``FutureWarning`` (its default is the string "deprecated")
     _renamed: dict[str, str] = {}
 
+    #: the kind of PEFs the estimator decomposes (PEFTransformer's ``kind``)
+    _pef_kind = "diagonal"
+
     #: rows of A per example; LowRankNPEFF uses n_classes
     def _n_slots(self) -> int:
         return 1
@@ -205,7 +201,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                     f"{type(self).__name__}: parameter {old!r} was renamed to {new!r} in "
                     f"version 0.1 and will be removed in {_REMOVED_IN}; use "
                     f"{new}={old_value!r} instead.", FutureWarning,
-                    stacklevel=_caller_stacklevel())
+                    stacklevel=user_stacklevel())
                 value = old_value
             setattr(self, "_" + new, value)
 
@@ -240,6 +236,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     def _validate(self, X: Any, *, reset: bool, whom: str) -> sp.csr_matrix:
         """scikit-learn's validation (dtype, NaN/inf, ``n_features_in_``), then CSR,
         then the estimator's own checks of the values (``_check_input``)."""
+        self._check_pef_tag(X)
         X = validate_data(self, X, accept_sparse=("csr", "csc", "coo"),
                           dtype=[np.float64, np.float32], reset=reset,
                           ensure_all_finite=True, ensure_min_samples=1)
@@ -249,6 +246,23 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
             X = X.tocsr()
         self._check_input(X, f"{type(self).__name__}.{whom}")
         return X
+
+    def _check_pef_tag(self, X: Any) -> None:
+        """Refuse PEFs whose kind or class-slot count (as PEFTransformer and load_pefs
+        tag them) is not what this estimator was told."""
+        kind, slots = pef_tag(X)
+        name = type(self).__name__
+        if kind is not None and kind != self._pef_kind:
+            other = "LowRankNPEFF" if kind == "low_rank" else "DiagonalNPEFF"
+            raise ValueError(
+                f"X holds {kind} PEFs (PEFTransformer(kind={kind!r})), but {name} "
+                f"decomposes {self._pef_kind} ones: use {other}, or "
+                f"PEFTransformer(kind={self._pef_kind!r}).")
+        if kind == "low_rank" and slots is not None and slots != self._n_slots():
+            raise ValueError(
+                f"{name}(n_classes={self._n_slots()}) but the PEFs have {slots} class slots "
+                f"per example (the PEFTransformer's n_classes_): pass n_classes={slots}; "
+                "another value would split every row into the wrong class vectors.")
 
     def _check_input(self, X: sp.csr_matrix, whom: str) -> None:
         """Checks of the input's values beyond scikit-learn's (none by default)."""
@@ -544,7 +558,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
             warnings.warn(
                 f"{type(self).__name__}: maximum number of iterations {max_iter} reached "
                 f"({label}); increase max_iter to improve the fit.", ConvergenceWarning,
-                stacklevel=_caller_stacklevel())
+                stacklevel=user_stacklevel())
         return losses, n_iter
 
     def _warn_if_interrupted(self, final_loss: float) -> bool:
@@ -577,7 +591,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                          f"{k + 1}, whose state is not kept)")
         else:
             text += ")"
-        warnings.warn(text + ".", RuntimeWarning, stacklevel=_caller_stacklevel())
+        warnings.warn(text + ".", RuntimeWarning, stacklevel=user_stacklevel())
         return True
 
     @property

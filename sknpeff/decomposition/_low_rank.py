@@ -178,6 +178,8 @@ class LowRankNPEFF(BaseNPEFF):
         self.w_solver = w_solver
 
     # ------------------------------------------------------------- validation
+    _pef_kind = "low_rank"
+
     def _n_slots(self) -> int:
         return int(self.n_classes)
 
