@@ -18,6 +18,19 @@ Settings, each in a fresh process, best of ``--repeats``:
 situation of a shared machine. The peer row ``fwd+bwd`` is one ordinary forward and
 backward pass of the same batches under the same settings. Ratios are to the best
 setting of the same row.
+
+Measured 2026-11-30 (2 cores; low rank, best of 2), examples/s (ratio to the best):
+
+    idle              PEFs      1 thread 2.17 (0.56)  2 threads 3.43 (0.89)  n_jobs=2 3.85 (1.00)
+                      fwd+bwd   1 thread 17.3 (0.60)  2 threads 28.6 (1.00)
+    2 busy processes  PEFs      1 thread 1.47 (0.68)  2 threads 0.96 (0.44)  n_jobs=2 2.17 (1.00)
+                      fwd+bwd   1 thread 11.9 (1.00)  2 threads 7.61 (0.64)
+
+Why the PEF engine is more sensitive to load than a forward and backward pass: it runs
+many more, smaller parallel regions per example (one backward per class slot, per-layer
+products, the selection's gathers and top-k), and every region ends at a barrier that
+waits for the thread a busy core has descheduled. ``n_jobs`` runs whole batches on
+single-threaded workers instead: no barrier between the cores, best idle and loaded here.
 """
 
 from __future__ import annotations
