@@ -63,27 +63,28 @@ def generic_grads(model: nn.Module, forward: Callable, names: Sequence[str],
         _, vjp_fn = torch.func.vjp(f, pd)
         return torch.func.vmap(vjp_fn)(cb)[0]
 
-    in_dims = tree_map(lambda v: 0 if isinstance(v, torch.Tensor) else None, batch)
-    try:
-        if holds_text(batch):
-            # vmap would hand every example the whole list of strings
-            raise TypeError("a batch of strings is split per example by the loop")
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            res = torch.func.vmap(
-                one, in_dims=(in_dims, 0),
-                randomness="different" if allow_train_mode else "error",
-            )(batch, cot)
-        return {i: res["model." + names[i]].reshape(cot.shape[0], cot.shape[1], -1)
-                for i in pids}, False
-    except Exception as exc:  # noqa: BLE001 - any vmap failure: exact slow path
-        if warn_loop:
-            warnings.warn(
-                "torch.func.vmap could not batch the generic per-example gradient path "
-                f"({type(exc).__name__}: {str(exc)[:200]}); falling back to a loop over "
-                "examples (exact but slow).",
-                stacklevel=user_stacklevel(),
-            )
+    if holds_text(batch):
+        # vmap would hand every example the whole list of strings: the loop splits them
+        reason = "a batch of strings"
+    else:
+        in_dims = tree_map(lambda v: 0 if isinstance(v, torch.Tensor) else None, batch)
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                res = torch.func.vmap(
+                    one, in_dims=(in_dims, 0),
+                    randomness="different" if allow_train_mode else "error",
+                )(batch, cot)
+            return {i: res["model." + names[i]].reshape(cot.shape[0], cot.shape[1], -1)
+                    for i in pids}, False
+        except Exception as exc:  # noqa: BLE001 - any vmap failure: exact slow path
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if warn_loop:
+        warnings.warn(
+            f"torch.func.vmap could not batch the generic per-example gradient path "
+            f"({reason}); falling back to a loop over examples (exact but slow).",
+            stacklevel=user_stacklevel(),
+        )
     B, c = cot.shape[0], cot.shape[1]
     out = {i: [] for i in pids}
     plist = [params[i] for i in pids]
