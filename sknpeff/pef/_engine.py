@@ -128,10 +128,13 @@ class Engine:
     # -- plan ----------------------------------------------------------------------------------
     def _plan(self):
         owners: dict[int, list] = {}
+        found: dict[int, LayerRule | None] = {}  # each module's rule, looked up once
         blocked_prefixes = []
         for name, mod in self.model.named_modules(remove_duplicate=False):
             direct = list(mod.named_parameters(recurse=False))
-            if direct and rule_for(mod) is None:
+            if id(mod) not in found:
+                found[id(mod)] = rule_for(mod)
+            if direct and found[id(mod)] is None:
                 blocked_prefixes.append(name + "." if name else "")
             for _, p in direct:
                 owners.setdefault(id(p), []).append((name, mod))
@@ -142,14 +145,14 @@ class Engine:
             mods = owners.get(id(p), [])
             ok = bool(mods)
             for name, mod in mods:
-                if rule_for(mod) is None or any(
+                if found[id(mod)] is None or any(
                     (name + ".").startswith(bp) and name + "." != bp for bp in blocked_prefixes
                 ):
                     ok = False
             if ok:
                 for _, mod in mods:
                     self.hooked_modules[id(mod)] = mod
-                    self.rules[id(mod)] = rule_for(mod)
+                    self.rules[id(mod)] = found[id(mod)]
             else:
                 fallback.add(pid)
         self.fallback = fallback
