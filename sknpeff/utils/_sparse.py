@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["csr_from_parts", "pef_tag", "tag_pef_matrix"]
+__all__ = ["PEFArray", "csr_from_parts", "pef_projection", "pef_tag", "tag_pef_matrix"]
 
 
 def csr_from_parts(data, indices, indptr, shape, *, index_dtype=None) -> sp.csr_matrix:
@@ -45,22 +45,46 @@ def csr_from_parts(data, indices, indptr, shape, *, index_dtype=None) -> sp.csr_
 #: attributes a PEF matrix carries, so that a decomposition can check its layout
 PEF_KIND_ATTR = "pef_kind"
 PEF_SLOTS_ATTR = "pef_n_slots"
+PEF_PROJECTION_ATTR = "pef_projection"
 
 
-def tag_pef_matrix(matrix, kind: str | None, n_slots: int | None):
-    """Attach the PEF kind and slot count to a sparse PEF matrix (returned, not copied).
+class PEFArray(np.ndarray):
+    """A dense PEF matrix (projected PEFs) that can carry the PEF tag.
+
+    A plain :class:`numpy.ndarray` holds no attributes; :func:`tag_pef_matrix` returns
+    a view of this type (no copy). Views and results of operations do not inherit
+    the tag.
+    """
+
+
+def tag_pef_matrix(matrix, kind: str | None, n_slots: int | None,
+                   projection: dict | None = None):
+    """Attach the PEF kind, slot count and projection to a PEF matrix.
 
     A low-rank PEF row is the flattened ``(n_slots, n_params)`` matrix of an example's
     class-slot vectors; a decomposition told another slot count would misread every
     row. :class:`~sknpeff.PEFTransformer` and :func:`~sknpeff.io.load_pefs` tag what
     they return, and the decompositions check the tag (:func:`pef_tag`). Operations
     that make a new matrix (slicing, stacking) drop it; nothing is checked then.
+
+    A sparse matrix (or a memory map) is returned as it is, tagged; a plain dense
+    array comes back as a :class:`PEFArray` view of the same values. ``projection`` is
+    the description of the random projection of projected PEFs (``None``: not
+    projected), read back by :func:`pef_projection`.
     """
+    if type(matrix) is np.ndarray:
+        matrix = matrix.view(PEFArray)
     setattr(matrix, PEF_KIND_ATTR, kind)
     setattr(matrix, PEF_SLOTS_ATTR, None if n_slots is None else int(n_slots))
+    setattr(matrix, PEF_PROJECTION_ATTR, projection)
     return matrix
 
 
 def pef_tag(matrix) -> tuple[str | None, int | None]:
     """``(kind, n_slots)`` attached by :func:`tag_pef_matrix`, ``(None, None)`` if none."""
     return getattr(matrix, PEF_KIND_ATTR, None), getattr(matrix, PEF_SLOTS_ATTR, None)
+
+
+def pef_projection(matrix) -> dict | None:
+    """The projection description attached by :func:`tag_pef_matrix`, or ``None``."""
+    return getattr(matrix, PEF_PROJECTION_ATTR, None)

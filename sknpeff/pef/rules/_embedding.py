@@ -3,7 +3,6 @@ rows of the tokens it looked up."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ._contribution import Contribution
@@ -33,13 +32,12 @@ class EmbeddingRule(LayerRule):
         V, D = module.num_embeddings, module.embedding_dim
         idx = x.reshape(Bc, -1)
         T = idx.shape[1]
-        gg = g.reshape(c, Bc * T, D)
+        gg = g.reshape(c, Bc, T, D)
         if module.padding_idx is not None:
-            gg = gg * (idx.reshape(-1) != module.padding_idx).to(gg.dtype)[None, :, None]
-        flat = (torch.arange(Bc, device=idx.device)[:, None] * V + idx).reshape(-1)
-        w = torch.zeros((c, Bc * V, D), dtype=g.dtype, device=g.device)
-        w.index_add_(1, flat, gg)
-        return {"weight": Contribution.dense(w.reshape(c, Bc, V * D))}
+            gg = gg * (idx != module.padding_idx).to(gg.dtype)[None, :, :, None]
+        # the scatter form: written row by row only where a consumer needs the block,
+        # projected without writing it (Contribution.project)
+        return {"weight": Contribution.scatter(gg, idx, V)}
 
 
 register_rule(nn.Embedding, EmbeddingRule())
