@@ -16,7 +16,9 @@ input modified in place) is moved to the generic path, so results are exact eith
 
 Rows are then assembled a few examples at a time (:mod:`sknpeff.pef._rows`), normalized
 and reduced to their top entries (:mod:`sknpeff.pef._topk`), so memory depends on the
-batch size and the model, never on the number of examples.
+batch size and the model, never on the number of examples. Projected PEFs
+(``compression="projection"``) skip the rows: each contribution goes through its block
+of the random projection (:mod:`sknpeff.pef._projected`), normalized by the exact norm.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ._classes import class_cotangents
 from ._generic import generic_grads
 from ._inputs import as_logits, check_logits, default_forward, tree_leaves
 from ._inputs import to_device as to_device_tree
+from ._projected import ProjectedRows
 from ._rows import RowAssembler
 from ._topk import (
     DEFER_MAX_FRAC,
@@ -110,6 +113,10 @@ class Engine:
         self._plan()
         self.records: list[_Record] = []
         self.rows = RowAssembler(self.offsets, self.sizes, self.device)
+        # projected PEFs: R a_ij straight from the contributions (None: top-K rows)
+        self.projected = None
+        if getattr(est, "compression", "topk") == "projection":
+            self.projected = ProjectedRows(est.projection_, self.sizes, self.device)
         self.select_state: dict = {}
         self.block_plans: dict = {}  # index plans of BlockMax.outer, per region
         self.batch_terms: dict[int, dict] = {}  # per batch, see _chunk_contribs
@@ -410,6 +417,8 @@ class Engine:
             fb = self._fallback_grads(batch, cot.detach())
             break
         logits_np = logits.detach().to(torch.float64).cpu().numpy()
+        if self.projected is not None:
+            return self._projected_batch(gouts, fb, B, c_eff, logits.dtype, logits_np)
         if c_eff == 0:
             return (np.zeros(B, np.int64), np.zeros(0, np.int64), np.zeros(0, self.out_dtype),
                     np.zeros(B), logits_np)
@@ -461,3 +470,36 @@ class Engine:
         counts, idx, data = rows_to_csr_parts(pad_cat(picked, 0), pad_cat(sels, -1),
                                                torch.cat(scales), self.out_dtype, col_map)
         return counts, idx, data, torch.cat(norms).cpu().numpy(), logits_np
+
+    def _projected_batch(self, gouts, fb, B, c_eff, dtype, logits_np):
+        """``(None, None, rows, norms, logits)`` of projected PEFs: ``rows`` dense
+        ``(B, n_slots * d)``, slot ``j`` of row ``i`` holding ``R a_ij``, scaled by
+        ``1 / sqrt(||F_i||_F)`` (the exact norm)."""
+        d = self.projected.projection.n_components
+        out = np.zeros((B, self.n_slots, d), dtype=self.out_dtype)
+        norms = np.zeros(B)
+        if c_eff == 0:
+            return None, None, out.reshape(B, -1), norms, logits_np
+        est = self.est
+        # chunk so that the dense blocks (sparse-block and generic-path parameters) and
+        # the projected rows of a chunk stay within chunk_elements
+        dense = [self.sizes[p] for p in set(self.projected.projection.sparse_offset)
+                 | self.fallback]
+        width = c_eff * max([d, *dense])
+        step = max(1, min(B, self.chunk_elements // max(1, width)))
+        with torch.no_grad():
+            for b0 in range(0, B, step):
+                b1 = min(B, b0 + step)
+                contribs = self._chunk_contribs(gouts, fb, b0, b1)
+                Y, nrm = self.projected.rows(contribs, b1 - b0, c_eff, dtype)
+                if est.normalize:
+                    scale = torch.where(nrm > 0, 1.0 / torch.sqrt(nrm.clamp(min=EPS)),
+                                        torch.zeros_like(nrm))
+                else:
+                    scale = torch.ones_like(nrm)
+                if est.min_norm is not None:  # below the floor: an empty row
+                    scale[nrm < float(est.min_norm)] = 0.0
+                Y = Y * scale.to(Y.dtype)[:, None, None]
+                out[b0:b1, :c_eff] = Y.cpu().numpy()
+                norms[b0:b1] = nrm.cpu().numpy()
+        return None, None, out.reshape(B, -1), norms, logits_np

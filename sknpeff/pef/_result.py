@@ -17,9 +17,11 @@ class PEFResult:
 
     Attributes
     ----------
-    pefs : scipy.sparse.csr_matrix
+    pefs : scipy.sparse.csr_matrix or ndarray
         The PEFs, ``(n_examples, n_params)`` (diagonal) or
-        ``(n_examples, n_classes * n_params)`` (low rank).
+        ``(n_examples, n_classes * n_params)`` (low rank); projected PEFs
+        (``compression="projection"``): a dense ``(n_examples, n_classes * d)`` array
+        whose slot ``j`` holds ``R a_ij``.
     norms : ndarray of shape (n_examples,)
         Frobenius norm of each PEF before normalization and sparsification.
     logits : ndarray of shape (n_examples, n_outputs)
@@ -28,10 +30,12 @@ class PEFResult:
         ``argmax`` of the logits.
     metadata : dict
         ``kind``, ``n_classes`` and ``layout`` (a :class:`~sknpeff.layout.ParameterLayout`)
-        of the columns, and for stores loaded from disk the extra saved metadata.
+        of the columns, ``projection`` (the description of the random projection
+        ``R``, see :meth:`~sknpeff.pef.Projection.description`; ``None`` for top-K
+        PEFs), and for stores loaded from disk the extra saved metadata.
     """
 
-    pefs: sp.csr_matrix
+    pefs: sp.csr_matrix | np.ndarray
     norms: np.ndarray
     logits: np.ndarray | None
     predictions: np.ndarray | None
@@ -42,7 +46,16 @@ class PEFResult:
 
 
 def concat_results(parts: list[PEFResult], n_cols: int, dtype, n_out: int) -> PEFResult:
-    """One :class:`PEFResult` holding the rows of ``parts`` in order (no metadata)."""
+    """One :class:`PEFResult` holding the rows of ``parts`` in order (no metadata).
+
+    Dense parts (projected PEFs) give a dense result."""
+    if parts and not sp.issparse(parts[0].pefs):
+        return PEFResult(
+            pefs=np.concatenate([np.asarray(p.pefs) for p in parts]),
+            norms=np.concatenate([p.norms for p in parts]),
+            logits=np.concatenate([p.logits for p in parts]),
+            predictions=np.concatenate([p.predictions for p in parts]),
+        )
     if not parts:
         return PEFResult(
             pefs=sp.csr_matrix((0, n_cols), dtype=dtype), norms=np.zeros(0),

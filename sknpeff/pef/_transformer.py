@@ -54,6 +54,7 @@ from ._inputs import (
     n_examples,
     to_device,
 )
+from ._projection import Projection
 from ._result import PEFResult, concat_results
 
 __all__ = ["PEFTransformer"]
@@ -134,6 +135,15 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         device). Inputs are moved there.
     dtype : {"float32", "float64"}, default="float32"
         dtype of the returned PEF values. Gradients are computed in the model's dtype.
+    compression : {"topk", "projection"}, default="topk"
+        How each PEF is made small. ``"topk"``: a sparse row keeping its ``n_values``
+        entries of largest magnitude. ``"projection"`` (low rank only): a dense row whose
+        slot ``j`` is ``R a_ij`` for a seeded random operator ``R`` of ``n_values`` rows
+        (``projection_``), computed per layer without forming the gradient; the
+        factorization then runs on dense input and components are brought back to
+        parameter space with :func:`~sknpeff.pef.recover_components`.
+    projection_seed : int, default=0
+        Seed of the random projection (``compression="projection"``).
     allow_train_mode : bool, default=False
         Accept a model in training mode (dropout makes the PEFs random). Batch norm in
         training mode is always refused: it couples the examples of a batch.
@@ -154,6 +164,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         The output distribution used (``output`` with ``"auto"`` resolved).
     n_features_out_ : int
         Width of the PEF rows.
+    projection_ : Projection or None
+        The random operator of ``compression="projection"`` (``None`` otherwise).
 
     Notes
     -----
@@ -213,6 +225,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         dtype: str = "float32",
         allow_train_mode: bool = False,
         verbose: int = 0,
+        compression: str = "topk",
+        projection_seed: int = 0,
     ):
         self.model = model
         self.kind = kind
@@ -230,6 +244,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self.dtype = dtype
         self.allow_train_mode = allow_train_mode
         self.verbose = verbose
+        self.compression = compression
+        self.projection_seed = projection_seed
 
     # -- validation ----------------------------------------------------------------------------
     def _validate(self):
@@ -241,6 +257,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         check_float(self.min_class_prob, "min_class_prob", low=0.0, high=1.0, allow_none=True)
         check_choice(self.output, "output", ("auto", *OUTPUTS))
         check_float(self.min_norm, "min_norm", low=0.0, allow_none=True)
+        check_choice(self.compression, "compression", ("topk", "projection"))
+        check_int(self.projection_seed, "projection_seed", low=0)
+        if self.compression == "projection" and self.kind != "low_rank":
+            raise InvalidParameterError(
+                "compression='projection' needs kind='low_rank': a projected diagonal PEF "
+                "R f is signed, which the non-negative D-NPEFF factorization cannot use.")
         check_int(self.batch_size, "batch_size", low=1)
         if self.n_jobs != -1:
             try:
@@ -430,6 +452,15 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self.n_features_out_ = (
             self.n_classes_ * self.n_params_ if self.kind == "low_rank" else self.n_params_
         )
+        self.projection_ = None
+        if self.compression == "projection":
+            if self.n_values > self.n_params_:
+                raise InvalidParameterError(
+                    f"n_values={self.n_values} (the projected dimension) must be at most "
+                    f"the number of selected parameters ({self.n_params_}).")
+            self.projection_ = Projection.for_layout(layout, self.n_values,
+                                                     self.projection_seed)
+            self.n_features_out_ = self.n_classes_ * self.projection_.n_components
         if isinstance(X, (np.ndarray, torch.Tensor)) and X.ndim == 2:
             self.n_features_in_ = int(X.shape[1])
         return self
@@ -494,18 +525,21 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 p.requires_grad_(True)
             eng.add_hooks()
             for counts, idx, data, norms, logits in results:
-                B = counts.shape[0]
+                B = data.shape[0] if counts is None else counts.shape[0]
                 check_finite(X, start, logits, norms)
                 start += B
-                indptr = np.zeros(B + 1, dtype=np.int64)
-                np.cumsum(counts, out=indptr[1:])
                 n_zero += int((norms <= 0).sum())
                 if floor is not None:
                     n_floored += int(((norms > 0) & (norms < floor)).sum())
-                pefs = csr_from_parts(data, idx, indptr, (B, self.n_features_out_),
-                                      index_dtype="auto")
+                if counts is None:  # projected: dense rows
+                    pefs = data
+                else:
+                    indptr = np.zeros(B + 1, dtype=np.int64)
+                    np.cumsum(counts, out=indptr[1:])
+                    pefs = csr_from_parts(data, idx, indptr, (B, self.n_features_out_),
+                                          index_dtype="auto")
                 yield PEFResult(
-                    pefs=tag_pef_matrix(pefs, self.kind, self.n_classes_),
+                    pefs=tag_pef_matrix(pefs, self.kind, self.n_classes_, self._projection()),
                     norms=norms.astype(np.float64),
                     logits=logits.astype(self.dtype),
                     predictions=predictions(logits, self.output_),
@@ -568,19 +602,23 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             with PEFWriter(out, n_cols=self.n_features_out_, kind=self.kind,
                            layout=self.layout_, n_classes=self.n_classes_,
                            dtype=self.dtype, metadata={"output": self.output_},
-                           overwrite=overwrite) as w:
+                           overwrite=overwrite, projection=self._projection()) as w:
                 for res in self.iter_compute(X):
                     w.append(res)
             return load_pefs(out)
         parts = list(self.iter_compute(X))
         res = concat_results(parts, self.n_features_out_, self.dtype, self.n_outputs_)
         res.metadata = self._metadata()
-        tag_pef_matrix(res.pefs, self.kind, self.n_classes_)
+        res.pefs = tag_pef_matrix(res.pefs, self.kind, self.n_classes_, self._projection())
         return res
+
+    def _projection(self) -> dict | None:
+        proj = getattr(self, "projection_", None)
+        return None if proj is None else proj.description()
 
     def _metadata(self) -> dict:
         return {"kind": self.kind, "n_classes": self.n_classes_, "output": self.output_,
-                "layout": self.layout_}
+                "layout": self.layout_, "projection": self._projection()}
 
     def transform(self, X):
         """Sparse PEF matrix of ``X`` (the layout is described in the class docstring).
@@ -593,6 +631,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         Returns
         -------
         pefs : scipy.sparse.csr_matrix of shape (n_examples, n_features_out)
+            A dense float array with ``compression="projection"``.
         """
         return self.compute(X).pefs
 
