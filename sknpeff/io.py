@@ -10,6 +10,11 @@ A PEF store is a directory::
     logits.npy       optional, (n_examples, n_outputs)
     predictions.npy  optional, (n_examples,)
 
+Projected PEFs (``PEFTransformer(compression="projection")``) are dense: their store
+holds ``pefs.npy`` ``(n_examples, n_cols)`` instead of the three CSR arrays, and
+``meta.json`` carries the projection's description (seed and block structure), so the
+operator is rebuilt exactly when the store is loaded (``metadata["projection"]``).
+
 Every array is a plain ``.npy`` file, so :func:`load_pefs` opens them with
 ``np.load(mmap_mode="r")``: a store larger than RAM can be sliced row block by row
 block (:func:`iter_row_batches`) and fed to ``partial_fit``. :class:`PEFWriter` appends
@@ -37,13 +42,15 @@ import scipy.sparse as sp
 
 from .layout import ParameterLayout
 from .pef._result import PEFResult
-from .utils import csr_from_parts, tag_pef_matrix
+from .utils import csr_from_parts, pef_projection, tag_pef_matrix
 
 __all__ = ["PEFWriter", "save_pefs", "load_pefs", "iter_row_batches"]
 
 FORMAT = "sknpeff-pefs"
 # Version 2 added the "complete" mark; version-1 stores (no mark) were complete.
-VERSION = 2
+# Version 3 added dense stores of projected PEFs (CSR stores are still written as 2).
+VERSION = 3
+_CSR_VERSION = 2
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -104,7 +111,7 @@ class _NpyAppender:
 # Every file a store (or its writer, on the way) can hold; overwrite removes only these.
 _STORE_FILES = frozenset({
     "meta.json", "meta.json.tmp", "data.npy", "indices.npy", "indptr.npy", "norms.npy",
-    "logits.npy", "predictions.npy", "indices.tmp.npy", "indptr.tmp.npy",
+    "logits.npy", "predictions.npy", "indices.tmp.npy", "indptr.tmp.npy", "pefs.npy",
 })
 
 
@@ -170,6 +177,10 @@ class PEFWriter:
         Replace an existing PEF store at ``path``. A directory that is not a PEF store
         (no ``meta.json`` of this format, or other files beside the store's) is never
         overwritten: :class:`FileExistsError` naming it is raised instead.
+    projection : dict, default=None
+        The description of the random projection of projected PEFs
+        (``PEFTransformer.projection_.description()``): the store then holds dense rows.
+        ``None``: sparse (top-K) rows.
 
     Examples
     --------
@@ -190,7 +201,8 @@ class PEFWriter:
 
     def __init__(self, path, *, n_cols: int, kind: str | None = None,
                  layout: ParameterLayout | None = None, n_classes: int | None = None,
-                 dtype="float32", metadata: Mapping | None = None, overwrite: bool = False):
+                 dtype="float32", metadata: Mapping | None = None, overwrite: bool = False,
+                 projection: Mapping | None = None):
         self.path = Path(path)
         self.n_cols = int(n_cols)
         if self.n_cols < 0:
@@ -200,12 +212,18 @@ class PEFWriter:
         self.n_classes = n_classes
         self.dtype = np.dtype(dtype)
         self.metadata = dict(metadata or {})
+        self.projection = None if projection is None else dict(projection)
+        self.dense = projection is not None
         _prepare_dir(self.path, overwrite)
         self.index_dtype = np.int32 if self.n_cols <= _INT32_MAX else np.int64
-        self._data = _NpyAppender(self.path / "data.npy", self.dtype)
-        self._indices = _NpyAppender(self.path / "indices.npy", self.index_dtype)
-        self._indptr = _NpyAppender(self.path / "indptr.npy", np.int64)
-        self._indptr.append(np.zeros(1, np.int64))
+        self._data = self._indices = self._indptr = self._dense = None
+        if self.dense:
+            self._dense = _NpyAppender(self.path / "pefs.npy", self.dtype, (self.n_cols,))
+        else:
+            self._data = _NpyAppender(self.path / "data.npy", self.dtype)
+            self._indices = _NpyAppender(self.path / "indices.npy", self.index_dtype)
+            self._indptr = _NpyAppender(self.path / "indptr.npy", np.int64)
+            self._indptr.append(np.zeros(1, np.int64))
         self._norms = _NpyAppender(self.path / "norms.npy", np.float64)
         self._logits: _NpyAppender | None = None
         self._preds: _NpyAppender | None = None
@@ -238,12 +256,29 @@ class PEFWriter:
             raise ValueError("the writer is closed.")
         if isinstance(pefs, PEFResult):
             norms, logits, predictions = pefs.norms, pefs.logits, pefs.predictions
+            given = (pefs.metadata or {}).get("projection") or pef_projection(pefs.pefs)
             pefs = pefs.pefs
-        X = sp.csr_matrix(pefs)
+        else:
+            given = pef_projection(pefs)
+        if given is not None and not self.dense:
+            raise ValueError("these PEFs are randomly projected (dense); write them to a "
+                             "store opened with projection=<their projection description>.")
+        if given is not None and dict(given) != self.projection:
+            raise ValueError("these PEFs were projected by another random projection than "
+                             "the store's (seed or block structure differ).")
+        if self.dense:
+            if sp.issparse(pefs):
+                raise ValueError("a store of projected PEFs takes dense rows; got a sparse "
+                                 "matrix.")
+            X = np.asarray(pefs)
+            if X.ndim != 2:
+                raise ValueError(f"expected a 2-d array of rows, got shape {X.shape}.")
+        else:
+            X = sp.csr_matrix(pefs)
         if X.shape[1] != self.n_cols:
             raise ValueError(f"expected {self.n_cols} columns, got {X.shape[1]}.")
         n = X.shape[0]
-        if not X.has_sorted_indices:
+        if not self.dense and not X.has_sorted_indices:
             X = X.sorted_indices()
         norms = np.full(n, np.nan) if norms is None else np.asarray(norms, np.float64)
         if norms.shape != (n,):
@@ -271,12 +306,15 @@ class PEFWriter:
         for appender, rows in ((self._logits, logits), (self._preds, predictions)):
             if rows is not None:
                 appender.append(rows)
-        self._data.append(X.data)
-        self._indices.append(X.indices)
-        self._indptr.append(X.indptr[1:].astype(np.int64) + self.nnz)
+        if self.dense:
+            self._dense.append(X)
+        else:
+            self._data.append(X.data)
+            self._indices.append(X.indices)
+            self._indptr.append(X.indptr[1:].astype(np.int64) + self.nnz)
+            self.nnz += X.nnz
         self._norms.append(norms)
         self.n_rows += n
-        self.nnz += X.nnz
 
     def close(self) -> None:
         """Finish the files and mark the store complete in ``meta.json``."""
@@ -289,10 +327,15 @@ class PEFWriter:
         # file holds exactly the rows counted in the metadata.
         counts = ((self._data, self.nnz), (self._indices, self.nnz),
                   (self._indptr, self.n_rows + 1), (self._norms, self.n_rows),
-                  (self._logits, self.n_rows), (self._preds, self.n_rows))
+                  (self._logits, self.n_rows), (self._preds, self.n_rows),
+                  (self._dense, self.n_rows))
         for appender, n_rows in counts:
             if appender is not None:
                 appender.close(n_rows)
+        if self.dense:
+            self._write_meta(complete=complete, index_dtype=self.index_dtype)
+            self.closed = True
+            return
         idx_dtype = np.int64 if (self.nnz > _INT32_MAX or self.n_cols > _INT32_MAX) \
             else np.int32
         # indptr and indices share one dtype (scipy would otherwise copy on every use)
@@ -305,7 +348,7 @@ class PEFWriter:
     def _write_meta(self, *, complete: bool, index_dtype) -> None:
         meta = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.dense else _CSR_VERSION,
             "complete": complete,
             "shape": [self.n_rows, self.n_cols],
             "nnz": self.nnz,
@@ -318,6 +361,10 @@ class PEFWriter:
             "has_predictions": self._preds is not None,
             "metadata": self.metadata,
         }
+        if self.dense:
+            meta["storage"] = "dense"
+            meta["nnz"] = None
+            meta["projection"] = self.projection
         tmp = self.path / "meta.json.tmp"
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
@@ -348,7 +395,7 @@ def _convert_npy(path: Path, dtype, chunk: int = 1 << 24) -> None:
 def save_pefs(path, pefs, norms=None, *, logits=None, predictions=None,
               kind: str | None = None, n_classes: int | None = None,
               layout: ParameterLayout | None = None, metadata: Mapping | None = None,
-              overwrite: bool = False) -> None:
+              overwrite: bool = False, projection: Mapping | None = None) -> None:
     """Save PEFs (a :class:`~sknpeff.pef.PEFResult` or a sparse matrix) to ``path``.
 
     Parameters
@@ -375,6 +422,9 @@ def save_pefs(path, pefs, norms=None, *, logits=None, predictions=None,
     overwrite : bool, default=False
         Replace an existing PEF store at ``path`` (never a directory that is not one, see
         :class:`PEFWriter`).
+    projection : dict, default=None
+        Description of the random projection of projected (dense) PEFs; taken from
+        ``pefs.metadata`` or the matrix's tag when None.
 
     Examples
     --------
@@ -391,11 +441,15 @@ def save_pefs(path, pefs, norms=None, *, logits=None, predictions=None,
         kind = md.get("kind", kind) if kind is None else kind
         n_classes = md.get("n_classes", n_classes) if n_classes is None else n_classes
         layout = md.get("layout", layout) if layout is None else layout
+        projection = md.get("projection") if projection is None else projection
         mat = pefs.pefs
     else:
         mat = pefs
+    if projection is None:
+        projection = pef_projection(mat)
     with PEFWriter(path, n_cols=mat.shape[1], kind=kind, layout=layout, n_classes=n_classes,
-                   dtype=mat.dtype, metadata=metadata, overwrite=overwrite) as w:
+                   dtype=mat.dtype, metadata=metadata, overwrite=overwrite,
+                   projection=projection) as w:
         if isinstance(pefs, PEFResult):
             w.append(pefs)
         else:
@@ -420,11 +474,13 @@ def load_pefs(path, *, mmap: bool = True, allow_incomplete: bool = False) -> PEF
     Returns
     -------
     result : PEFResult
-        ``pefs`` (CSR whose arrays are memory maps when ``mmap``), ``norms``, ``logits``
+        ``pefs`` (CSR whose arrays are memory maps when ``mmap``; a dense array for
+        projected PEFs), ``norms``, ``logits``
         and ``predictions`` (``None`` when not stored) and ``metadata`` with ``kind``,
         ``n_classes``, ``layout`` (a :class:`~sknpeff.layout.ParameterLayout` or
-        ``None``), the user ``metadata``, ``path`` and ``complete`` (False for an
-        incomplete store).
+        ``None``), the user ``metadata``, ``path``, ``complete`` (False for an
+        incomplete store) and ``projection`` (the description of the random projection
+        of projected PEFs, else ``None``).
 
     Raises
     ------
@@ -456,24 +512,31 @@ def load_pefs(path, *, mmap: bool = True, allow_incomplete: bool = False) -> PEF
     def load(name):
         return np.load(path / name, mmap_mode=mode, allow_pickle=False)
 
-    data, indices, indptr = load("data.npy"), load("indices.npy"), load("indptr.npy")
-    if indptr.shape != (shape[0] + 1,) or data.shape != (meta["nnz"],) or \
-            indices.shape != (meta["nnz"],):
-        raise ValueError(
-            f"{path}: array sizes do not match meta.json"
-            + ("" if complete else " (its writer was killed before it could stop cleanly)")
-            + "."
-        )
-    pefs = csr_from_parts(data, indices, indptr, shape)
+    mismatch = ValueError(
+        f"{path}: array sizes do not match meta.json"
+        + ("" if complete else " (its writer was killed before it could stop cleanly)")
+        + "."
+    )
+    if meta.get("storage") == "dense":
+        pefs = load("pefs.npy")
+        if pefs.shape != shape:
+            raise mismatch
+    else:
+        data, indices, indptr = load("data.npy"), load("indices.npy"), load("indptr.npy")
+        if indptr.shape != (shape[0] + 1,) or data.shape != (meta["nnz"],) or \
+                indices.shape != (meta["nnz"],):
+            raise mismatch
+        pefs = csr_from_parts(data, indices, indptr, shape)
     layout = ParameterLayout.from_dict(meta["layout"]) if meta.get("layout") else None
     return PEFResult(
-        pefs=tag_pef_matrix(pefs, meta.get("kind"), meta.get("n_classes")),
+        pefs=tag_pef_matrix(pefs, meta.get("kind"), meta.get("n_classes"),
+                            meta.get("projection")),
         norms=load("norms.npy"),
         logits=load("logits.npy") if meta.get("has_logits") else None,
         predictions=load("predictions.npy") if meta.get("has_predictions") else None,
         metadata={"kind": meta.get("kind"), "n_classes": meta.get("n_classes"),
                   "layout": layout, "metadata": meta.get("metadata", {}), "path": str(path),
-                  "complete": complete},
+                  "complete": complete, "projection": meta.get("projection")},
     )
 
 
@@ -500,7 +563,7 @@ def iter_row_batches(pefs: Any, batch_size: int) -> Iterator[sp.csr_matrix]:
     ------
     block : scipy.sparse.csr_matrix of at most ``batch_size`` rows
         Only that block is read from disk, so ``partial_fit`` can stream a store larger
-        than RAM.
+        than RAM. Projected PEFs (dense, tagged) give dense blocks.
     """
     if isinstance(pefs, (str, os.PathLike)):
         pefs = load_pefs(pefs)
@@ -508,6 +571,10 @@ def iter_row_batches(pefs: Any, batch_size: int) -> Iterator[sp.csr_matrix]:
         pefs = pefs.pefs
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1.")
+    if not sp.issparse(pefs) and pef_projection(pefs) is not None:
+        for s in range(0, pefs.shape[0], batch_size):
+            yield np.array(pefs[s : s + batch_size])
+        return
     X = pefs if sp.issparse(pefs) and pefs.format == "csr" else sp.csr_matrix(pefs)
     indptr = np.asarray(X.indptr)
     for s in range(0, X.shape[0], batch_size):
