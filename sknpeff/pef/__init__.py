@@ -13,9 +13,14 @@ logit cotangents), the engine (``_engine``: hooks, one backward pass per slot, t
 exactness check), the layer rules (:mod:`sknpeff.pef.rules`, with the generic
 ``torch.func`` path in ``_generic`` for layers without one), the row assembly
 (``_rows``), the exact top-K selection (``_topk``) and the result (``_result``).
+Projected PEFs replace the last two steps by the random projection (``_projection``)
+applied per layer (``_projected``); :func:`recover_components` (``_recovery``) brings
+components of projected PEFs back to parameter space.
 """
 
 from . import rules
+from ._projection import Projection
+from ._recovery import recover_components
 from ._result import PEFResult
 from ._transformer import PEFTransformer
 from .rules import Contribution, LayerRule, register_rule, unregister_rule
@@ -25,6 +30,8 @@ __all__ = [
     "LayerRule",
     "PEFResult",
     "PEFTransformer",
+    "Projection",
+    "recover_components",
     "register_rule",
     "rules",
     "unregister_rule",

@@ -121,8 +121,13 @@ def _block_generator(seed: int, index: int) -> torch.Generator:
 
 
 def _factor(t: int, n_out: int, n_in: int) -> tuple[int, int]:
-    """``(d_out, d_in)`` with ``d_out * d_in <= t``, shaped like ``(n_out, n_in)``."""
-    d_out = int(min(n_out, t, max(1, round(math.sqrt(t * n_out / n_in)))))
+    """``(d_out, d_in)`` with ``d_out * d_in <= t``, as balanced as the shape allows.
+
+    Balanced factors keep the coherence of the block's columns low (two columns that
+    share an input or an output index have inner products of order
+    ``1 / sqrt(min(d_out, d_in))``), which compressed-sensing recovery needs.
+    """
+    d_out = int(min(n_out, t, max(1, round(math.sqrt(t)))))
     d_in = int(min(n_in, max(1, t // d_out)))
     d_out = int(min(n_out, max(1, t // d_in)))
     return d_out, d_in
