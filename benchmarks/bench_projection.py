@@ -1,0 +1,206 @@
+"""Projected PEFs against top-K PEFs (same model, same batches), and recovery quality.
+
+Reproduce (2 CPU cores, torch 2.13 CPU)::
+
+    .venv/bin/python benchmarks/bench_projection.py                # mlp, cnn, recovery
+    .venv/bin/python benchmarks/bench_projection.py --models mlp cnn resnet18 bert
+    .venv/bin/python benchmarks/bench_projection.py --threads 1    # on a busy machine
+
+Throughput: ``PEFTransformer(kind="low_rank", n_classes=10)`` with
+``compression="topk"`` (``n_values=--n-values``) and ``compression="projection"``
+(``n_values=--dim``), examples per second of ``compute``, best of ``--repeats`` runs
+interleaved (top-K, projection, top-K, ...). Memory: peak RSS of a fresh process
+streaming ``iter_compute`` over 128 and over 1024 examples (results dropped).
+Recovery: planted ``s``-sparse vectors in the mlp's parameter space, projected and
+brought back by ``recover_components``; mean and minimum ``|cos|`` against ``d / s``
+and ``d / (s log(m / s))``.
+
+Models: ``mlp`` and ``cnn`` of ``bench_pef.py``; ``resnet18`` of ``bench_resnet18.py``
+(32x32 inputs); ``bert``: a BERT-style classifier of 4 layers, hidden 512 (as in
+``bench_threads.py``; needs ``transformers``), sequences of 32 tokens, 3 labels.
+
+Measured 2026-12-01 on the shared 2-core machine (load average 8-12 from other jobs,
+so absolute figures are low and noisy; the ratios come from interleaved runs), one
+torch thread (``--threads 1 --quick``), K = 65536, d = 8192:
+
+    see the figures reported with the change (filled in below when measured)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def make(name: str):
+    """(model, X, n_classes)."""
+    torch.manual_seed(0)
+    if name in ("mlp", "cnn"):
+        from bench_pef import make_model
+
+        model, X = make_model(name)
+        return model.eval(), X, 10
+    if name == "resnet18":
+        from bench_resnet18 import resnet18
+
+        return resnet18(10).eval(), torch.randn(64, 3, 32, 32), 10
+    if name == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(vocab_size=8000, hidden_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, intermediate_size=2048,
+                         max_position_embeddings=128, num_labels=3)
+        model = BertForSequenceClassification(cfg).eval()
+        gen = torch.Generator().manual_seed(0)
+        X = {"input_ids": torch.randint(0, 8000, (64, 32), generator=gen),
+             "attention_mask": torch.ones(64, 32, dtype=torch.long)}
+        return model, X, 3
+    raise ValueError(name)
+
+
+def _rows(X, n):
+    if isinstance(X, dict):
+        return {k: v[:n] for k, v in X.items()}
+    return X[:n]
+
+
+def transformer(model, n_classes, compression, args):
+    from sknpeff import PEFTransformer
+
+    n_values = args.n_values if compression == "topk" else args.dim
+    return PEFTransformer(model, kind="low_rank", n_classes=n_classes, n_values=n_values,
+                          compression=compression, batch_size=args.batch_size)
+
+
+def throughput(name, args):
+    model, X, c = make(name)
+    n = args.n_examples
+    X = _rows(X, n)
+    trs = {k: transformer(model, c, k, args).fit(X) for k in ("topk", "projection")}
+    for tr in trs.values():
+        tr.compute(_rows(X, args.batch_size))  # warm-up and the one-batch check
+    best = {k: float("inf") for k in trs}
+    for _ in range(args.repeats):
+        for k, tr in trs.items():
+            t = time.perf_counter()
+            tr.compute(X)
+            best[k] = min(best[k], time.perf_counter() - t)
+    n_ex = len(X["input_ids"]) if isinstance(X, dict) else len(X)
+    eps = {k: n_ex / v for k, v in best.items()}
+    return dict(model=name, n_params=trs["topk"].n_params_, topk=eps["topk"],
+                projection=eps["projection"], ratio=eps["projection"] / eps["topk"])
+
+
+def memory_worker(name, compression, n, args):
+    """Peak RSS (MB) of streaming n examples (run in a fresh process)."""
+    warnings.simplefilter("ignore")
+    model, X, c = make(name)
+    reps = -(-n // (len(X["input_ids"]) if isinstance(X, dict) else len(X)))
+    if isinstance(X, dict):
+        X = {k: v.repeat(reps, 1)[:n] for k, v in X.items()}
+    else:
+        X = X.repeat(reps, *([1] * (X.dim() - 1)))[:n]
+    tr = transformer(model, c, compression, args).fit(X)
+    for _ in tr.iter_compute(X):
+        pass
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+
+
+def memory(name, args):
+    out = {}
+    for comp in ("topk", "projection"):
+        for n in (128, 1024):
+            cmd = [sys.executable, __file__, "--memory-worker", name, comp, str(n),
+                   "--threads", str(args.threads), "--dim", str(args.dim),
+                   "--n-values", str(args.n_values), "--batch-size", str(args.batch_size)]
+            got = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out[f"{comp}_{n}"] = float(got.stdout.strip().splitlines()[-1])
+    return out
+
+
+def recovery(args):
+    from sknpeff.layout import ParameterLayout
+    from sknpeff.pef import Projection, recover_components
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    layout = ParameterLayout.from_model(model)
+    m = layout.n_params
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in (5, 10, 20):
+        base = s * math.log(m / s)
+        for mult in (1, 2, 4, 8):
+            d = min(m, int(mult * base))
+            R = Projection.for_layout(layout, d, seed=1)
+            G = np.zeros((args.n_planted, m))
+            for k in range(args.n_planted):
+                G[k, rng.choice(m, s, replace=False)] = rng.standard_normal(s)
+            H = R.apply(G)
+            rec = recover_components(H, R).toarray()
+            cos = np.abs((rec * G).sum(1)) / np.maximum(
+                np.linalg.norm(rec, axis=1) * np.linalg.norm(G, axis=1), 1e-300)
+            adj = R.adjoint(H)
+            cos_adj = np.abs((adj * G).sum(1)) / (np.linalg.norm(adj, axis=1)
+                                                   * np.linalg.norm(G, axis=1))
+            rows.append(dict(s=s, d=d, d_over_s=d / s, mult=mult, mean=float(cos.mean()),
+                             min=float(cos.min()), adjoint=float(cos_adj.mean())))
+    return m, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    ap.add_argument("--n-values", type=int, default=65536)
+    ap.add_argument("--dim", type=int, default=8192)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n-examples", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--n-planted", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="fewer examples and repeats")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-recovery", action="store_true")
+    ap.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "COMPRESSION", "N"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    if args.memory_worker:
+        name, comp, n = args.memory_worker
+        print(memory_worker(name, comp, int(n), args))
+        return
+    if args.quick:
+        args.n_examples, args.repeats, args.n_planted = 128, 2, 4
+    print(f"threads={args.threads} K={args.n_values} d={args.dim} "
+          f"batch={args.batch_size} examples={args.n_examples}")
+    for name in args.models:
+        r = throughput(name, args)
+        line = (f"{name:9s} {r['n_params']:>10,d} params  top-K {r['topk']:8.1f} ex/s  "
+                f"projection {r['projection']:8.1f} ex/s  ratio {r['ratio']:5.2f}x")
+        print(line, flush=True)
+        if not args.no_memory:
+            mem = memory(name, args)
+            print(f"{'':9s} peak RSS MB, 128 / 1024 examples: top-K {mem['topk_128']:.0f} / "
+                  f"{mem['topk_1024']:.0f}, projection {mem['projection_128']:.0f} / "
+                  f"{mem['projection_1024']:.0f}", flush=True)
+    if not args.no_recovery:
+        m, rows = recovery(args)
+        print(f"recovery, mlp 64-128-10 ({m} params), {args.n_planted} planted vectors each:")
+        for r in rows:
+            print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
