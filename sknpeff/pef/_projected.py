@@ -54,9 +54,10 @@ class ProjectedRows:
                 continue
             blk = None
             kb = proj.block_of.get(pid)
-            if len(cl) > 1 or kb is None:
+            if len(cl) > 1 or kb is None or cl[0].prefers_rows(kb.d_out, kb.d_in):
                 # a parameter reached by several contributions (a module called twice),
-                # or one of the sparse block: its dense (c, Bc, n) gradient
+                # one of the sparse block, or one whose gradient is cheaper to write
+                # than to project factored: its dense (c, Bc, n) gradient
                 blk = cl[0].materialize()
                 for cb in cl[1:]:
                     blk = blk + cb.materialize()
