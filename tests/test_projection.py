@@ -262,3 +262,45 @@ def test_recovery_of_planted_sparse_vectors():
         recover_components(H[:, :-1], R)
     with pytest.raises(ValueError, match="no projection found"):
         recover_components(H)
+
+
+def _forms():
+    """Every Contribution form with random factors, and the parameter's (O, I)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    from sknpeff.pef.rules import Contribution
+
+    c, B = 3, 2
+    return {
+        "dense": (Contribution.dense(r(c, B, 6 * 5)), (6, 5)),
+        "outer": (Contribution.outer(r(c, B, 6), r(B, 5)), (6, 5)),
+        "product": (Contribution.product(r(B, c, 1, 6, 7), r(B, 1, 1, 7, 5)), (6, 5)),
+        "grouped": (Contribution.product(r(B, c, 2, 3, 7), r(B, 1, 2, 7, 5)), (6, 5)),
+        "per_class": (Contribution.per_class_product([r(B, 6, 7) for _ in range(c)],
+                                                     r(B, 7, 5)), (6, 5)),
+        "scatter": (Contribution.scatter(r(c, B, 4, 5), torch.tensor([[0, 2, 2, 5],
+                                                                      [1, 1, 3, 0]]), 6),
+                    (6, 5)),
+    }
+
+
+@pytest.mark.parametrize("form", list(_forms()))
+def test_contribution_projection_and_gram_match_the_written_block(form):
+    cb, (O, I) = _forms()[form]
+    gen = torch.Generator().manual_seed(1)
+    p_out = torch.randn(3, O, generator=gen, dtype=torch.float64)
+    p_in = torch.randn(2, I, generator=gen, dtype=torch.float64)
+    gram = cb.exact_gram()
+    got = cb.project(p_out, p_in)
+    blk = cb.materialize()  # (c, B, O * I)
+    c, B = blk.shape[:2]
+    want = (p_out @ blk.reshape(c, B, O, I) @ p_in.T).reshape(c, B, -1).transpose(0, 1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    bt = blk.transpose(0, 1)
+    torch.testing.assert_close(gram, bt @ bt.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    # the weighted sum (the engine's exactness check) agrees with the block
+    w = torch.rand(c, B, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(cb.weighted_sum(w), torch.einsum("cbn,cb->n", blk, w))
