@@ -79,7 +79,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         ``"low_rank"``: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix of the
         ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability.
     n_values : int, default=65536
-        Number of entries of largest magnitude kept per row.
+        Number of entries of largest magnitude kept per row; with
+        ``compression="projection"``, the projected dimension ``d`` per class slot.
     n_classes : int, default=None
         Keep only the ``n_classes`` most probable classes (number of class slots).
         ``None``: all outputs of the model.
