@@ -304,3 +304,13 @@ def test_contribution_projection_and_gram_match_the_written_block(form):
     # the weighted sum (the engine's exactness check) agrees with the block
     w = torch.rand(c, B, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(cb.weighted_sum(w), torch.einsum("cbn,cb->n", blk, w))
+
+
+def test_projected_rows_do_not_depend_on_threads_or_batches():
+    model, X = _make("conv")
+    kw = dict(kind="low_rank", compression="projection", n_values=24, projection_seed=2)
+    one = PEFTransformer(model, batch_size=2, **kw).fit(X).compute(X)
+    two = PEFTransformer(model, batch_size=3, n_jobs=2, **kw).fit(X).compute(X)
+    np.testing.assert_allclose(np.asarray(two.pefs), np.asarray(one.pefs), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(two.norms, one.norms, rtol=1e-5)
