@@ -59,6 +59,8 @@ from ._result import PEFResult, concat_results
 __all__ = ["PEFTransformer"]
 
 _END = object()  # end of an iterator
+#: the most concurrent batches ``n_jobs="auto"`` runs (memory grows with each)
+AUTO_MAX_JOBS = 4
 
 
 class PEFTransformer(TransformerMixin, BaseEstimator):
@@ -116,19 +118,27 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         ``output``).
     batch_size : int, default=32
         Examples per forward/backward pass; bounds the memory used.
-    n_jobs : int, default=None
+    n_jobs : int, "auto" or None, default="auto"
         Batches computed at once on a CPU, each in its own thread with an equal share of
-        torch's intra-op threads (restored afterwards). ``None``: 1; ``-1``: one per
-        intra-op thread (``torch.get_num_threads()``). On 2 cores, against one job
-        with 2 intra-op threads (``benchmarks/bench_pef.py``, three runs), two jobs
-        computed low-rank PEFs 11-16% faster for a small CNN and 24-28% for an MLP,
-        but diagonal PEFs 3-5% (CNN) and 3-10% (MLP) slower: measure on your model.
-        Memory grows to ``n_jobs`` batches' buffers.
+        torch's intra-op threads (restored afterwards). ``None``: 1 (one batch at a time
+        on all of torch's threads); ``-1``: one per intra-op thread
+        (``torch.get_num_threads()``); ``"auto"``: one per intra-op thread, at most
+        ``4`` (so that memory, which grows to ``n_jobs`` batches' buffers, stays
+        bounded on many-core machines). The engine runs many small parallel regions per
+        example (one backward per class slot, per-layer products, selections), each
+        ending at a barrier that waits for a descheduled thread when the cores are busy;
+        single-threaded jobs have no such barrier. On 2 cores, for a 17M-parameter
+        BERT-style classifier (``benchmarks/bench_threads.py``), one job with 2 threads
+        reached 0.89 of two jobs' examples/s on an idle machine and 0.44 beside two busy
+        processes; one thread reached 0.56 and 0.68. Diagonal PEFs of small models were
+        3-10% slower with two jobs than with one on an idle machine
+        (``benchmarks/bench_pef.py``): measure on your model.
         Results and their order do not depend on it. It has no effect on a GPU, or
         when a parameter needs the generic ``torch.func`` path (which swaps the model's
         parameters while it runs): a batch found to need it on a worker thread is run
-        again, with every later batch, on the calling thread. With ``n_jobs > 1`` a
-        custom ``forward`` must be thread-safe.
+        again, with every later batch, on the calling thread. With ``n_jobs`` other than
+        ``None`` or ``1``, a custom ``forward`` must be thread-safe (pass
+        ``n_jobs=None`` if it is not).
     device : str or torch.device, default=None
         Where to compute; must be the device of the model's parameters (``None``: that
         device). Inputs are moved there.
@@ -208,7 +218,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         params: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         batch_size: int = 32,
-        n_jobs: int | None = None,
+        n_jobs: int | str | None = "auto",
         device: str | torch.device | None = None,
         dtype: str = "float32",
         allow_train_mode: bool = False,
@@ -242,12 +252,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         check_choice(self.output, "output", ("auto", *OUTPUTS))
         check_float(self.min_norm, "min_norm", low=0.0, allow_none=True)
         check_int(self.batch_size, "batch_size", low=1)
-        if self.n_jobs != -1:
+        if self.n_jobs not in (-1, "auto"):
             try:
                 check_int(self.n_jobs, "n_jobs", low=1, allow_none=True)
             except InvalidParameterError:
                 raise InvalidParameterError(
-                    f"n_jobs must be None, -1 or an integer >= 1; got {self.n_jobs!r}."
+                    f"n_jobs must be None, 'auto', -1 or an integer >= 1; got {self.n_jobs!r}."
                 ) from None
         try:
             dt = np.dtype(self.dtype)
@@ -310,6 +320,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         parameters (``torch.func.functional_call`` swaps the model's parameters)."""
         if self.n_jobs is None or eng.device.type != "cpu" or eng.fallback:
             return 1
+        if self.n_jobs == "auto":
+            return min(torch.get_num_threads(), AUTO_MAX_JOBS)
         return torch.get_num_threads() if self.n_jobs == -1 else int(self.n_jobs)
 
     def _run_batches(self, eng: Engine, batches: Iterable) -> Iterator[tuple]:
