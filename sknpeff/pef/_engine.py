@@ -35,6 +35,7 @@ from ._generic import generic_grads
 from ._inputs import as_logits, check_logits, default_forward, tree_leaves
 from ._inputs import to_device as to_device_tree
 from ._rows import RowAssembler
+from ._shared import SharedOutputs
 from ._topk import (
     DEFER_MAX_FRAC,
     BlockMax,
@@ -115,6 +116,7 @@ class Engine:
         self.batch_terms: dict[int, dict] = {}  # per batch, see _chunk_contribs
         self.no_expand: set[int] = set()
         self.expanded: set[int] = set()
+        self.shared_outputs: SharedOutputs | None = None  # during a forward pass
         self.batch_hint: int | None = None
         # the thread whose forward pass the hooks record (None: none); engines of other
         # worker threads hook the same modules
@@ -175,6 +177,18 @@ class Engine:
         self.add_hooks()
 
     # -- hooks -------------------------------------------------------------------------------
+    def _close_shared_outputs(self):
+        """Leave the forward pass's :class:`SharedOutputs` and record what it saw:
+        per-example copies, or the shared output as it was (found by _check_records)."""
+        shared, self.shared_outputs = self.shared_outputs, None
+        if shared is None:
+            return
+        shared.__exit__(None, None, None)
+        for module, x, copies in shared.resolved():
+            self.records.append(_Record(module, x, copies))
+        for module, x, out in shared.unresolved():
+            self.records.append(_Record(module, x, out))
+
     def _hook(self, module, args, output):
         if (self.recording_thread != threading.get_ident() or not args
                 or not isinstance(args[0], torch.Tensor)):
@@ -192,6 +206,18 @@ class Engine:
             self.expanded.add(id(module))
             x = x.expand(B, *x.shape[1:])
             output = output.expand(B, *output.shape[1:]).clone()
+        elif (self.rules[id(module)].expand_shared_batch and B and x.dim() >= 1
+              and output.dim() >= 1 and x.shape[0] != B and id(module) not in self.no_expand):
+            # an output computed once for the batch (position ids of shape (T,)) and
+            # broadcast into it later: SharedOutputs gives every example its own copy
+            # where it meets the batch (checked by _verify)
+            if self.shared_outputs is None:
+                self.shared_outputs = SharedOutputs(B)
+                self.shared_outputs.__enter__()
+            self.expanded.add(id(module))
+            out = output.clone()
+            self.shared_outputs.track(module, x, out)
+            return out
         self.records.append(_Record(module, x, output))
         return output.clone()
 
@@ -379,6 +405,7 @@ class Engine:
                 continue
             finally:
                 self.recording_thread = None
+                self._close_shared_outputs()
             check_logits(logits)
             B = logits.shape[0]
             cot, c_eff = class_cotangents(logits, self.n_slots, est.min_class_prob,
