@@ -353,7 +353,7 @@ def test_overview_plots_draw_their_data():
         plot_kl_ratios(kl, nr[:3], Figure().subplots())
     left, right = plot_coefficient_distribution(W, list(Figure().subplots(1, 2)))
     np.testing.assert_allclose(left.patches[0].get_data().values,
-                               np.sort(component_mass(W))[::-1])
+                               100 * np.sort(component_mass(W))[::-1])
     assert right.patches[0].get_data().values.sum() == W.size
     with pytest.raises(ValueError, match="axes"):
         plot_coefficient_distribution(W, [left])

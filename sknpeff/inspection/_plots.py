@@ -268,7 +268,7 @@ def plot_kl_ratios(kl_ratios, norm_ratios, ax=None, *, annotate: bool | None = N
 def plot_coefficient_distribution(W, axes=None, *, bins: int = 50):
     """How the coefficients spread: each component's share of the total, and the values.
 
-    Left: components' mass (share of the sum of all coefficients), largest first. Right:
+    Left: components' mass (percent of the sum of all coefficients), largest first. Right:
     histogram of the nonzero coefficients (log counts), titled with the fraction that is
     zero.
 
@@ -304,10 +304,14 @@ def plot_coefficient_distribution(W, axes=None, *, bins: int = 50):
     share = np.sort(component_mass(W))[::-1]
     left, right = axes
     # Stairs are one artist however many components (bars would be one each: slow).
-    left.stairs(share, np.arange(share.shape[0] + 1) - 0.5, fill=True, color="#4a7bd0")
+    left.stairs(100.0 * share, np.arange(share.shape[0] + 1) - 0.5, fill=True,
+                color="#4a7bd0")
     left.set_xlim(-0.5, share.shape[0] - 0.5)
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("component (by decreasing mass)")
-    left.set_ylabel("share of coefficient mass")
+    left.set_ylabel("% of coefficient mass")
     left.set_title("component mass", fontsize=10)
     nonzero = W[W != 0]
     zero_pct = 100.0 * (1.0 - nonzero.size / W.size) if W.size else 0.0
