@@ -607,6 +607,16 @@ def test_report_pages_auto_threshold(tmp_path):
     assert _hrefs(text) == [f"c-components/component-{j}.html" for j in range(3)]
     text = Path(report(tmp_path / "d.html", W=W, pages="single", overview=False)).read_text()
     assert text.count('<section class="component"') == 33
+    # Names that URLs must escape: the links still lead to the files.
+    from urllib.parse import unquote
+
+    index = Path(report(tmp_path / "my report#1.html", W=W[:, :2], pages="split",
+                        overview=False))
+    links = _hrefs(index.read_text())
+    assert links[0] == "my%20report%231-components/component-0.html"
+    page = tmp_path / unquote(links[0])
+    assert page.is_file()
+    assert (page.parent / unquote(_hrefs(page.read_text())[0])).resolve() == index.resolve()
 
 
 _SORT_PROBE = """
