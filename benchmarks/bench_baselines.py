@@ -12,9 +12,11 @@ held-out examples' coefficients:
 
 * ``DiagonalNPEFF`` / ``LowRankNPEFF`` on the D-PEFs / LRM-PEFs of the model;
 * ``GradientClustering`` (spectral clustering of the predicted label's log-probability
-  gradients, projected to 256 dimensions), and its k-means variant;
-* ``ActivationKMeans`` and ``ActivationSAE`` on the layer ``gated_hidden`` (the experts'
-  hidden activations times their bits: the representation the output layers read).
+  gradients, projected to 256 dimensions), its k-means variant, and its soft variant
+  (affinity to every cluster, not only the own one);
+* ``ActivationKMeans`` (and its soft variant) and ``ActivationSAE`` on the layer
+  ``gated_hidden`` (the experts' hidden activations times their bits: the representation
+  the output layers read).
 
 Reported per method and seed: the multi-factor recall (for held-out examples with 2 or 3
 concepts: the fraction of their concepts among the labels of their 2 or 3 strongest
@@ -67,8 +69,12 @@ def methods(model, k: int, seed: int) -> dict:
             model, n_components=k, random_state=seed)),
         "GradientClustering (k-means)": baseline(GradientClustering(
             model, n_components=k, method="kmeans", random_state=seed)),
+        "GradientClustering (soft)": baseline(GradientClustering(
+            model, n_components=k, coefficients="soft", random_state=seed)),
         "ActivationKMeans": baseline(ActivationKMeans(
             model, "gated_hidden", n_components=k, random_state=seed)),
+        "ActivationKMeans (soft)": baseline(ActivationKMeans(
+            model, "gated_hidden", n_components=k, coefficients="soft", random_state=seed)),
         "ActivationSAE": baseline(ActivationSAE(
             model, "gated_hidden", n_components=k, random_state=seed)),
     }

@@ -7,11 +7,13 @@ same batching helpers, so a baseline can be fitted on whatever NPEFF was fitted 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
+from sklearn.utils.validation import validate_data
 from torch import nn
 
 from ..pef._inputs import as_logits, default_forward, iter_batches, n_examples, to_device
@@ -20,7 +22,7 @@ from ..utils import check_eval_mode, check_int
 __all__ = [
     "ModelBaselineMixin",
     "POOLS",
-    "as_examples",
+    "is_array_like",
     "iter_layer_activations",
     "pool_positions",
 ]
@@ -28,16 +30,18 @@ __all__ = [
 POOLS = ("mean", "max")
 
 
-def as_examples(X):
-    """``X`` as a form the batching helpers read: array-likes that are none of the
-    supported containers (pandas frames, objects with ``__array__``) become arrays."""
-    if isinstance(X, (torch.Tensor, np.ndarray, dict, tuple, list, str)):
-        return X
-    if isinstance(X, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
-        return X
-    if hasattr(X, "__array__"):
-        return np.asarray(X)
-    return X
+def is_array_like(X) -> bool:
+    """Whether ``X`` is a numeric array (NumPy, SciPy sparse, or anything with
+    ``__array__`` that is not a tensor or another supported container); arrays of
+    strings are texts, not numbers."""
+    if sp.issparse(X):
+        return True
+    if isinstance(X, np.ndarray):
+        return X.dtype.kind not in "US"
+    if isinstance(X, (torch.Tensor, Mapping, tuple, list, str, torch.utils.data.Dataset,
+                      torch.utils.data.DataLoader)):
+        return False
+    return hasattr(X, "__array__")
 
 
 def pool_positions(a: torch.Tensor, pool: str) -> torch.Tensor:
@@ -134,11 +138,14 @@ class ModelBaselineMixin:
     def _check_examples(self, X, *, reset: bool) -> Any:
         """``X`` in a readable form, with at least one example; records (``reset``) or
         checks the number of input features of two-dimensional arrays."""
-        X = as_examples(X)
+        if is_array_like(X):
+            # numeric arrays get scikit-learn's checks (dtype, NaN/inf, sparse, shape)
+            return validate_data(self, X, reset=reset, accept_sparse=False, allow_nd=True,
+                                 dtype="numeric")
         n = n_examples(X)
         if n == 0:
             raise ValueError("X holds no example (0 samples).")
-        if isinstance(X, (np.ndarray, torch.Tensor)) and X.ndim == 2:
+        if isinstance(X, torch.Tensor) and X.ndim == 2:
             if reset:
                 self.n_features_in_ = int(X.shape[1])
             elif hasattr(self, "n_features_in_") and X.shape[1] != self.n_features_in_:
