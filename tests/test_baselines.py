@@ -47,6 +47,40 @@ def single_concept():
     return model, X, c
 
 
+# -- the gated experts' additions ------------------------------------------------------------
+
+
+def test_gated_experts_concepts_per_example_and_gated_hidden():
+    model, sample, _ = make_gated_experts(concepts_per_example=(1, 3), random_state=0)
+    X, c = sample(3000, random_state=0)
+    counts = c.sum(1)
+    assert counts.min() == 1 and counts.max() == 3
+    np.testing.assert_allclose(np.bincount(counts)[1:] / 3000, [1 / 3] * 3, atol=0.03)
+    np.testing.assert_allclose(c.mean(0), [2 / 6] * 6, atol=0.03)  # concepts uniform
+    np.testing.assert_array_equal(X[:, :6].numpy(), c)
+    # the default still draws independent bits (other examples rely on it)
+    _, plain, _ = make_gated_experts(random_state=0)
+    assert plain(3000, random_state=0)[1].sum(1).min() == 0
+    # the output is still base + sum_e b_e * expert_e(x); gated_hidden sees b_e * hidden
+    seen = []
+    handle = model.gated_hidden.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        out = model(X[:50])
+    handle.remove()
+    with torch.no_grad():
+        ref = model.base(X[:50])
+        for e, ex in enumerate(model.experts):  # the forward before gated_hidden existed
+            ref = ref + X[:50, e : e + 1] * ex(X[:50])
+        hid = torch.cat([torch.tanh(ex[0](X[:50])) * X[:50, e : e + 1]
+                         for e, ex in enumerate(model.experts)], 1)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(seen[0], hid)
+    with pytest.raises(ValueError, match="concepts_per_example"):
+        make_gated_experts(concepts_per_example=(2, 1))
+    with pytest.raises(ValueError, match="concepts_per_example"):
+        make_gated_experts(concepts_per_example=3)
+
+
 # -- per-example gradients -------------------------------------------------------------------
 
 

@@ -61,10 +61,10 @@ class ActivationKMeans(ModelBaselineMixin, TransformerMixin, BaseEstimator):
     model : torch.nn.Module
         A model in eval mode. It is never modified (the hooks are removed after each
         pass).
-    layer : str or list of str
+    layer : str or list of str, default=""
         Name(s) of the module(s) whose outputs are clustered (as in
-        ``model.named_modules()``); several are concatenated. Each must run once per
-        forward pass.
+        ``model.named_modules()``; ``""`` is the model itself: its output, the logits);
+        several are concatenated. Each must run once per forward pass.
     n_components : int, default=8
         Number of clusters.
     pool : {"mean", "max"}, default="mean"

@@ -39,10 +39,10 @@ class ActivationSAE(ModelBaselineMixin, TransformerMixin, BaseEstimator):
     ----------
     model : torch.nn.Module
         A model in eval mode. It is never modified.
-    layer : str or list of str
+    layer : str or list of str, default=""
         Name(s) of the module(s) whose outputs are encoded (as in
-        ``model.named_modules()``); several are concatenated along their last axis
-        (they must have the same positions).
+        ``model.named_modules()``; ``""`` is the model itself: its output); several
+        are concatenated along their last axis (they must have the same positions).
     n_components : int, default=8
         Number of latents (dictionary size).
     l1_coef : float, default=1.0
