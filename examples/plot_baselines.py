@@ -75,7 +75,7 @@ for name, (pur, mfr) in results.items():
 # %%
 # Clusterings give each example one cluster, so an example of two or three experts has
 # at most one of them among its strongest components: their recall is about one over
-# the number of experts, below the chance level of random component sets. Their top
+# the number of experts, at or below the chance level of random component sets. Their top
 # examples can still be pure. NPEFF's coefficients are additive, so one component per
 # expert can be active on the same example; the sparse autoencoder's latents are
 # additive too and sit in between.

@@ -432,3 +432,37 @@ def test_sklearn_compatible_estimator(estimator, check):
         # tiny random check data: disconnected affinity graphs, few distinct points
         warnings.simplefilter("ignore", UserWarning)
         check(estimator)
+
+
+def test_layer_outputs_of_tuples_and_dicts():
+    from sknpeff.baselines._base import layer_output_tensor
+
+    t = torch.ones(2, 3)
+    assert layer_output_tensor((t, (t, t))) is t
+    assert layer_output_tensor({"hidden": t, "n": 3}) is t
+
+    class Out:
+        last_hidden_state = t
+
+    assert layer_output_tensor(Out()) is t
+    with pytest.raises(ValueError, match="holds no activations tensor"):
+        layer_output_tensor(3, "x")
+
+    class LSTMNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.lstm(x)[0][:, -1])
+
+    model = LSTMNet().eval()
+    X = torch.randn(12, 5, 3)
+    with torch.no_grad():
+        ref = model.lstm(X)[0].mean(1).double().numpy()
+    km = ActivationKMeans(model, "lstm", n_components=2, random_state=0).fit(X)
+    np.testing.assert_allclose(km.cluster_centers_,
+                               KMeans(2, n_init=10, random_state=0).fit(ref).cluster_centers_,
+                               rtol=1e-5, atol=1e-7)

@@ -16,7 +16,7 @@ import torch
 from sklearn.utils.validation import validate_data
 from torch import nn
 
-from ..pef._inputs import as_logits, default_forward, iter_batches, n_examples, to_device
+from ..pef._inputs import default_forward, iter_batches, n_examples, to_device
 from ..utils import check_eval_mode, check_int
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "POOLS",
     "is_array_like",
     "iter_layer_activations",
+    "layer_output_tensor",
     "pool_positions",
 ]
 
@@ -62,6 +63,26 @@ def pool_positions(a: torch.Tensor, pool: str) -> torch.Tensor:
     return flat.mean(dim=1) if pool == "mean" else flat.amax(dim=1)
 
 
+def layer_output_tensor(out, name: str = "") -> torch.Tensor:
+    """The activations tensor of a module's output: the tensor itself, a model output's
+    ``last_hidden_state``, or the first tensor of a tuple, list or dict (an LSTM's
+    ``(output, (h, c))``, a transformer layer's ``(hidden, attention)``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    hidden = getattr(out, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    items = out.values() if isinstance(out, Mapping) else out
+    if isinstance(items, (tuple, list)) or isinstance(out, Mapping):
+        for v in items:
+            if isinstance(v, torch.Tensor):
+                return v
+    raise ValueError(
+        f"layer {name!r} returned {type(out).__name__}, which holds no activations tensor; "
+        "name a module that returns a tensor."
+    )
+
+
 def iter_layer_activations(model: nn.Module, X, layers: Sequence[str], *,
                            forward: Callable | None, batch_size: int,
                            device: torch.device) -> Iterator[list[torch.Tensor]]:
@@ -85,8 +106,7 @@ def iter_layer_activations(model: nn.Module, X, layers: Sequence[str], *,
 
     def hook_for(name):
         def hook(module, args, out):
-            out = as_logits(out) if not isinstance(out, torch.Tensor) else out
-            seen[name].append(out.detach())
+            seen[name].append(layer_output_tensor(out, name).detach())
         return hook
 
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]

@@ -79,6 +79,8 @@ class ActivationSAE(ModelBaselineMixin, TransformerMixin, BaseEstimator):
         Factor applied to the activations before encoding.
     loss_curve_ : list of float
         Mean training loss of each epoch.
+    n_iter_ : int
+        Training epochs run (``max_iter``).
     n_features_in_ : int
         Number of input features, when ``X`` is a two-dimensional array.
 
