@@ -638,3 +638,66 @@ def test_frozen_components_is_a_fit_parameter():
         est.fit(X, frozen_components=base.components_[:, :10])
     with pytest.raises(ValueError, match="finite"):
         est.fit(X, frozen_components=np.full_like(base.components_, np.nan))
+
+
+# ------------------------------------------------- as scikit-learn's NMF at the same tol
+def _rel_residual(X, W, H):
+    D = X.toarray().astype(np.float64)
+    return float(np.linalg.norm(D - W.astype(np.float64) @ H.astype(np.float64))
+                 / np.linalg.norm(D))
+
+
+def _exact_random(seed, n=200, m=300, r=5, sparse=False):
+    """Random non-negative data of exact rank r (dense or sparse factors)."""
+    rng = np.random.default_rng(seed)
+    W, H = rng.random((n, r)), rng.random((r, m))
+    if sparse:
+        W *= rng.random((n, r)) < 0.3
+        H *= rng.random((r, m)) < 0.2
+    return sp.csr_matrix(W @ H), r
+
+
+@pytest.mark.parametrize("data, solver", [("planted", "cd"), ("planted", "mu"),
+                                          ("random", "cd"), ("sparse", "cd"),
+                                          ("sparse", "mu")])
+def test_default_tol_residual_at_most_sklearn_nmf(data, solver):
+    """At the same tol, the fit ends at a residual no larger than scikit-learn's NMF
+    with the same solver and init (up to a 10% margin): tol buys at least as much."""
+    from sklearn.decomposition import NMF
+
+    if data == "planted":
+        X, _, H = _planted(0, n=300, m=1500, r=6, support=150, dtype=np.float64)
+        X, r = sp.csr_matrix(X), 6
+    else:
+        X, r = _exact_random(0, sparse=data == "sparse")
+    ours = DiagonalNPEFF(n_components=r, solver=solver, random_state=0, max_iter=3000)
+    W = ours.fit_transform(X)
+    nmf = NMF(n_components=r, solver=solver, init="nndsvda", random_state=0, max_iter=3000)
+    W_sk = nmf.fit_transform(X)
+    assert ours.tol == nmf.tol == 1e-4 and ours.stop_reason_ == "tol"
+    mine = _rel_residual(X, W, ours.components_)
+    theirs = _rel_residual(X, W_sk, nmf.components_)
+    assert mine <= 1.1 * theirs + 1e-6, (mine, theirs, ours.n_iter_, nmf.n_iter_)
+
+
+@pytest.mark.parametrize("data", ["planted", "noisy"])
+def test_partial_fit_epochs_within_two_percent_of_full_fit(data):
+    """Ten passes of partial_fit over five mini-batches end within 2% of a full fit's
+    error (MiniBatchNMF's use: several epochs over the batches)."""
+    X = _planted(3, n=300, m=1500, r=6, support=150, dtype=np.float64)[0] \
+        if data == "planted" else _noisy(3, n=300, m=1500, r=6)
+    X = sp.csr_matrix(X)
+    kw = dict(n_components=6, random_state=0)
+    full = DiagonalNPEFF(max_iter=1000, **kw)
+    err_full = _rel_residual(X, full.fit_transform(X), full.components_)
+    est = DiagonalNPEFF(**kw)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        perm = rng.permutation(X.shape[0])
+        for s in range(0, X.shape[0], 60):
+            est.partial_fit(X[perm[s:s + 60]])
+    err_stream = _rel_residual(X, est.transform(X), est.components_)
+    if data == "planted":  # exact data: both near zero
+        assert err_full < 1e-4 and err_stream < 1e-4
+    else:
+        assert err_stream <= 1.02 * err_full, (err_stream, err_full)
