@@ -355,11 +355,11 @@ def test_keyboard_interrupt_keeps_consistent_state(monkeypatch):
     calls = {"n": 0}
     hals = upd.DIAG_UPDATES["cd"]
 
-    def interrupting(xp, F, T, G):
+    def interrupting(xp, F, T, G, **kw):
         calls["n"] += 1
         if calls["n"] == 40:  # in the middle of the third iteration's block sweep
             raise KeyboardInterrupt
-        hals(xp, F, T, G)
+        hals(xp, F, T, G, **kw)
 
     monkeypatch.setitem(upd.DIAG_UPDATES, "cd", interrupting)
     est = DiagonalNPEFF(n_components=5, random_state=0, block_size=128, max_iter=100)

@@ -535,7 +535,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                   losses: list[float] | None = None, monitored: list[float] | None = None,
                   checkpoint: Callable[..., None] | None = None,
                   checkpoint_every: int = 0, coefs: Callable[[], Any] | None = None,
-                  xp: Any = None, coefs_from: int = 0) -> tuple[list[float], int]:
+                  xp: Any = None, coefs_from: int = 0,
+                  ratio_rule: bool = False) -> tuple[list[float], int]:
         """Call ``step(it)`` until converged, ``max_iter`` or Ctrl-C.
 
         ``step(it)`` returns the objective at the end of the iteration (an entry of
@@ -543,7 +544,10 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         watches another value of the iteration (LowRankNPEFF: the loss after its W
         step, which also drives its step size). The loop stops when the monitored value
         fell by less than ``tol`` times its first value over the last ``check_every``
-        iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt`` ends the loop
+        iterations (scikit-learn NMF's criterion for ``solver="mu"``); with
+        ``ratio_rule``, when it fell to ``tol`` times its first value (that for
+        ``solver="cd"``, on the projected gradient), checked at every iteration. A
+        ``KeyboardInterrupt`` ends the loop
         with the state reached so far; ``on_interrupt`` then lets the caller make that
         state consistent; the fit stores it and raises the interrupt again. The caller,
         once it has the kept state's final loss, calls :meth:`_warn_if_interrupted` to
@@ -583,14 +587,19 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 if self._speaks and (it % check_every == 0 or it == max_iter - 1):
                     print(f"[{type(self).__name__}] {label} iteration {it + 1:4d}  "
                           f"loss {loss:.6e}  ({time.perf_counter() - t0:.2f} s)")
-                if self.tol > 0 and it >= check_every and it % check_every == 0:
+                if ratio_rule:
+                    converged = self.tol > 0 and watched <= self.tol * monitored[0]
+                elif self.tol > 0 and it >= check_every and it % check_every == 0:
                     prev = monitored[-1 - check_every]
                     scale = max(abs(monitored[0]), np.finfo(np.float64).tiny)
-                    if (prev - watched) / scale < self.tol:
-                        if self._speaks:
-                            print(f"[{type(self).__name__}] converged at iteration {it + 1}")
-                        self._stop_reason = "tol"
-                        return losses, n_iter
+                    converged = (prev - watched) / scale < self.tol
+                else:
+                    converged = False
+                if converged:
+                    if self._speaks:
+                        print(f"[{type(self).__name__}] converged at iteration {it + 1}")
+                    self._stop_reason = "tol"
+                    return losses, n_iter
                 if watch_coefs and it % check_every == 0 and it >= coefs_from:
                     W = coefs()
                     if prev_W is not None:
