@@ -701,3 +701,38 @@ def test_partial_fit_epochs_within_two_percent_of_full_fit(data):
         assert err_full < 1e-4 and err_stream < 1e-4
     else:
         assert err_stream <= 1.02 * err_full, (err_stream, err_full)
+
+
+def test_hals_violation_is_the_projected_gradient_sum():
+    """The violation HALS reports is scikit-learn cd's: per coordinate, just before its
+    update, |gradient|, or only its negative part where the entry is zero."""
+    rng = np.random.default_rng(3)
+    F = rng.random((30, 4))
+    F[rng.random(F.shape) < 0.3] = 0.0
+    M = rng.random((10, 4))
+    G, T = M.T @ M, rng.random((30, 4))
+    ref, Fr = 0.0, F.copy()
+    for k in range(4):
+        for i in range(30):
+            grad = Fr[i] @ G[:, k] - T[i, k]
+            ref += abs(min(0.0, grad) if Fr[i, k] == 0 else grad)
+            Fr[i, k] = max(Fr[i, k] - grad / G[k, k], 0.0)
+    out = []
+    upd.diag_hals_update(np, F, T, G, violation=out)
+    assert len(out) == 1 and float(out[0]) == pytest.approx(ref, rel=1e-10)
+    np.testing.assert_allclose(F, Fr, rtol=1e-12, atol=1e-14)
+
+
+def test_cd_stops_where_sklearn_cd_rule_says(tmp_path):
+    """solver='cd' stops at the first iteration whose violation (the loop's monitored
+    series, saved in checkpoints) is at most tol times the first one's."""
+    X, _, _ = _planted(0, n=300, m=1500, r=6, support=150, dtype=np.float64)
+    ckpt = tmp_path / "c.npz"
+    est = DiagonalNPEFF(n_components=6, random_state=0, tol=1e-3, checkpoint_path=ckpt,
+                        checkpoint_every=1).fit(X)
+    with np.load(ckpt) as f:
+        v = f["monitored"]
+    assert est.stop_reason_ == "tol" and v.size == est.n_iter_ > 1
+    assert v[-1] <= 1e-3 * v[0] and np.all(v[:-1] > 1e-3 * v[0])
+    # the violation is the projected gradient, not the loss
+    assert not np.allclose(v, est.loss_curve_)
