@@ -370,8 +370,8 @@ class DiagonalNPEFF(BaseNPEFF):
         ``t / 10`` batches (at least the current one): statistics gathered with early,
         poor coefficients fade within a few passes while the window, and with it the
         averaging over batches, grows with the stream. Ten passes over 5 batches ended
-        within 0.04% of a full fit's error on planted D-PEFs with noise, within 2.5% on
-        noisy dense random data (1.8% after 20 passes;
+        within 0.04% of a full fit's error on planted D-PEFs with sparse noise, 2.1%
+        above it on noisy dense random data (1.8% after 20 passes;
         ``benchmarks/bench_nmf_sklearn.py``). The first call initializes the
         components from its batch (``init``) and keeps every column (no pruning); a
         call after :meth:`fit` continues from the fitted components with fresh
