@@ -80,6 +80,7 @@ class LowRankNPEFF(BaseNPEFF):
         decreased by less than ``tol`` times its first value over the last 10
         iterations (set 0 to always run ``max_iter``). Loss plateaus on the
         way to a good minimum are common; 1e-4 stopped on one on 1 of 10 planted seeds.
+    {coef_tol_param}
     transform_max_iter : int or None, default=200
         Maximum number of coefficient steps of :meth:`transform` (and of the final
         coefficients of :meth:`fit_transform`); ``None``: ``max_iter``. They are cheap.
@@ -150,7 +151,8 @@ class LowRankNPEFF(BaseNPEFF):
     def __init__(self, n_components: int = 32, *, n_classes: int = 1, init: str = "auto",
                  learning_rate: str | float = "auto", solver: str = "cd",
                  ortho_strength: float = 0.0, max_iter: int = 500, n_iter_g_only: int = 0,
-                 tol: float = 1e-5, transform_max_iter: int | None = 200,
+                 tol: float = 1e-5, coef_tol: float | None = None,
+                 transform_max_iter: int | None = 200,
                  random_state: Any = None, min_nnz_per_column: int = 1,
                  backend: Any = "auto", devices: Any = None, distributed: bool = False,
                  block_size: int | str | None = "auto", checkpoint_path: Any = None,
@@ -165,6 +167,7 @@ class LowRankNPEFF(BaseNPEFF):
         self.max_iter = max_iter
         self.n_iter_g_only = n_iter_g_only
         self.tol = tol
+        self.coef_tol = coef_tol
         self.transform_max_iter = transform_max_iter
         self.random_state = random_state
         self.min_nnz_per_column = min_nnz_per_column
@@ -306,7 +309,8 @@ class LowRankNPEFF(BaseNPEFF):
             step, self.max_iter + n_g_only, label="fit", on_interrupt=resync, start=start,
             losses=losses0, monitored=monitored0,
             checkpoint=self._saver(fingerprint, prob, parts, state, keys=("eta", "prev")),
-            checkpoint_every=self.checkpoint_every)
+            checkpoint_every=self.checkpoint_every, coefs=lambda: state["W"], xp=xp,
+            coefs_from=n_g_only)
         # Final coefficients for the final components, solved exactly as transform does
         # (the W problem is convex): fit_transform(X) and fit(X).transform(X) agree, and
         # the loss can only fall.
