@@ -117,8 +117,10 @@ def test_random_slots_are_unbiased(axis, output, n_out):
     e100 = _grouped_errors(F_hat, F_true[0], 100)
     e400 = _grouped_errors(F_hat, F_true[0], 400)
     e1600 = _grouped_errors(F_hat, F_true[0], 1600)
-    assert 0.3 < e400 / e100 < 0.75, (e100, e400)
-    assert e1600 < 0.8 * e400 and e1600 < 0.2
+    # ~1/2 when unbiased (0.28-0.66 over 48 seeds of these four cases); a biased
+    # estimate plateaus (ratio near 1)
+    assert 0.25 < e400 / e100 < 0.8, (e100, e400)
+    assert e1600 < 0.1
 
 
 @pytest.mark.parametrize("axis", ["sample", "project"])
