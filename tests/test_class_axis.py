@@ -178,6 +178,9 @@ def test_class_axis_errors():
         PEFTransformer(model, class_axis="eigen", n_classes=4).fit(X)
     with pytest.raises(ValueError, match="n_classes=5"):
         PEFTransformer(model, n_classes=5).fit(X)
+    wide = nn.Linear(2, 9000).double().eval()
+    with pytest.raises(ValueError, match="class_axis='eigen'.*9000"):
+        PEFTransformer(wide, class_axis="eigen").fit(torch.randn(2, 2, dtype=torch.float64))
     # more draws than classes is allowed
     assert PEFTransformer(model, class_axis="sample", n_classes=6).fit(X).n_classes_ == 6
 

@@ -50,6 +50,8 @@ CLASS_AXES = ("top", "eigen", "sample", "project")
 EIGEN_RTOL = 1e-12
 #: entries of the (chunk, C, C) matrices eigendecomposed at once
 EIGEN_CHUNK = 2**24
+#: most outputs "eigen" accepts: a C x C eigendecomposition per example (512 MB at 8192)
+EIGEN_MAX_OUTPUTS = 8192
 
 
 def resolve_output(output: str, n_outputs: int) -> str:
@@ -101,6 +103,11 @@ def n_class_slots(class_axis: str, n_classes: int | None, n_outputs: int, output
             f"n_classes={n_classes} is larger than the model's number of outputs "
             f"({n_outputs}).")
     if class_axis == "eigen":
+        if n_outputs > EIGEN_MAX_OUTPUTS:
+            raise ValueError(
+                f"class_axis='eigen' eigendecomposes a {n_outputs} x {n_outputs} matrix per "
+                f"example (at most {EIGEN_MAX_OUTPUTS} outputs); for this many classes use "
+                "class_axis='top', 'sample' or 'project'.")
         if n_classes is not None and n_classes > rank:
             raise ValueError(
                 f"n_classes={n_classes} is larger than the rank of the output Fisher "
