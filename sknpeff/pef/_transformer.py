@@ -78,7 +78,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     kind : {"diagonal", "low_rank"}, default="diagonal"
         ``"diagonal"``: row ``i`` is ``f_i = sum_j a_ij ** 2`` (width ``n_params_``).
         ``"low_rank"``: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix of the
-        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability.
+        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability (other
+        slot vectors with ``class_axis``).
     n_values : int, default=65536
         Number of entries of largest magnitude kept per row.
     n_classes : int, default=None
@@ -168,7 +169,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     n_outputs_ : int
         Number of logits of the model.
     n_classes_ : int
-        Number of class slots (low rank).
+        Number of class slots (low rank); pass it to ``LowRankNPEFF(n_classes=...)``.
     output_ : {"softmax", "sigmoid"}
         The output distribution used (``output`` with ``"auto"`` resolved).
     n_features_out_ : int
