@@ -9,11 +9,13 @@ Reproduce (2-core machine, a few minutes; ``--quick`` for a short smoke run)::
 Tables printed:
 
 1. **Few classes, exactly.** For 2- and 3-class MLPs, ``class_axis="eigen"`` (C - 1
-   slots) against ``"top"`` with every class (C slots): largest per-example difference
-   of the Fishers (float64), PEF time and ``LowRankNPEFF`` fit time (A/B/A/B
-   interleaved, medians; same initialization and iterations), and the matched |cos| of
-   the two fits' components. Two stored-value budgets: the same share of each row
-   (``n_values`` proportional to the slots) and the same ``n_values``.
+   slots) against ``"top"`` with every class (C slots): largest per-example squared
+   relative difference of the Fishers (float64), PEF time and ``LowRankNPEFF`` fit time
+   (A/B/A/B interleaved, medians; same random initialization and iterations), and the
+   matched |cos| of the two fits' components. Three stored-value budgets: every value
+   (no sparsification: the same Fishers), the same share of each row (``n_values``
+   proportional to the slots, a quarter of a slot's width per slot) and the same
+   ``n_values``.
 2. **Many classes (ablation).** A small MLP trained in seconds on synthetic data with
    100 classes; for ``s`` = 1, 2, 4, 8, 16 slots: ``"top"`` (the ``s`` most probable
    classes), ``"eigen"`` (the ``s`` largest eigenvalues of ``diag(p) - p p^T``),
@@ -142,10 +144,12 @@ def few_classes(quick: bool) -> None:
         B = slot_vectors(model, X[:200], class_axis="eigen")
         dF = rel_frobenius(B, A).max() ** 2  # squared: its square root amplifies rounding
         m = sum(p.numel() for p in model.parameters())
-        for budget in ("proportional", "same"):
+        for budget in ("all", "proportional", "same"):
             per_slot = m // 4
             nv = {"top": per_slot * C,
                   "eigen": per_slot * (C - 1) if budget == "proportional" else per_slot * C}
+            if budget == "all":  # no sparsification: both hold the same Fishers
+                nv = {"top": 10**9, "eigen": 10**9}
             pef_t = {"top": [], "eigen": []}
             fit_t = {"top": [], "eigen": []}
             comps = {}
