@@ -234,12 +234,14 @@ def _random_cotangents(lg: torch.Tensor, n_slots: int, output: str, class_axis: 
     B, K = lg.shape
     s = n_slots
     gens = example_generators(seed, start, B)
+    # drawn on the host (the same numbers on every device), used where the logits are
     if class_axis == "project":
         w = torch.from_numpy(np.stack([g.standard_normal((s, K)) for g in gens])
-                             if B else np.zeros((0, s, K)))
+                             if B else np.zeros((0, s, K))).to(lg.device)
     else:
-        u = torch.from_numpy(np.stack([g.random((s, K) if output == "sigmoid" else s)
-                                       for g in gens]) if B else np.zeros((0, s)))
+        shape = (s, K) if output == "sigmoid" else (s,)
+        u = torch.from_numpy(np.stack([g.random(shape) for g in gens])
+                             if B else np.zeros((0, *shape))).to(lg.device)
     if output == "sigmoid":
         prob = torch.sigmoid(lg)
         if class_axis == "project":
