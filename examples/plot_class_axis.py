@@ -107,7 +107,7 @@ def relative_error(A):
 # -----------------------------------------------------------
 # Components: ``LowRankNPEFF`` (6 components, 512 stored values per PEF) from the same
 # random initialization on each set of PEFs, matched to the fit on the exact PEFs
-# (``class_axis="eigen"``, 99 slots) by mean |cos|.
+# (``class_axis="eigen"``, 99 slots) by their mean absolute cosine.
 def components(seed=0, **kw):
     pt = PEFTransformer(model, kind="low_rank", n_values=512, **kw).fit(X)
     est = LowRankNPEFF(n_components=6, n_classes=pt.n_classes_, init="random",
