@@ -621,9 +621,9 @@ def _threads_of_run_batch(monkeypatch) -> set:
     seen = set()
     real = engmod.Engine.run_batch
 
-    def spy(self, batch):
+    def spy(self, *args, **kwargs):
         seen.add(threading.get_ident())
-        return real(self, batch)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(engmod.Engine, "run_batch", spy)
     return seen

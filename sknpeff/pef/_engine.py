@@ -93,6 +93,9 @@ class Engine:
         self.layout = layout
         self.n_slots = n_slots
         self.output = est.output_
+        # the class axis; the seed of its random draws is fixed once per computation
+        self.class_axis = getattr(est, "class_axis", "top")
+        self.seed = getattr(est, "_class_seed", None)
         self.kind = est.kind
         self.k = int(est.n_values)
         self.out_dtype = np.dtype(est.dtype)
@@ -385,8 +388,9 @@ class Engine:
         return sorted(set(bad))
 
     # -- one batch -----------------------------------------------------------------------------
-    def run_batch(self, batch):
-        """Return (counts, indices, data, norms, logits) for one batch."""
+    def run_batch(self, batch, start: int = 0):
+        """Return (counts, indices, data, norms, logits) for one batch whose first
+        example is example ``start`` of the data (it seeds random class slots)."""
         est = self.est
         batch = self.to_device(batch)
         while True:
@@ -409,7 +413,7 @@ class Engine:
             check_logits(logits)
             B = logits.shape[0]
             cot, c_eff = class_cotangents(logits, self.n_slots, est.min_class_prob,
-                                          self.output)
+                                          self.output, self.class_axis, self.seed, start)
             if c_eff == 0:
                 gouts, fb = [], {}
                 break

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
@@ -41,7 +42,7 @@ from ..utils import (
     tag_pef_matrix,
     user_stacklevel,
 )
-from ._classes import OUTPUTS, predictions, resolve_output
+from ._classes import CLASS_AXES, OUTPUTS, n_class_slots, predictions, resolve_output
 from ._engine import Engine, NeedsOneThread
 from ._inputs import (
     as_logits,
@@ -53,6 +54,7 @@ from ._inputs import (
     iter_batches,
     n_examples,
     to_device,
+    tree_leaves,
 )
 from ._result import PEFResult, concat_results
 
@@ -78,15 +80,33 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     kind : {"diagonal", "low_rank"}, default="diagonal"
         ``"diagonal"``: row ``i`` is ``f_i = sum_j a_ij ** 2`` (width ``n_params_``).
         ``"low_rank"``: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix of the
-        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability.
+        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability (other
+        slot vectors with ``class_axis``).
     n_values : int, default=65536
         Number of entries of largest magnitude kept per row.
     n_classes : int, default=None
-        Keep only the ``n_classes`` most probable classes (number of class slots).
-        ``None``: all outputs of the model.
+        Number of class slots per example (one backward pass each). ``None``: all
+        outputs of the model (``class_axis="top"``), the exact Fisher's ``C - 1``
+        eigenvectors (``"eigen"``); ``"sample"`` and ``"project"`` need it.
+    class_axis : {"top", "eigen", "sample", "project"}, default="top"
+        How the ``n_classes`` slots represent the Fisher
+        ``F = J^T (diag(p) - p p^T) J`` (``J`` the logits' Jacobian).
+        ``"top"``: the ``a_ij`` of the most probable classes (exact on what it keeps).
+        ``"eigen"``: ``J^T sqrt(lambda_k) u_k`` for the largest eigenvalues of
+        ``diag(p) - p p^T`` (the optimal truncation; with ``n_classes=None`` exactly
+        ``F`` with ``C - 1`` slots, one for a binary softmax; costs a ``C x C``
+        eigendecomposition per example). ``"sample"``: ``n_classes`` draws
+        ``y ~ p(y|x)``, slots ``grad log p_y / sqrt(n_classes)``. ``"project"``:
+        ``n_classes`` Gaussian combinations ``sum_j w_j a_ij / sqrt(n_classes)``.
+        Both random ones are unbiased estimates of ``F`` for any ``n_classes``. With
+        sigmoid outputs ``"eigen"`` is ``"top"`` and ``"sample"`` draws every label.
     min_class_prob : float, default=None
         Drop classes whose probability is below this threshold (their slots stay empty).
-        Softmax outputs only.
+        Softmax outputs and ``class_axis="top"`` only.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the ``"sample"`` and ``"project"`` draws. Example ``i`` draws from a
+        generator seeded with ``(seed, i)``: results do not depend on ``batch_size`` or
+        ``n_jobs``. ``None``: a new seed for every computation.
     output : {"auto", "softmax", "sigmoid"}, default="auto"
         The distribution the logits parametrize. ``"softmax"``: one categorical
         distribution over the outputs (a multi-class classifier). ``"sigmoid"``: every
@@ -159,7 +179,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     n_outputs_ : int
         Number of logits of the model.
     n_classes_ : int
-        Number of class slots (low rank).
+        Number of class slots (low rank); pass it to ``LowRankNPEFF(n_classes=...)``.
     output_ : {"softmax", "sigmoid"}
         The output distribution used (``output`` with ``"auto"`` resolved).
     n_features_out_ : int
@@ -211,7 +231,9 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         kind: str = "diagonal",
         n_values: int = 65536,
         n_classes: int | None = None,
+        class_axis: str = "top",
         min_class_prob: float | None = None,
+        random_state: Any = None,
         output: str = "auto",
         normalize: bool = True,
         min_norm: float | None = None,
@@ -228,7 +250,9 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self.kind = kind
         self.n_values = n_values
         self.n_classes = n_classes
+        self.class_axis = class_axis
         self.min_class_prob = min_class_prob
+        self.random_state = random_state
         self.output = output
         self.normalize = normalize
         self.min_norm = min_norm
@@ -248,7 +272,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         check_choice(self.kind, "kind", ("diagonal", "low_rank"))
         check_int(self.n_values, "n_values", low=1)
         check_int(self.n_classes, "n_classes", low=1, allow_none=True)
+        check_choice(self.class_axis, "class_axis", CLASS_AXES)
         check_float(self.min_class_prob, "min_class_prob", low=0.0, high=1.0, allow_none=True)
+        if self.min_class_prob is not None and self.class_axis != "top":
+            raise InvalidParameterError(
+                f"min_class_prob drops classes of class_axis='top'; got "
+                f"class_axis={self.class_axis!r}: leave min_class_prob=None.")
         check_choice(self.output, "output", ("auto", *OUTPUTS))
         check_float(self.min_norm, "min_norm", low=0.0, allow_none=True)
         check_int(self.batch_size, "batch_size", low=1)
@@ -286,7 +315,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     def _engine_key(self) -> tuple:
         # what the per-layer plan and its one-batch check depend on
         return (id(self.model), id(self.forward), repr(self.params), self.kind,
-                self.n_classes_, self.output_, self.layout_)
+                self.n_classes_, self.output_, self.layout_, self.class_axis)
 
     def _engine(self, learned: tuple | None = None):
         """A new engine; ``learned`` (from :meth:`_learned`) spares it the first-batch
@@ -333,11 +362,11 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             first = next(it, None)
             if first is None:
                 return
-            yield eng.run_batch(first)
+            yield eng.run_batch(*first)
         n_jobs = self._n_jobs_for(eng)
         if n_jobs == 1:
             for batch in it:
-                yield eng.run_batch(batch)
+                yield eng.run_batch(*batch)
             return
         yield from self._run_threaded(eng, it, n_jobs)
 
@@ -351,7 +380,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         def task(batch):
             e = free.get()  # at most n_jobs tasks run: one engine is always free
             try:
-                return e.run_batch(batch)
+                return e.run_batch(*batch)
             finally:
                 free.put(e)
 
@@ -394,7 +423,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 for e in engines[1:]:
                     e.remove_hooks()
         for batch in itertools.chain(redo, it):
-            yield eng.run_batch(batch)
+            yield eng.run_batch(*batch)
 
     # -- sklearn API ---------------------------------------------------------------------------
     def fit(self, X, y=None):
@@ -423,11 +452,6 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         check_logits(logits)
         check_not_probabilities(logits)
         n_out = int(logits.shape[1])
-        if self.n_classes is not None and self.n_classes > n_out:
-            raise ValueError(
-                f"n_classes={self.n_classes} is larger than the model's number of outputs "
-                f"({n_out})."
-            )
         self.layout_ = layout
         self.n_params_ = layout.n_params
         output = resolve_output(self.output, n_out)
@@ -438,7 +462,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 "n_classes instead.")
         self.output_ = output
         self.n_outputs_ = n_out
-        self.n_classes_ = n_out if self.n_classes is None else int(self.n_classes)
+        self.n_classes_ = n_class_slots(self.class_axis, self.n_classes, n_out, output)
         self.n_features_out_ = (
             self.n_classes_ * self.n_params_ if self.kind == "low_rank" else self.n_params_
         )
@@ -493,6 +517,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         if ParameterLayout.from_model(self.model, self.params) != self.layout_:
             raise ValueError("the model's parameter layout changed since fit.")
         n = n_examples(X)
+        random_axis = self.class_axis in ("sample", "project")
+        # one seed per computation, read by every engine of it
+        self._class_seed = (int(check_random_state(self.random_state).randint(2**31 - 1))
+                            if random_axis else None)
         eng = self._engine()
         selected = eng.params
         saved_rg = [p.requires_grad for p in selected]
@@ -500,7 +528,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                         disable=not self.verbose)
         n_zero = n_floored = start = 0
         floor = self.min_norm
-        results = self._run_batches(eng, iter_batches(X, self.batch_size))
+        results = self._run_batches(eng, _numbered(iter_batches(X, self.batch_size),
+                                                   random_axis))
         try:
             for p in selected:
                 p.requires_grad_(True)
@@ -579,7 +608,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
             with PEFWriter(out, n_cols=self.n_features_out_, kind=self.kind,
                            layout=self.layout_, n_classes=self.n_classes_,
-                           dtype=self.dtype, metadata={"output": self.output_},
+                           dtype=self.dtype, metadata={"output": self.output_,
+                                                       "class_axis": self.class_axis},
                            overwrite=overwrite) as w:
                 for res in self.iter_compute(X):
                     w.append(res)
@@ -592,7 +622,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
     def _metadata(self) -> dict:
         return {"kind": self.kind, "n_classes": self.n_classes_, "output": self.output_,
-                "layout": self.layout_}
+                "class_axis": self.class_axis, "layout": self.layout_}
 
     def transform(self, X):
         """Sparse PEF matrix of ``X`` (the layout is described in the class docstring).
@@ -614,3 +644,28 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         tags.non_deterministic = False
         tags.requires_fit = True
         return tags
+
+
+def _numbered(batches: Iterable, count: bool) -> Iterator[tuple[Any, int]]:
+    """``(batch, start)``: each batch with the index of its first example in the data
+    (counted only when ``count``; 0 otherwise)."""
+    start = 0
+    for batch in batches:
+        yield batch, start
+        if count:
+            start += _batch_length(batch)
+
+
+def _batch_length(batch) -> int:
+    """Number of examples of a batch: the first axis of its first array, or its length
+    (a list of strings)."""
+    for v in tree_leaves(batch):
+        if hasattr(v, "shape") and len(v.shape):
+            return int(v.shape[0])
+    try:
+        return len(batch)
+    except TypeError:
+        raise ValueError(
+            "class_axis='sample' or 'project' numbers the examples to seed their draws, "
+            f"but the number of examples of a {type(batch).__name__} batch is unknown: "
+            "give batches of arrays or lists.") from None
