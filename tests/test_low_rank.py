@@ -404,6 +404,7 @@ def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
     n, c, m = 13, 3, 20
     X = sp.random(n, c * m, density=0.3, format="csr", random_state=1).tolil()
     X[4] = 0
+    X[5, m:2 * m] = 0  # an empty slot between two non-empty ones
     X = X.tocsr()
     if not sorted_rows:  # scramble the order within each row
         rng = np.random.default_rng(0)
@@ -414,12 +415,26 @@ def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
         X.has_sorted_indices = False
     before = (X.data.copy(), X.indices.copy())
     D = X.toarray().reshape(n * c, m)
-    A, kept = base.reshape_and_prune(X, c, None, min_nnz, np.float64)
+
+    def compacted(cols):
+        """Each example's slots with a value in ``cols``, in order, padded to the most."""
+        slots = [D[i * c:(i + 1) * c, cols] for i in range(n)]
+        slots = [S[(S != 0).any(axis=1)] for S in slots]
+        k = max(1, max(len(S) for S in slots))
+        return np.concatenate([np.vstack([S, np.zeros((k - len(S), len(cols)))])
+                               for S in slots])
+
     expect = np.flatnonzero((D != 0).sum(axis=0) >= min_nnz)
-    np.testing.assert_array_equal(kept, expect)
-    np.testing.assert_array_equal(A.toarray(), D[:, expect])
-    A2, _ = base.reshape_and_prune(X, c, np.array([1, 5, 7]), 1, np.float32)
-    np.testing.assert_allclose(A2.toarray(), D[:, [1, 5, 7]], rtol=1e-6)
+    for compact in (False, True):
+        A, kept = base.reshape_and_prune(X, c, None, min_nnz, np.float64, compact=compact)
+        np.testing.assert_array_equal(kept, expect)
+        np.testing.assert_array_equal(A.toarray(),
+                                      compacted(expect) if compact else D[:, expect])
+        A2, _ = base.reshape_and_prune(X, c, np.array([1, 5, 7]), 1, np.float32,
+                                       compact=compact)
+        np.testing.assert_allclose(A2.toarray(), compacted([1, 5, 7]) if compact
+                                   else D[:, [1, 5, 7]], rtol=1e-6)
+    assert not np.array_equal(compacted(expect), D[:, expect])  # the layouts differ
     np.testing.assert_array_equal(X.data, before[0])
     np.testing.assert_array_equal(X.indices, before[1])
 
