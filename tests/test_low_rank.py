@@ -513,3 +513,113 @@ def test_slot_count_mismatch_is_refused_at_fit():
     diag = PEFTransformer(model, kind="diagonal", n_values=50).fit(X).transform(X)
     with pytest.raises(ValueError, match="holds diagonal PEFs.*use DiagonalNPEFF"):
         LowRankNPEFF(n_components=2, n_classes=1).fit(diag)
+
+
+# ------------------------------------------------ many class slots, most of them empty
+def sparse_slot_pefs(n, n_slots, m, max_filled, seed, density=0.5):
+    """Low-rank PEF rows whose examples fill 1..max_filled of their n_slots class slots
+    (at random positions, as a per-example class cut-off leaves them), float64."""
+    rng = np.random.RandomState(seed)
+    rows, cols, vals = [], [], []
+    for i in range(n):
+        for s in rng.choice(n_slots, rng.randint(1, max_filled + 1), replace=False):
+            p = np.flatnonzero(rng.rand(m) < density)
+            rows.append(np.full(p.size, i))
+            cols.append(s * m + p)
+            vals.append(rng.randn(p.size))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(n, n_slots * m))
+
+
+def test_mostly_empty_slots_match_the_full_slot_layout(monkeypatch):
+    """Dropping empty slots changes no result: the same fit as with one row of A per
+    class slot (the layout before compaction), and the dense float64 loss."""
+    import functools
+
+    import sknpeff.decomposition._base as base
+    from sknpeff.decomposition._data import reshape_and_prune
+
+    n, c, m = 40, 300, 50
+    # the last 5 parameters are rare (pruned); example 3 has no slot at all
+    X = sparse_slot_pefs(n, c, m, max_filled=4, seed=0,
+                         density=np.r_[np.full(m - 5, 0.5), np.full(5, 0.05)])
+    X = sp.csr_matrix(sp.diags((np.arange(n) != 3).astype(float)) @ X)
+    X.eliminate_zeros()
+    kw = dict(n_components=3, n_classes=c, random_state=0, max_iter=25, tol=0,
+              min_nnz_per_column=12)  # some columns with values are pruned
+    results = {}
+    for compact in (True, False):
+        monkeypatch.setattr(base, "reshape_and_prune",
+                            functools.partial(reshape_and_prune, compact=compact))
+        est = LowRankNPEFF(**kw)
+        W = est.fit_transform(X)
+        results[compact] = (est, W, est.transform(X[::2]), est.loss(X, W))
+    (new, W, Wt, loss), (old, W0, Wt0, loss0) = results[True], results[False]
+    assert 0 < new.kept_columns_.size < m
+    np.testing.assert_allclose(new.loss_curve_, old.loss_curve_, rtol=1e-9)
+    np.testing.assert_allclose(new.components_, old.components_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(W, W0, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(Wt, Wt0, rtol=1e-7, atol=1e-10)
+    assert loss == pytest.approx(loss0, rel=1e-9)
+    dense = dense_loss(dense_pefs(X, c), W, new.components_)
+    assert loss == pytest.approx(dense, rel=1e-9)
+    assert new.reconstruction_err_ ** 2 == pytest.approx(dense, rel=1e-9)
+    assert (W[3] == 0).all()
+
+
+def test_slot_gram_sq_matches_dense_frobenius_norms():
+    from sknpeff.decomposition._data import reshape_and_prune
+    from sknpeff.decomposition._low_rank import slot_gram_sq
+
+    X = sparse_slot_pefs(30, 20, 15, max_filled=6, seed=1)
+    F = dense_pefs(X, 20)
+    expect = float((F ** 2).sum())
+    for compact in (True, False):
+        A, _ = reshape_and_prune(X, 20, np.arange(15), 1, np.float64, compact=compact)
+        k = A.shape[0] // 30
+        assert k == (6 if compact else 20)  # 6: the most slots any example fills (seed 1)
+        for chunk in (1, 7, 1 << 22):  # chunks of one example and a few examples
+            assert slot_gram_sq(A, k, chunk_nnz=chunk) == pytest.approx(expect, rel=1e-12)
+
+
+def test_fifty_thousand_slots_cost_follows_the_stored_values(monkeypatch):
+    """A vocabulary-sized n_classes with a few filled slots per example: A has one row
+    per filled slot (padded to the fullest example), never n * n_classes rows, and no
+    array of n * n_classes entries is allocated on the way (fit, transform, loss)."""
+    import tracemalloc
+
+    import sknpeff.decomposition._base as base
+
+    n, c, m, filled = 40, 50_000, 30, 5
+    X = sparse_slot_pefs(n, c, m, max_filled=filled, seed=2)
+    most = int(max(len(np.unique(X[i].indices // m)) for i in range(n)))
+    orig = base.reshape_and_prune
+    shapes = []
+
+    def spy(*args, **kwargs):
+        A, kept = orig(*args, **kwargs)
+        shapes.append(A.shape)
+        assert A.shape[0] == n * most, f"{A.shape[0]} rows of A for {n} examples"
+        return A, kept
+
+    monkeypatch.setattr(base, "reshape_and_prune", spy)
+    est = LowRankNPEFF(n_components=3, n_classes=c, random_state=0, max_iter=10, tol=0)
+    tracemalloc.start()
+    try:
+        W = est.fit_transform(X)
+        est.transform(X)
+        loss = est.loss(X, W)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(shapes) >= 3
+    # one int64 per (example, slot) would be 16 MB; the data itself is ~40 kB
+    assert peak < 4 * 2 ** 20, f"peak traced memory {peak / 2 ** 20:.1f} MiB"
+    F = np.zeros((n, m, m))  # dense float64 F_i from each example's filled slots
+    for i in range(n):
+        lo, hi = X.indptr[i], X.indptr[i + 1]
+        slots, row = np.unique(X.indices[lo:hi] // m, return_inverse=True)
+        a = np.zeros((slots.size, m))
+        a[row, X.indices[lo:hi] % m] = X.data[lo:hi]
+        F[i] = a.T @ a
+    assert loss == pytest.approx(dense_loss(F, W, est.components_), rel=1e-9)
