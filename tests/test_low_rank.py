@@ -19,7 +19,7 @@ from sknpeff.decomposition._updates import (
     lowrank_sq_proj,
     lowrank_weighted_rows,
 )
-from tests._helpers import check_checkpoint_resume, matched_cos
+from tests._helpers import check_checkpoint_resume, matched_cos, sparse_slot_pefs
 
 
 def dense_pefs(X, n_classes):
@@ -516,21 +516,6 @@ def test_slot_count_mismatch_is_refused_at_fit():
 
 
 # ------------------------------------------------ many class slots, most of them empty
-def sparse_slot_pefs(n, n_slots, m, max_filled, seed, density=0.5):
-    """Low-rank PEF rows whose examples fill 1..max_filled of their n_slots class slots
-    (at random positions, as a per-example class cut-off leaves them), float64."""
-    rng = np.random.RandomState(seed)
-    rows, cols, vals = [], [], []
-    for i in range(n):
-        for s in rng.choice(n_slots, rng.randint(1, max_filled + 1), replace=False):
-            p = np.flatnonzero(rng.rand(m) < density)
-            rows.append(np.full(p.size, i))
-            cols.append(s * m + p)
-            vals.append(rng.randn(p.size))
-    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                         shape=(n, n_slots * m))
-
-
 def test_mostly_empty_slots_match_the_full_slot_layout(monkeypatch):
     """Dropping empty slots changes no result: the same fit as with one row of A per
     class slot (the layout before compaction), and the dense float64 loss."""
