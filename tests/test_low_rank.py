@@ -556,15 +556,20 @@ def test_slot_gram_sq_matches_dense_frobenius_norms():
     from sknpeff.decomposition._data import reshape_and_prune
     from sknpeff.decomposition._low_rank import slot_gram_sq
 
-    X = sparse_slot_pefs(30, 20, 15, max_filled=6, seed=1)
-    F = dense_pefs(X, 20)
-    expect = float((F ** 2).sum())
-    for compact in (True, False):
-        A, _ = reshape_and_prune(X, 20, np.arange(15), 1, np.float64, compact=compact)
-        k = A.shape[0] // 30
-        assert k == (6 if compact else 20)  # 6: the most slots any example fills (seed 1)
-        for chunk in (1, 7, 1 << 22):  # chunks of one example and a few examples
-            assert slot_gram_sq(A, k, chunk_nnz=chunk) == pytest.approx(expect, rel=1e-12)
+    # dense slots (columns numbered example x parameter) and sparse ones (numbered by
+    # the pairs stored)
+    for m, density in ((15, 0.5), (400, 0.02)):
+        X = sparse_slot_pefs(30, 20, m, max_filled=6, seed=1, density=density)
+        F = dense_pefs(X, 20)
+        expect = float((F ** 2).sum())
+        most = max(np.unique(X[i].indices // m).size for i in range(30))
+        for compact in (True, False):
+            A, _ = reshape_and_prune(X, 20, np.arange(m), 1, np.float64, compact=compact)
+            k = A.shape[0] // 30
+            assert k == (most if compact else 20)
+            for chunk in (1, 7, 1 << 22):  # chunks of one example and a few examples
+                assert slot_gram_sq(A, k, chunk_nnz=chunk) == pytest.approx(expect,
+                                                                            rel=1e-12)
 
 
 def test_fifty_thousand_slots_cost_follows_the_stored_values(monkeypatch):

@@ -408,12 +408,17 @@ def slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 22) -> fl
             counts = np.diff(indptr[b0 * n_slots:b1 * n_slots + 1])
             example = np.repeat(np.arange((b1 - b0) * n_slots, dtype=np.int64) // n_slots,
                                 counts)
-            # one column per (example, parameter) pair stored in the chunk
-            pair = example * A.shape[1] + A.indices[lo:hi]
-            _, col = np.unique(pair, return_inverse=True)
-            B = sp.csr_matrix((np.asarray(A.data[lo:hi], dtype=np.float64), col.ravel(),
+            # a column per (example, parameter); renumbered to the pairs stored when
+            # there are far fewer of them than examples x parameters (a sort)
+            col = example * A.shape[1] + A.indices[lo:hi]
+            n_cols = (b1 - b0) * A.shape[1]
+            if n_cols > 4 * (hi - lo):
+                _, col = np.unique(col, return_inverse=True)
+                col = col.ravel()
+                n_cols = int(col.max()) + 1
+            B = sp.csr_matrix((np.asarray(A.data[lo:hi], dtype=np.float64), col,
                                indptr[b0 * n_slots:b1 * n_slots + 1] - lo),
-                              shape=((b1 - b0) * n_slots, int(col.max()) + 1))
+                              shape=((b1 - b0) * n_slots, n_cols))
             gram = (B @ B.T).tocsr()
             total += float(np.dot(gram.data, gram.data))
     return total
