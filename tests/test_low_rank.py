@@ -522,6 +522,7 @@ def test_mostly_empty_slots_match_the_full_slot_layout(monkeypatch):
     import functools
 
     import sknpeff.decomposition._base as base
+    from sknpeff import ComponentExpander
     from sknpeff.decomposition._data import reshape_and_prune
 
     n, c, m = 40, 300, 50
@@ -538,8 +539,13 @@ def test_mostly_empty_slots_match_the_full_slot_layout(monkeypatch):
                             functools.partial(reshape_and_prune, compact=compact))
         est = LowRankNPEFF(**kw)
         W = est.fit_transform(X)
-        results[compact] = (est, W, est.transform(X[::2]), est.loss(X, W))
-    (new, W, Wt, loss), (old, W0, Wt0, loss0) = results[True], results[False]
+        online = LowRankNPEFF(**kw).partial_fit(X[:25]).partial_fit(X[25:])
+        grown = ComponentExpander(est, n_new_components=1, max_iter=10).fit(X)
+        results[compact] = (est, W, est.transform(X[::2]), est.loss(X, W),
+                            online.components_, grown.components_)
+    (new, W, Wt, loss, on, gr), (old, W0, Wt0, loss0, on0, gr0) = results[True], results[False]
+    np.testing.assert_allclose(on, on0, rtol=1e-7, atol=1e-10)  # partial_fit
+    np.testing.assert_allclose(gr, gr0, rtol=1e-7, atol=1e-10)  # frozen components
     assert 0 < new.kept_columns_.size < m
     np.testing.assert_allclose(new.loss_curve_, old.loss_curve_, rtol=1e-9)
     np.testing.assert_allclose(new.components_, old.components_, rtol=1e-7, atol=1e-10)

@@ -38,7 +38,9 @@ class LowRankNPEFF(BaseNPEFF):
     Each example's Fisher ``F_i = sum_j a_ij a_ij^T`` (its ``n_classes`` vectors, one row
     of ``X``) is approximated by a non-negative combination of rank-one pseudo-Fishers,
     ``F_i ~ sum_k W_ik g_k g_k^T``, minimizing ``sum_i ||F_i - sum_k W_ik g_k g_k^T||_F^2``.
-    No ``n_params x n_params`` matrix is ever formed: memory is O(nnz + (n*c + m) * r).
+    No ``n_params x n_params`` matrix is ever formed: memory is O(nnz + (n*c + m) * r),
+    ``c`` the most class slots any example fills (empty slots, as ``min_class_prob``
+    leaves them, are skipped: they add nothing to ``F_i``).
 
     Parameters
     ----------
