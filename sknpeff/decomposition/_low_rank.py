@@ -383,7 +383,7 @@ class LowRankNPEFF(BaseNPEFF):
         return self
 
 
-def slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 22) -> float:
+def slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 18) -> float:
     """``sum_i ||F_i||_F^2 = sum_i sum_jk (a_ij . a_ik)^2`` without forming any F_i.
 
     Example ``i`` owns rows ``i * n_slots`` to ``(i + 1) * n_slots - 1`` of ``A``. Each
