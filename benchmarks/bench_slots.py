@@ -11,7 +11,7 @@ positions differ), so a cost that follows the stored values is flat across a row
 Each point runs in a fresh process (``--tree`` on ``PYTHONPATH``); the peak resident
 memory (``VmHWM``) is printed as the increase over the memory just before the call (the
 input included), read from ``/proc`` when a point is stopped at ``--timeout``.
-``--cotangents`` also times ``class_cotangents`` of the PEF side (64 examples, logits
+``--parts cotangents`` times ``class_cotangents`` of the PEF side (64 examples, logits
 over ``slots`` classes, ``min_class_prob=0.01``), whose result is ``(64, c, slots)``.
 
 Reproduce (2 CPU cores, torch 2.13 CPU)::
@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-N_EXAMPLES, N_PARAMS, MAX_FILLED = 64, 5000, 10
+N_EXAMPLES, MAX_FILLED = 64, 10
 
 
 def _vm(key: str, pid: int | str = "self") -> float:
@@ -55,29 +55,29 @@ def _vm(key: str, pid: int | str = "self") -> float:
     return float("nan")
 
 
-def make_pefs(n_slots: int, seed: int = 0):
+def make_pefs(n_slots: int, n_params: int = 5000, seed: int = 0):
     """Low-rank PEF rows: example ``i`` fills ``1..MAX_FILLED`` random slots of
-    ``n_slots``, each with all ``N_PARAMS`` values. The values and the number of filled
+    ``n_slots``, each with all ``n_params`` values. The values and the number of filled
     slots per example do not depend on ``n_slots``."""
     import scipy.sparse as sp
 
     rng = np.random.RandomState(seed)
     filled = rng.randint(1, MAX_FILLED + 1, size=N_EXAMPLES)
-    values = rng.randn(int(filled.sum()) * N_PARAMS).astype(np.float32)
+    values = rng.randn(int(filled.sum()) * n_params).astype(np.float32)
     slot_rng = np.random.RandomState(seed + 1)
     cols = []
     for k in filled:
         slots = np.sort(slot_rng.choice(n_slots, k, replace=False))
-        cols.append((slots[:, None] * N_PARAMS + np.arange(N_PARAMS)).ravel())
-    indptr = np.concatenate([[0], np.cumsum(filled * N_PARAMS)])
+        cols.append((slots[:, None] * n_params + np.arange(n_params)).ravel())
+    indptr = np.concatenate([[0], np.cumsum(filled * n_params)])
     return sp.csr_matrix((values, np.concatenate(cols), indptr),
-                         shape=(N_EXAMPLES, n_slots * N_PARAMS))
+                         shape=(N_EXAMPLES, n_slots * n_params))
 
 
-def worker_decomposition(n_slots: int) -> dict:
+def worker_decomposition(n_slots: int, n_params: int) -> dict:
     from sknpeff.decomposition import LowRankNPEFF
 
-    X = make_pefs(n_slots)
+    X = make_pefs(n_slots, n_params)
     est = LowRankNPEFF(n_components=8, n_classes=n_slots, max_iter=50, tol=0, random_state=0)
     before = _vm("VmRSS")
     print(json.dumps({"before_mib": before}), flush=True)  # the parent reads it on timeout
@@ -89,7 +89,7 @@ def worker_decomposition(n_slots: int) -> dict:
             "nnz": int(X.nnz), "loss": float(est.loss(X, W))}
 
 
-def worker_cotangents(n_slots: int) -> dict:
+def worker_cotangents(n_slots: int, n_params: int) -> dict:
     import torch
 
     from sknpeff.pef._classes import class_cotangents
@@ -104,10 +104,11 @@ def worker_cotangents(n_slots: int) -> dict:
             "c": int(c), "sum": float(cot.double().abs().sum())}
 
 
-def run_point(tree: str, part: str, n_slots: int, timeout: float) -> dict:
+def run_point(tree: str, part: str, n_slots: int, n_params: int, timeout: float) -> dict:
     """One point in a fresh process with ``tree`` first on the path."""
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="2")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, str(n_slots)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, str(n_slots),
+           str(n_params)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, cwd=os.path.abspath(tree))
     t0 = time.perf_counter()
@@ -140,26 +141,29 @@ def main() -> None:
     ap.add_argument("--tree", action="append", default=None,
                     help="source tree to import sknpeff from (repeat to compare; default .)")
     ap.add_argument("--slots", type=int, nargs="+", default=[300, 1000, 10_000, 50_000])
+    ap.add_argument("--n-params", type=int, default=5000)
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="seconds before a point is stopped")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--cotangents", action="store_true",
-                    help="also time the PEF side's class_cotangents")
-    ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--parts", nargs="+", choices=["decomposition", "cotangents"],
+                    default=["decomposition"],
+                    help="LowRankNPEFF fit + transform, and/or the PEF side's "
+                         "class_cotangents")
+    ap.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        part, n = args.worker[0], int(args.worker[1])
+        part, n, m = args.worker[0], int(args.worker[1]), int(args.worker[2])
         fn = worker_decomposition if part == "decomposition" else worker_cotangents
-        print(json.dumps(fn(n)))
+        print(json.dumps(fn(n, m)))
         return
     trees = args.tree or ["."]
-    parts = ["decomposition"] + (["cotangents"] if args.cotangents else [])
-    for part in parts:
+    for part in args.parts:
         print(f"\n{part}: seconds, peak MiB over the memory before the call")
         print(f"{'slots':>8}  " + "  ".join(f"{t:>34}" for t in trees))
         for n_slots in args.slots:
             for _ in range(args.repeat):
-                cells = [_cell(run_point(t, part, n_slots, args.timeout)) for t in trees]
+                cells = [_cell(run_point(t, part, n_slots, args.n_params, args.timeout))
+                         for t in trees]
                 print(f"{n_slots:>8}  " + "  ".join(f"{c:>34}" for c in cells), flush=True)
 
 
