@@ -124,7 +124,7 @@ class Problem:
     blocks: ColumnBlocks
     #: number of examples (rows of W)
     n_samples: int
-    #: rows of A per example (class slots; 1 for diagonal)
+    #: rows of A per example (non-empty class slots, padded; 1 for diagonal)
     n_slots: int
     dtype: Any
     #: loss constant over the kept columns: sum over examples of the squared Frobenius
@@ -189,7 +189,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     coefficient fitting (:meth:`transform`) and the objective (:meth:`loss`,
     :meth:`score`).
 
-    A subclass supplies ``_loss_constant(A)`` (the constant term of its loss),
+    A subclass supplies ``_loss_constant(A, n_rows)`` (the constant term of its loss,
+    ``n_rows`` rows of ``A`` per example),
     ``_init_state``, ``_iterate`` and ``_coefficient_terms``, and, when an example
     spans several rows of ``A``, ``_n_slots()``.
     """
@@ -367,14 +368,19 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         if fitting:
             self.kept_columns_ = kept
             self.n_params_ = X.shape[1] // n_slots
+        # empty class slots are dropped: an example spans the rows its fullest one needs
+        n_rows = A.shape[0] // max(X.shape[0], 1)
         extras: dict = {"sum": float(np.sum(A.data, dtype=np.float64))}
         if pool_rows:
             extras["pool"], extras["pool_norms"] = sample_rows(A, pool_rows, rng)
-        const = self._loss_constant(A)
+        const = self._loss_constant(A, n_rows)
         full = None
         if full_const:
-            full = const if A.nnz == X.nnz else self._loss_constant(reshape_and_prune(
-                X, n_slots, np.arange(X.shape[1] // n_slots), 1, X.dtype)[0])
+            full = const
+            if A.nnz != X.nnz:  # pruned columns hold stored values
+                A_all = reshape_and_prune(X, n_slots, np.arange(X.shape[1] // n_slots), 1,
+                                          X.dtype)[0]
+                full = self._loss_constant(A_all, A_all.shape[0] // max(X.shape[0], 1))
         backend = self._get_backend(X)
         self._root = bool(backend.is_root())  # only rank 0 prints and writes checkpoints
         if not transpose:
@@ -386,7 +392,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
             # the CSC is ours: the blocks reorder it in place rather than copy it
             blocks = ColumnBlocks(csc, backend, block_size=self.block_size, owned=True)
             del csc
-        return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras, full)
+        return Problem(blocks, X.shape[0], n_rows, X.dtype, const, extras, full)
 
     def _prepare_kw(self, rng: np.random.RandomState) -> dict:
         """Extra ``_prepare`` arguments of a fit (LowRankNPEFF samples rows there)."""

@@ -209,7 +209,7 @@ class DiagonalNPEFF(BaseNPEFF):
         self._check_common_params()
         check_choice(self.init, "init", ("auto", "nndsvda", "nndsvd", "random"))
 
-    def _loss_constant(self, A: sp.csr_matrix) -> float:
+    def _loss_constant(self, A: sp.csr_matrix, n_rows: int = 1) -> float:
         return sq_sum(A.data)
 
     def _check_input(self, X: sp.csr_matrix, whom: str) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ..utils import InvalidParameterError
 
@@ -171,9 +170,11 @@ def class_cotangents(logits: torch.Tensor, n_slots: int,
     n_kept = keep.sum(1)
     c_eff = int(n_kept.max()) if B else 0
     p_sorted, order, keep = p_sorted[:, :c_eff], order[:, :c_eff], keep[:, :c_eff]
-    onehot = F.one_hot(order, K).to(torch.float64)
-    cot = torch.sqrt(p_sorted)[..., None] * (onehot - probs[:, None, :])
-    cot = cot * keep[..., None]
+    # sqrt(p_j) (e_j - p) built in one (B, c, K) array: no one-hot of that size beside it
+    # (K may be a vocabulary)
+    root = torch.sqrt(p_sorted) * keep
+    cot = root[..., None] * -probs[:, None, :]
+    cot.scatter_add_(2, order[..., None], root[..., None])
     return cot.to(logits.dtype), c_eff
 
 
@@ -184,8 +185,8 @@ def _bernoulli_cotangents(lg: torch.Tensor, n_slots: int, dtype) -> tuple[torch.
     weight = s * (1.0 - s)
     w_sorted, order = torch.sort(weight, dim=1, descending=True, stable=True)
     w_sorted, order = w_sorted[:, :c], order[:, :c]
-    onehot = F.one_hot(order, K).to(torch.float64)
-    cot = torch.sqrt(w_sorted)[..., None] * onehot
+    cot = lg.new_zeros((B, c, K))
+    cot.scatter_(2, order[..., None], torch.sqrt(w_sorted)[..., None])
     return cot.to(dtype), c if B else 0
 
 
