@@ -258,5 +258,7 @@ def _random_cotangents(lg: torch.Tensor, n_slots: int, output: str, class_axis: 
     else:
         cdf = torch.cumsum(p, dim=1)
         y = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=K - 1)
-        cot = F.one_hot(y, K).to(torch.float64) - p[:, None, :]
+        # e_y - p without a one-hot of the same size
+        cot = (-p[:, None, :]).expand(-1, y.shape[1], -1).clone()
+        cot.scatter_add_(2, y[..., None], torch.ones_like(y[..., None], dtype=cot.dtype))
     return cot / np.sqrt(s)
