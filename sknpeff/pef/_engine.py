@@ -129,26 +129,22 @@ class Engine:
     def _plan(self):
         owners: dict[int, list] = {}
         found: dict[int, LayerRule | None] = {}  # each module's rule, looked up once
-        blocked_prefixes = []
         for name, mod in self.model.named_modules(remove_duplicate=False):
             direct = list(mod.named_parameters(recurse=False))
             if id(mod) not in found:
                 found[id(mod)] = rule_for(mod)
-            if direct and found[id(mod)] is None:
-                blocked_prefixes.append(name + "." if name else "")
             for _, p in direct:
                 owners.setdefault(id(p), []).append((name, mod))
         self.hooked_modules = {}
         self.rules: dict[int, LayerRule] = {}
         fallback = set()
         for pid, p in enumerate(self.params):
-            mods = owners.get(id(p), [])
+            # a parameter also owned by a module without a rule (a tied bias such as
+            # BERT's prediction head's) goes to the owners that have one, also below such
+            # a module: the first-batch check moves it to the generic path if the
+            # rule-less module uses it outside its owners' forward
+            mods = [(n, m) for n, m in owners.get(id(p), []) if found[id(m)] is not None]
             ok = bool(mods)
-            for name, mod in mods:
-                if found[id(mod)] is None or any(
-                    (name + ".").startswith(bp) and name + "." != bp for bp in blocked_prefixes
-                ):
-                    ok = False
             if ok:
                 for _, mod in mods:
                     self.hooked_modules[id(mod)] = mod
