@@ -185,3 +185,32 @@ def test_pad_token_ids():
     assert b["attention_mask"].tolist() == [[1, 1], [1, 0]]
     with pytest.raises(ValueError, match="example 1 has 2 entries"):
         pad_token_ids({"input_ids": [[3, 4], [5]], "attention_mask": [[1, 1], [1, 1]]})
+
+
+def test_report_renders_text_examples(tmp_path):
+    from sknpeff.inspection import report
+
+    W = np.array([[1.0, 0.0], [0.5, 0.2], [0.0, 1.0]])
+    vocab = ["a", "<b>", "c"]
+    ids = [[0, 1, 2], [2, 2], [1, 0, 0, 2]]
+    html = open(report(tmp_path / "r.html", W=W, tokens=ids, decode=vocab,
+                       positions=[1, -1, 0], k=2), encoding="utf-8").read()
+    # example 0: "<b>" (escaped) is the explained token; example 2 marks its first token
+    assert '<span class="tok at" title="explained position">&lt;b&gt;</span>' in html
+    assert html.count('class="tok at"') == 4  # two components x two top examples
+    # example 1 ("c c"): its last token is the explained one
+    assert ('<span class="tok">c</span><span class="tok at" title="explained position">c'
+            '</span></div>') in html
+    # token strings and a decode function give the same page
+    strs = [[vocab[t] for t in s] for s in ids]
+    html2 = open(report(tmp_path / "s.html", W=W, tokens=strs, positions=[1, -1, 0], k=2),
+                 encoding="utf-8").read()
+    html3 = open(report(tmp_path / "d.html", W=W, tokens=ids, decode=lambda t: vocab[t],
+                        positions=[1, -1, 0], k=2), encoding="utf-8").read()
+    assert html2 == html == html3
+    with pytest.raises(ValueError, match="tokens must have 3 entries"):
+        report(tmp_path / "x.html", W=W, tokens=ids[:2])
+    with pytest.raises(ValueError, match="positions must be"):
+        report(tmp_path / "x.html", W=W, tokens=ids, positions=[0.5, 1, 2])
+    with pytest.raises(ValueError, match="decode must be"):
+        report(tmp_path / "x.html", W=W, tokens=ids, decode=3)

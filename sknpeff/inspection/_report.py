@@ -15,6 +15,7 @@ from markupsafe import Markup
 from ..utils import check_int
 from ._images import as_image_batch, png_data_uri
 from ._summary import component_summary, top_examples
+from ._text import token_rows
 from ._validation import as_1d, as_float_1d, check_W
 
 __all__ = ["report"]
@@ -106,12 +107,16 @@ def report(
     title: str = "NPEFF components",
     k: int = 16,
     label_names=None,
+    tokens=None,
+    decode=None,
+    positions=None,
 ) -> str:
     """Write one self-contained HTML page describing every component.
 
     For each component the page shows its top ``k`` examples (as inline PNG images when
     ``images`` is given), their labels and predictions (misclassified ones outlined in
-    red), label and prediction purity, its KL ratio beside its PEF-norm ratio (when
+    red), or as text (when ``tokens`` is given: the example's tokens, the explained
+    one highlighted), label and prediction purity, its KL ratio beside its PEF-norm ratio (when
     given), and the parameter tensors holding most of its mass (when ``top_parameters``
     is given). A summary table comes first. Images are embedded as base64 ``data:`` URIs
     and the page loads nothing else, so the single file can be mailed or archived. All
@@ -140,6 +145,16 @@ def report(
         Top examples shown per component (capped at ``n_examples``).
     label_names : sequence or dict, default=None
         Display names for label and prediction values (``label_names[value]``).
+    tokens : sequence of length n_examples, default=None
+        Text examples: per example, its token strings, or its token ids (with
+        ``decode``), or one string. Shown as a row of tokens with the explained
+        position (``positions``) highlighted.
+    decode : callable, sequence or dict, default=None
+        Turns a token id into its text: ``decode(token_id)`` (e.g.
+        ``lambda t: tokenizer.decode([t])``) or ``decode[token_id]`` (a vocabulary).
+    positions : None, "last", int or array-like of int, default=None
+        The position explained in each example (as given to ``PEFTransformer``'s
+        ``position``, resolved to indices; negative from the end). ``None``: the last.
 
     Returns
     -------
@@ -158,6 +173,8 @@ def report(
     n, r = W.shape
     k = min(check_int(k, "k", low=1), n)
     imgs = None if images is None else as_image_batch(images, n)
+    texts = (None if tokens is None
+             else token_rows(tokens, n, decode=decode, positions=positions))
     lab = None if labels is None else as_1d(labels, "labels", n)
     pred = None if predictions is None else as_1d(predictions, "predictions", n)
     kl = _check_ratio(kl_ratios, "kl_ratios", r)
@@ -185,6 +202,7 @@ def report(
                 "coefficient": W[i, j],
                 "wrong": lab is not None and pred is not None and lab[i] != pred[i],
                 "image": None if imgs is None else png_data_uri(imgs[i]),
+                "tokens": None if texts is None else texts[i],
             }
             for rank, i in enumerate(idx[j])
         ]
