@@ -214,3 +214,52 @@ def test_report_renders_text_examples(tmp_path):
         report(tmp_path / "x.html", W=W, tokens=ids, positions=[0.5, 1, 2])
     with pytest.raises(ValueError, match="decode must be"):
         report(tmp_path / "x.html", W=W, tokens=ids, decode=3)
+
+
+# -- the in-context learning task ----------------------------------------------------------------
+
+
+def test_icl_task_truth():
+    from sknpeff.datasets import MECHANISMS, make_icl_task
+
+    task = make_icl_task(300, random_state=0)
+    ids, ans, tok = task.input_ids.numpy(), task.answer, task.tokens
+    assert ids.shape == (300, 8) and set(task.mechanism) == set(MECHANISMS)
+    table, perm = {}, {}
+    for seq, a, m in zip(ids, ans, task.mechanism, strict=True):
+        words = [tok[t] for t in seq]
+        pairs = dict(zip(words[0:6:2], words[1:6:2], strict=True))
+        assert len(pairs) == 3 and all(k.startswith("k") for k in pairs)  # distinct keys
+        marker, q = words[6], words[7]
+        if m == "recall":
+            assert marker == "Q" and tok[a] == pairs[q]
+        elif m == "memorized":  # the same fixed value for a key, never in the context
+            assert marker == "Q" and q.startswith("m") and q not in pairs
+            assert table.setdefault(q, tok[a]) == tok[a]
+        else:  # the recalled value through one fixed permutation
+            assert marker == "F" and perm.setdefault(pairs[q], tok[a]) == tok[a]
+    assert len(set(perm.values())) == len(perm)  # a permutation: one-to-one
+    np.testing.assert_array_equal(task.needs_context, task.mechanism != "memorized")
+    np.testing.assert_array_equal(task.needs_weights, task.mechanism != "recall")
+    np.testing.assert_array_equal(np.array(MECHANISMS)[task.label], task.mechanism)
+    # the tables depend on table_seed only: held-out sequences share them
+    other = make_icl_task(300, random_state=1, mechanisms=["memorized"])
+    for seq, a in zip(other.input_ids.numpy(), other.answer, strict=True):
+        assert table.get(tok[seq[7]], tok[a]) == tok[a]
+    with pytest.raises(ValueError, match="mechanisms must hold"):
+        make_icl_task(3, mechanisms=["copy"])
+
+
+def test_train_icl_model_is_seeded_and_learns_the_table():
+    from sknpeff.datasets import TinyCausalLM, train_icl_model
+
+    state = torch.random.get_rng_state()
+    m1, info = train_icl_model(0, n_steps=40, d_model=16, n_test=300)
+    m2, _ = train_icl_model(0, n_steps=40, d_model=16, n_test=300)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+    assert isinstance(m1, TinyCausalLM) and not m1.training
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert set(info.accuracy) == {"recall", "memorized", "mixed"}
+    # 40 steps learn part of the memorized table (chance: 1/8)
+    assert info.accuracy["memorized"] > 0.3
