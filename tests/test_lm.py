@@ -254,12 +254,13 @@ def test_train_icl_model_is_seeded_and_learns_the_table():
     from sknpeff.datasets import TinyCausalLM, train_icl_model
 
     state = torch.random.get_rng_state()
-    m1, info = train_icl_model(0, n_steps=40, d_model=16, n_test=300)
-    m2, _ = train_icl_model(0, n_steps=40, d_model=16, n_test=300)
+    kw = dict(n_steps=40, batch_size=64, d_model=16, n_test=300)
+    m1, info = train_icl_model(0, **kw)
+    m2, _ = train_icl_model(0, **kw)
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
     assert isinstance(m1, TinyCausalLM) and not m1.training
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
     assert set(info.accuracy) == {"recall", "memorized", "mixed"}
     # 40 steps learn part of the memorized table (chance: 1/8)
-    assert info.accuracy["memorized"] > 0.3
+    assert info.accuracy["memorized"] > 0.25
