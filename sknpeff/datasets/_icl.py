@@ -183,9 +183,9 @@ def make_icl_task(n_samples: int, *, mechanisms=MECHANISMS, n_pairs: int = 3,
     >>> from sknpeff.datasets import make_icl_task
     >>> task = make_icl_task(3, random_state=0)
     >>> [" ".join(task.tokens[t] for t in seq) for seq in task.input_ids.tolist()]
-    ['k6 v3 k2 v4 k1 v7 Q k2', 'k2 v7 k7 v4 k5 v6 Q m3', 'k1 v5 k3 v1 k4 v0 F k1']
-    >>> [task.tokens[a] for a in task.answer], list(task.mechanism)
-    (['v4', 'v5', 'v5'], ['recall', 'memorized', 'mixed'])
+    ['k4 v6 k6 v7 k3 v0 Q k3', 'k6 v1 k7 v1 k1 v1 Q m2', 'k0 v7 k6 v0 k2 v7 F k2']
+    >>> [task.tokens[a] for a in task.answer], task.mechanism.tolist()
+    (['v0', 'v5', 'v1'], ['recall', 'memorized', 'mixed'])
     """
     n_samples = check_int(n_samples, "n_samples", low=1)
     n_pairs = check_int(n_pairs, "n_pairs", low=1)
@@ -223,7 +223,7 @@ def make_icl_task(n_samples: int, *, mechanisms=MECHANISMS, n_pairs: int = 3,
                  tokens=icl_vocabulary(n_keys, n_values))
 
 
-def train_icl_model(random_state=0, n_steps: int = 700, *, n_pairs: int = 3,
+def train_icl_model(random_state=0, n_steps: int = 400, *, n_pairs: int = 3,
                     n_keys: int = 8, n_values: int = 8, table_seed: int = 0,
                     batch_size: int = 128, learning_rate: float = 3e-3,
                     label_smoothing: float = 0.1, d_model: int = 48,
@@ -239,7 +239,7 @@ def train_icl_model(random_state=0, n_steps: int = 700, *, n_pairs: int = 3,
     ----------
     random_state : int, RandomState instance or None, default=0
         Seed of the initialisation and of the training sequences.
-    n_steps : int, default=700
+    n_steps : int, default=400
         Optimizer steps.
     n_pairs, n_keys, n_values, table_seed : int
         The task, as in :func:`make_icl_task`.
