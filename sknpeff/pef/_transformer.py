@@ -289,8 +289,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     def _engine_key(self) -> tuple:
         # what the per-layer plan and its one-batch check depend on
         return (id(self.model), id(self.forward), self._position_key(), repr(self.params),
-                self.kind,
-                self.n_classes_, self.output_, self.layout_)
+                self.kind, self.n_classes_, self.output_, self.layout_)
 
     def _engine(self, learned: tuple | None = None):
         """A new engine; ``learned`` (from :meth:`_learned`) spares it the first-batch
