@@ -264,3 +264,16 @@ def test_train_icl_model_is_seeded_and_learns_the_table():
     assert set(info.accuracy) == {"recall", "memorized", "mixed"}
     # 40 steps learn part of the memorized table (chance: 1/8)
     assert info.accuracy["memorized"] > 0.25
+
+
+def test_unpadded_tokenizer_output_of_equal_lengths():
+    model = _gpt2()
+    seqs = _seqs((4, 4, 4))
+    enc = {"input_ids": seqs, "attention_mask": [[1] * 4] * 3}
+    common = dict(kind="diagonal", n_values=10**9, n_classes=2, dtype="float64")
+    ref = PEFTransformer(model, position="last", **common).fit(torch.tensor(seqs)).compute(
+        torch.tensor(seqs))
+    got = PEFTransformer(model, position="last_nonpad", **common).fit(enc).compute(enc)
+    assert _rel(got.pefs.toarray(), ref.pefs.toarray()) <= 1e-12
+    assert pad_token_ids({"attention_mask": [[1, 1], [1]], "input_ids": [[3, 4], [5]]},
+                         pad_id=9)["input_ids"].tolist() == [[3, 4], [5, 9]]

@@ -113,13 +113,13 @@ def _ragged_ids(items) -> bool:
             and all(_is_int_seq(v) for v in items) and len({len(v) for v in items}) > 1)
 
 
-def _is_ragged_columns(X) -> bool:
-    """A dict of per-example lists such as a tokenizer's unpadded output
+def _is_id_columns(X) -> bool:
+    """A dict of per-example lists of token ids such as a tokenizer's unpadded output
     (``{"input_ids": [[...], [...]], "attention_mask": [[...], [...]]}``)."""
     return (isinstance(X, Mapping) and len(X) > 0
-            and all(isinstance(v, (list, tuple)) for v in X.values())
-            and len({len(v) for v in X.values()}) == 1
-            and any(_ragged_ids(v) for v in X.values()))
+            and all(isinstance(v, (list, tuple)) and v and all(_is_int_seq(e) for e in v)
+                    for v in X.values())
+            and len({len(v) for v in X.values()}) == 1)
 
 
 def pad_token_ids(seqs, pad_id: int = 0, *, key: str = "input_ids") -> dict:
@@ -151,8 +151,8 @@ def pad_token_ids(seqs, pad_id: int = 0, *, key: str = "input_ids") -> dict:
     ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
     """
     cols = dict(seqs) if isinstance(seqs, Mapping) else {key: seqs}
-    first = next(iter(cols.values()))
-    lens = [len(v) for v in first]
+    ref = key if key in cols else next(iter(cols))
+    lens = [len(v) for v in cols[ref]]
     T = max(lens) if lens else 0
     out = {}
     for name, col in cols.items():
@@ -162,7 +162,7 @@ def pad_token_ids(seqs, pad_id: int = 0, *, key: str = "input_ids") -> dict:
             if len(v) != lens[i]:
                 raise ValueError(
                     f"example {i} has {len(v)} entries in {name!r} but {lens[i]} in "
-                    f"{next(iter(cols))!r}.")
+                    f"{ref!r}.")
             t[i, : len(v)] = torch.as_tensor(np.asarray(v, dtype=np.int64))
         out[name] = t
     if "attention_mask" not in out:
@@ -197,7 +197,7 @@ def n_examples(X) -> int | None:
         if X.ndim == 0:
             raise ValueError("X must be batched along its first axis; got a 0-d array.")
         return int(X.shape[0])
-    if _is_ragged_columns(X):
+    if _is_id_columns(X):
         return len(next(iter(X.values())))
     if isinstance(X, Mapping):
         lens = {int(v.shape[0]) for v in X.values() if hasattr(v, "shape") and len(v.shape)}
@@ -332,14 +332,14 @@ def iter_batches(X, batch_size: int, *, pad_ids: bool = False) -> Iterator[Any]:
     elif isinstance(X, (torch.Tensor, np.ndarray)):
         for s in range(0, X.shape[0], batch_size):
             yield as_tensor(X[s : s + batch_size])
-    elif pad_ids and _is_ragged_columns(X):
+    elif pad_ids and _is_id_columns(X):
         n = n_examples(X)
         for s in range(0, n, batch_size):
             yield pad_token_ids({k: list(v[s : s + batch_size]) for k, v in X.items()})
     elif isinstance(X, Mapping):
-        if _is_ragged_columns(X):
-            col = next(v for v in X.values() if _ragged_ids(v))
-            raise _ragged_error(list(col), 0)
+        ragged = [v for v in X.values() if _is_id_columns(X) and _ragged_ids(v)]
+        if ragged:
+            raise _ragged_error(list(ragged[0]), 0)
         n = n_examples(X)
         for s in range(0, n, batch_size):
             yield {
@@ -645,7 +645,7 @@ def take_rows(X, idx) -> Any:
         return X[torch.from_numpy(idx).to(X.device)]
     if isinstance(X, np.ndarray):
         return X[idx]
-    if _is_ragged_columns(X):
+    if _is_id_columns(X):
         return {k: [v[int(i)] for i in idx] for k, v in X.items()}
     if isinstance(X, Mapping):
         return {k: (take_rows(v, idx) if hasattr(v, "shape") and len(v.shape) else v)
