@@ -22,6 +22,7 @@ from ._images import as_image_batch, png_data_uri
 from ._overview import methods_table, overview_figures
 from ._similarity import coefficient_cosines, pseudo_fisher_cosines
 from ._summary import component_mass, component_summary, top_examples
+from ._text import token_rows
 from ._validation import as_1d, as_float_1d, check_W
 
 __all__ = ["example_entries", "report"]
@@ -123,6 +124,7 @@ def example_entries(
     labels: np.ndarray | None = None,
     predictions: np.ndarray | None = None,
     name_of=lambda value: value,
+    texts: list | None = None,
 ) -> list[dict[str, Any]]:
     """What the page shows of each of a component's top examples.
 
@@ -143,12 +145,16 @@ def example_entries(
         True and predicted labels.
     name_of : callable, default=identity
         Display name of a label value.
+    texts : list, default=None
+        Text examples (from :func:`token_rows`): per example, ``(token, explained)``
+        pairs.
 
     Returns
     -------
     entries : list of dict
         One per example: ``rank``, ``index``, ``label``, ``prediction``, ``coefficient``,
-        ``wrong`` (misclassified) and ``image`` (a PNG data URI or None).
+        ``wrong`` (misclassified), ``image`` (a PNG data URI or None) and ``tokens``
+        (``(token, explained)`` pairs or None).
     """
     return [
         {
@@ -160,6 +166,7 @@ def example_entries(
             "wrong": labels is not None and predictions is not None
             and labels[i] != predictions[i],
             "image": None if images is None else png_data_uri(images[i]),
+            "tokens": None if texts is None else texts[i],
         }
         for rank, i in enumerate(indices)
     ]
@@ -236,6 +243,9 @@ def report(
     label_names=None,
     pages: str = "auto",
     overview: bool | None = None,
+    tokens=None,
+    decode=None,
+    positions=None,
 ) -> str:
     """Write an HTML report on every component: an overview, a sortable table, examples.
 
@@ -244,7 +254,8 @@ def report(
     given), how the coefficients are distributed, and (with ``baselines``) this run's
     numbers beside other methods'. A table of the components follows; click a header to
     sort by mass, purity, KL ratio and so on. Each component then shows its top ``k``
-    examples (as images when ``images`` is given) with labels and predictions
+    examples (as images when ``images`` is given; as text when ``tokens`` is given, the
+    explained token highlighted) with labels and predictions
     (misclassified ones outlined in red), label and prediction purity, its KL ratio
     beside its PEF-norm ratio, the parameter tensors holding most of its mass (with
     ``top_parameters``) and the components most similar to it.
@@ -302,6 +313,16 @@ def report(
     overview : bool, default=None
         Draw the overview figures (needs matplotlib). None: when matplotlib is installed.
         The methods table needs no matplotlib.
+    tokens : sequence of length n_examples, default=None
+        Text examples: per example, its token strings, or its token ids (with
+        ``decode``), or one string. Shown as a row of tokens with the explained
+        position (``positions``) highlighted.
+    decode : callable, sequence or dict, default=None
+        Turns a token id into its text: ``decode(token_id)`` (e.g.
+        ``lambda t: tokenizer.decode([t])``) or ``decode[token_id]`` (a vocabulary).
+    positions : None, "last", int or array-like of int, default=None
+        The position explained in each example (as given to ``PEFTransformer``'s
+        ``position``, resolved to indices; negative from the end). ``None``: the last.
 
     Returns
     -------
@@ -323,6 +344,8 @@ def report(
     split = pages == "split" or (pages == "auto" and r > SPLIT_ABOVE)
     component_kind = check_choice(component_kind, "component_kind", ("low_rank", "diagonal"))
     imgs = None if images is None else as_image_batch(images, n)
+    texts = (None if tokens is None
+             else token_rows(tokens, n, decode=decode, positions=positions))
     lab = None if labels is None else as_1d(labels, "labels", n)
     pred = None if predictions is None else as_1d(predictions, "predictions", n)
     kl = _check_ratio(kl_ratios, "kl_ratios", r)
@@ -396,7 +419,8 @@ def report(
 
     def examples_of(j: int) -> list[dict[str, Any]]:
         return example_entries(
-            W, idx[j], j, images=imgs, labels=lab, predictions=pred, name_of=name_of
+            W, idx[j], j, images=imgs, labels=lab, predictions=pred, name_of=name_of,
+            texts=texts
         )
 
     common = {

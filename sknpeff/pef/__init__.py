@@ -17,6 +17,7 @@ exactness check), the layer rules (:mod:`sknpeff.pef.rules`, with the generic
 """
 
 from . import rules
+from ._inputs import pad_token_ids
 from ._result import PEFResult
 from ._transformer import PEFTransformer
 from .rules import Contribution, LayerRule, register_rule, unregister_rule
@@ -26,6 +27,7 @@ __all__ = [
     "LayerRule",
     "PEFResult",
     "PEFTransformer",
+    "pad_token_ids",
     "register_rule",
     "rules",
     "unregister_rule",

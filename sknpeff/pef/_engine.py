@@ -134,26 +134,32 @@ class Engine:
     def _plan(self):
         owners: dict[int, list] = {}
         found: dict[int, LayerRule | None] = {}  # each module's rule, looked up once
-        blocked_prefixes = []
-        for name, mod in self.model.named_modules(remove_duplicate=False):
-            direct = list(mod.named_parameters(recurse=False))
+        named = list(self.model.named_modules(remove_duplicate=False))
+        for name, mod in named:
             if id(mod) not in found:
                 found[id(mod)] = rule_for(mod)
-            if direct and found[id(mod)] is None:
-                blocked_prefixes.append(name + "." if name else "")
-            for _, p in direct:
+            for _, p in mod.named_parameters(recurse=False):
                 owners.setdefault(id(p), []).append((name, mod))
+        # A module without a rule that uses a parameter of its own may also use its
+        # children's parameters in its forward (MultiheadAttention reads out_proj's
+        # weight directly): their rules cannot see that, so nothing below it is hooked.
+        # A parameter it only shares with a module that has a rule (a tied bias such as
+        # BERT's prediction head's) does not block.
+        blocked = []
+        for name, mod in named:
+            if found[id(mod)] is None and any(
+                    all(found[id(m)] is None for _, m in owners[id(p)])
+                    for p in mod.parameters(recurse=False)):
+                blocked.append(name + "." if name else "")
         self.hooked_modules = {}
         self.rules: dict[int, LayerRule] = {}
         fallback = set()
         for pid, p in enumerate(self.params):
-            mods = owners.get(id(p), [])
-            ok = bool(mods)
-            for name, mod in mods:
-                if found[id(mod)] is None or any(
-                    (name + ".").startswith(bp) and name + "." != bp for bp in blocked_prefixes
-                ):
-                    ok = False
+            # the owners that have a rule compute it (the first-batch check moves it to
+            # the generic path if another owner uses it outside their forward)
+            mods = [(n, m) for n, m in owners.get(id(p), []) if found[id(m)] is not None]
+            ok = bool(mods) and not any(
+                (n + ".").startswith(bp) and n + "." != bp for n, _ in mods for bp in blocked)
             if ok:
                 for _, mod in mods:
                     self.hooked_modules[id(mod)] = mod

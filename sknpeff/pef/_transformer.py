@@ -49,13 +49,13 @@ from ._inputs import (
     check_finite,
     check_logits,
     check_not_probabilities,
-    default_forward,
     first_batch,
     iter_batches,
     n_examples,
     to_device,
     tree_leaves,
 )
+from ._position import PositionForward, attach_positions, check_position
 from ._result import PEFResult, concat_results
 
 __all__ = ["PEFTransformer"]
@@ -136,6 +136,16 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         The output may also be an object with a ``.logits`` attribute (transformers). A
         model with one logit is a binary classifier with a sigmoid output (see
         ``output``).
+    position : None, "last", "last_nonpad", int, str or array-like of int, default=None
+        For sequence models returning per-position logits ``(batch, seq_len, vocab)``
+        (a language model's next-token logits, a token classifier): the position
+        explained, one per example. ``"last"``: the last position (unpadded or
+        left-padded sequences); ``"last_nonpad"``: each example's last non-padding
+        token, read from the batch's ``attention_mask`` (right or left padding); an int:
+        that index (negative from the end); a str: the key of dict batches holding each
+        example's position (removed before the forward pass); an array: one position
+        per example of ``X`` (the same ``X`` at every call). ``None``: the model returns
+        ``(batch, n_outputs)`` logits.
     batch_size : int, default=32
         Examples per forward/backward pass; bounds the memory used.
     n_jobs : int, "auto" or None, default="auto"
@@ -239,6 +249,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         min_norm: float | None = None,
         params: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        position: Any = None,
         batch_size: int = 32,
         n_jobs: int | str | None = "auto",
         device: str | torch.device | None = None,
@@ -258,6 +269,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self.min_norm = min_norm
         self.params = params
         self.forward = forward
+        self.position = position
         self.batch_size = batch_size
         self.n_jobs = n_jobs
         self.device = device
@@ -296,6 +308,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}.")
         if self.forward is not None and not callable(self.forward):
             raise ValueError("forward must be None or a callable forward(model, batch).")
+        check_position(self.position)
         check_int(int(self.verbose) if isinstance(self.verbose, bool) else self.verbose,
                   "verbose")
         check_eval_mode(self.model, "makes PEFs random",
@@ -314,13 +327,14 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
     def _engine_key(self) -> tuple:
         # what the per-layer plan and its one-batch check depend on
-        return (id(self.model), id(self.forward), repr(self.params), self.kind,
-                self.n_classes_, self.output_, self.layout_, self.class_axis)
+        return (id(self.model), id(self.forward), self._position_key(), repr(self.params),
+                self.kind, self.n_classes_, self.output_, self.layout_, self.class_axis)
 
     def _engine(self, learned: tuple | None = None):
         """A new engine; ``learned`` (from :meth:`_learned`) spares it the first-batch
         check. By default, what an earlier call on the same model learned is used."""
         eng = Engine(self, self.layout_, self.n_classes_)
+        eng.forward = self._forward_fn()
         if learned is None:
             memo = getattr(self, "_engine_memo", None)
             if memo is not None and memo[0] == self._engine_key():
@@ -335,6 +349,27 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             eng.select_state = dict(select_state)
             eng.verified = True
         return eng
+
+    def _position_key(self):
+        pos = check_position(self.position)
+        return ("array", id(self.position)) if isinstance(pos, np.ndarray) else pos
+
+    def _forward_fn(self):
+        """The forward the engine calls: the user's (or the default), then the pick of
+        the explained position."""
+        return PositionForward(self.forward, check_position(self.position))
+
+    def _batches(self, X, batches):
+        """``batches`` of ``X`` with their slice of an array ``position`` attached."""
+        pos = check_position(self.position)
+        if not isinstance(pos, np.ndarray):
+            return batches
+        n = n_examples(X)
+        if n is not None and n != pos.shape[0]:
+            raise ValueError(
+                f"position holds {pos.shape[0]} positions but X has {n} examples: give "
+                "one position per example of X (or a position column of dict batches).")
+        return attach_positions(batches, pos)
 
     @staticmethod
     def _learned(eng: Engine) -> tuple:
@@ -444,11 +479,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self._validate()
         self._engine_memo = None
         layout = ParameterLayout.from_model(self.model, self.params)
-        batch = first_batch(X, self.batch_size)
+        pad = self.position is not None  # token ids of different lengths are padded
+        batch = next(iter(self._batches(X, [first_batch(X, self.batch_size, pad_ids=pad)])))
         p0 = next(self.model.parameters())
         with torch.no_grad():
-            fwd = self.forward if self.forward is not None else default_forward
-            logits = as_logits(fwd(self.model, to_device(batch, p0.device, p0.dtype)))
+            logits = as_logits(self._forward_fn()(self.model,
+                                                  to_device(batch, p0.device, p0.dtype)))
         check_logits(logits)
         check_not_probabilities(logits)
         n_out = int(logits.shape[1])
@@ -528,8 +564,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                         disable=not self.verbose)
         n_zero = n_floored = start = 0
         floor = self.min_norm
-        results = self._run_batches(eng, _numbered(iter_batches(X, self.batch_size),
-                                                   random_axis))
+        batches = iter_batches(X, self.batch_size, pad_ids=self.position is not None)
+        results = self._run_batches(eng, _numbered(self._batches(X, batches), random_axis))
         try:
             for p in selected:
                 p.requires_grad_(True)
