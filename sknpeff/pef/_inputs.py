@@ -23,6 +23,7 @@ from ..utils import user_stacklevel
 __all__ = [
     "ForwardWrapper",
     "as_logits",
+    "batch_length",
     "as_tensor",
     "check_finite",
     "check_logits",
@@ -662,3 +663,19 @@ def take_rows(X, idx) -> Any:
     if _is_dataset(X):
         return torch.utils.data.Subset(X, idx.tolist())
     return [X[int(i)] for i in idx]
+
+
+def batch_length(batch, why: str) -> int:
+    """Number of examples of a batch: the first axis of its first array (tensor or
+    NumPy), or its length (a list of strings or of token lists).
+
+    ``why`` says what needs the number, for the error raised when it is unknown.
+    """
+    for v in tree_leaves(batch):
+        if hasattr(v, "shape") and len(v.shape):
+            return int(v.shape[0])
+    if isinstance(batch, list):
+        return len(batch)
+    raise ValueError(
+        f"{why}, but the number of examples of a {type(batch).__name__} batch is "
+        "unknown: give batches of arrays or lists.")

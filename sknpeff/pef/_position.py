@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..utils import InvalidParameterError
-from ._inputs import as_logits, default_forward, tree_leaves
+from ._inputs import as_logits, batch_length, default_forward
 
 __all__ = [
     "BATCH_KEY",
@@ -171,21 +171,12 @@ class PositionForward:
         return "array" if isinstance(self.position, np.ndarray) else repr(self.position)
 
 
-def _batch_len(batch) -> int:
-    leaves = [v for v in tree_leaves(batch) if isinstance(v, torch.Tensor) and v.dim()]
-    if leaves:
-        return int(leaves[0].shape[0])
-    if isinstance(batch, list):
-        return len(batch)
-    raise ValueError("cannot tell the number of examples of a batch to align positions.")
-
-
 def attach_positions(batches: Iterable, positions: np.ndarray) -> Iterator[dict]:
     """Each batch with the slice of ``positions`` that belongs to its examples, as
     ``{BATCH_KEY: batch, POSITION_KEY: tensor}`` (batches come in order)."""
     start = 0
     for batch in batches:
-        n = _batch_len(batch)
+        n = batch_length(batch, "an array position is sliced per batch")
         if start + n > positions.shape[0]:
             raise ValueError(
                 f"position holds {positions.shape[0]} positions but X has more examples; "

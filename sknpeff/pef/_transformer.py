@@ -46,6 +46,7 @@ from ._classes import CLASS_AXES, OUTPUTS, n_class_slots, predictions, resolve_o
 from ._engine import Engine, NeedsOneThread
 from ._inputs import (
     as_logits,
+    batch_length,
     check_finite,
     check_logits,
     check_not_probabilities,
@@ -53,7 +54,6 @@ from ._inputs import (
     iter_batches,
     n_examples,
     to_device,
-    tree_leaves,
 )
 from ._position import PositionForward, attach_positions, check_position
 from ._result import PEFResult, concat_results
@@ -689,19 +689,6 @@ def _numbered(batches: Iterable, count: bool) -> Iterator[tuple[Any, int]]:
     for batch in batches:
         yield batch, start
         if count:
-            start += _batch_length(batch)
-
-
-def _batch_length(batch) -> int:
-    """Number of examples of a batch: the first axis of its first array, or its length
-    (a list of strings)."""
-    for v in tree_leaves(batch):
-        if hasattr(v, "shape") and len(v.shape):
-            return int(v.shape[0])
-    try:
-        return len(batch)
-    except TypeError:
-        raise ValueError(
-            "class_axis='sample' or 'project' numbers the examples to seed their draws, "
-            f"but the number of examples of a {type(batch).__name__} batch is unknown: "
-            "give batches of arrays or lists.") from None
+            start += batch_length(
+                batch, "class_axis='sample' or 'project' numbers the examples to seed "
+                "their draws")
