@@ -577,6 +577,14 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path, monkeypatch):
         DiagonalNPEFF(max_iter=30, checkpoint_path=ckpt2, **kw).fit(X)
     with np.load(ckpt2) as f:
         assert int(f["n_iter"]) == 6
+    # a checkpoint of an older format (its fingerprint lacks the format number) is
+    # refused, not resumed with monitored values of another meaning
+    with np.load(ckpt2) as f:
+        old = {k: f[k] for k in f.files}
+    old["fingerprint"] = old["fingerprint"][:-1]
+    np.savez(ckpt2, **old)
+    with pytest.raises(ValueError, match="another sknpeff version"):
+        DiagonalNPEFF(max_iter=30, checkpoint_path=ckpt2, **kw).fit(X)
 
 
 # ------------------------------------------------------- one contract for both estimators

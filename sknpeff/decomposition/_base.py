@@ -44,6 +44,10 @@ from ._updates import DIAG_UPDATES, diag_solve_w
 __all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "mean_column_cosine",
            "shared_doc"]
 
+# what a checkpoint's monitored values mean changed in format 2 (cd: projected-gradient
+# sums instead of losses; low rank: slots compacted), so older checkpoints are refused
+_CHECKPOINT_FORMAT = 2.0
+
 #: the release in which deprecated parameter names stop working
 _REMOVED_IN = "0.3"
 
@@ -679,7 +683,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         return np.array([prob.n_samples, self.n_features_in_, self.n_components,
                          prob.n_slots, kept.size, float(kept @ weights),
                          prob.blocks.nnz, prob.const, prob.extras.get("sum", 0.0),
-                         n_frozen, np.dtype(prob.dtype).itemsize], dtype=np.float64)
+                         n_frozen, np.dtype(prob.dtype).itemsize, _CHECKPOINT_FORMAT],
+                        dtype=np.float64)
 
     def _load_checkpoint(self, fingerprint: np.ndarray) -> dict | None:
         """The arrays of ``checkpoint_path`` if it exists (an error if it belongs to
@@ -693,7 +698,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 not np.allclose(data["fingerprint"], fingerprint, rtol=1e-9, atol=0):
             raise ValueError(
                 f"checkpoint_path={path!r} holds a checkpoint of another fit (different "
-                "data or parameters); delete it or choose another path.")
+                "data or parameters, or written by another sknpeff version); delete it or "
+                "choose another path.")
         return data
 
     def _save_checkpoint(self, fingerprint: np.ndarray, **arrays: Any) -> None:
