@@ -21,7 +21,7 @@ Ratios are ours / peer examples per second, best of ``--repeats`` interleaved ru
 
 Measured 2026-11-22 (fourth session, final code: Linear blocks computed only where the
 selection reads them, index_select gathers, NumPy's argsort), three full runs with 2
-threads; ours with the default ``n_jobs=None`` / with ``n_jobs=2``, ratio of the faster:
+threads; ours one batch at a time (``n_jobs=None``) / with ``n_jobs=2``, ratio of the faster:
 
     mlp low_rank  loop+topk          25.0x  23.9x  26.7x  (ours 710-730 / 895-932 ex/s,
                                                            loop 35-37)

@@ -8,7 +8,7 @@ Public names:
 * :class:`ComponentExpander` -- learn new components beside frozen ones;
 * :class:`ParameterLayout` -- flat parameter index <-> named tensors;
 * submodules :mod:`sknpeff.inspection`, :mod:`sknpeff.datasets`, :mod:`sknpeff.io`,
-  :mod:`sknpeff.backends`.
+  :mod:`sknpeff.backends`, :mod:`sknpeff.baselines`.
 """
 
 from .decomposition import DiagonalNPEFF, LowRankNPEFF

@@ -612,6 +612,12 @@ def _run(report_path: str, seed: int, n_components: int, n_values: int, epochs: 
             kl_ratios=kl_ratios,
             norm_ratios=norm_ratios,
             top_parameters=top_params,
+            components=est.components_,
+            baselines={  # the same run's random baselines, beside NPEFF's numbers
+                "random directions": {"median KL ratio": float(np.median(random_kl))},
+                "random example sets": {"prediction purity": random_set_purity(
+                    pred_test, min(k, n_held), random_state=seed)},
+            },
             title=(f"NPEFF of a {n_params}-parameter digits CNN: {n_components} low-rank "
                    f"components, held-out examples"),
             k=min(k, n_held),

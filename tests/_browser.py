@@ -70,23 +70,64 @@ def _run(binary: str, args: list[str], timeout: float) -> subprocess.CompletedPr
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def count_decoded_images(binary: str, html_path, timeout: float = 60.0) -> tuple[int, int]:
-    """Load a copy of ``html_path`` with an image probe; return (n_images, n_decoded)."""
+# Appended to a copy of the page: in the load event, record when the load event started
+# and when the DOM was ready (milliseconds after navigation began, the page's own clock).
+_TIMING_PROBE = """
+<script>
+window.addEventListener("load", function () {
+  var nav = performance.getEntriesByType("navigation")[0];
+  var d = document.createElement("div");
+  d.id = "sknpeff-timing";
+  d.setAttribute("data-load", String(nav.loadEventStart));
+  d.setAttribute("data-dom", String(nav.domContentLoadedEventEnd));
+  document.body.appendChild(d);
+});
+</script>
+"""
+_TIMING_RE = re.compile(r'id="sknpeff-timing" data-load="([0-9.]+)" data-dom="([0-9.]+)"')
+
+
+def dump_dom_with(
+    binary: str, html_path, script: str, *, virtual_time: bool = True, timeout: float = 60.0
+) -> str:
+    """The DOM of a copy of ``html_path`` with ``script`` appended to its body, once loaded.
+
+    The copy sits beside the page (``<stem>.probe.html``), so its relative links resolve
+    as the page's do. ``virtual_time`` lets timers run to completion quickly; leave it off
+    when measuring real time.
+    """
     html_path = Path(html_path)
     text = html_path.read_text(encoding="utf-8")
     probe_path = html_path.with_name(html_path.stem + ".probe.html")
-    probe_path.write_text(text.replace("</body>", _IMAGE_PROBE + "</body>"), encoding="utf-8")
-    proc = _run(
-        binary,
-        ["--virtual-time-budget=10000", "--dump-dom", probe_path.resolve().as_uri()],
-        timeout,
-    )
-    match = _PROBE_RE.search(proc.stdout)
-    if match is None:
+    probe_path.write_text(text.replace("</body>", script + "</body>"), encoding="utf-8")
+    try:
+        args = ["--virtual-time-budget=10000"] if virtual_time else []
+        proc = _run(binary, [*args, "--dump-dom", probe_path.resolve().as_uri()], timeout)
+    finally:
+        probe_path.unlink()
+    if not proc.stdout:
         raise RuntimeError(
-            f"image probe not found in the dumped DOM (exit {proc.returncode}); "
-            f"stderr tail: {proc.stderr[-2000:]}"
+            f"nothing dumped (exit {proc.returncode}); stderr tail: {proc.stderr[-2000:]}"
         )
+    return proc.stdout
+
+
+def load_timing(binary: str, html_path, timeout: float = 60.0) -> tuple[float, float]:
+    """Milliseconds from navigation start to (load event, DOMContentLoaded end) of a page,
+    as the page's Navigation Timing reports them in headless Chromium."""
+    dom = dump_dom_with(binary, html_path, _TIMING_PROBE, virtual_time=False, timeout=timeout)
+    match = _TIMING_RE.search(dom)
+    if match is None:
+        raise RuntimeError("timing probe not found in the dumped DOM")
+    return float(match.group(1)), float(match.group(2))
+
+
+def count_decoded_images(binary: str, html_path, timeout: float = 60.0) -> tuple[int, int]:
+    """Load a copy of ``html_path`` with an image probe; return (n_images, n_decoded)."""
+    dom = dump_dom_with(binary, html_path, _IMAGE_PROBE, timeout=timeout)
+    match = _PROBE_RE.search(dom)
+    if match is None:
+        raise RuntimeError("image probe not found in the dumped DOM")
     return int(match.group(1)), int(match.group(2))
 
 

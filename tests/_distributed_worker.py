@@ -4,7 +4,7 @@ Usage: ``torchrun --standalone --nproc_per_node=2 tests/_distributed_worker.py O
 Each rank fits on the same planted data and saves its results to ``OUT_DIR/rank<r>.npz``:
 
 * LowRankNPEFF(distributed=True) with one partition per rank, and with two, plus
-  ``transform``;
+  ``transform``; and on PEFs with many, mostly empty, class slots;
 * DiagonalNPEFF(distributed=True): ``fit_transform`` and ``transform``;
 * ``partial_fit`` of both estimators over two batches;
 * verbose fits (stdout of rank ``r`` in ``OUT_DIR/stdout_rank<r>.txt``) with a checkpoint
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from sknpeff.backends import NumpyBackend
 from sknpeff.datasets import make_planted_diagonal, make_planted_lowrank
 from sknpeff.decomposition import DiagonalNPEFF, LowRankNPEFF
+from tests._helpers import sparse_slot_pefs
 
 #: shared with the test: the single-process reference fits use the same settings
 DATA = dict(n_examples=200, n_params=2000, random_state=2, dtype=np.float64)
@@ -31,6 +32,10 @@ PARAMS = dict(n_components=8, n_classes=3, random_state=2, max_iter=40, tol=0,
 DIAG_DATA = dict(n_examples=150, n_params=1500, n_components=5, support_size=100,
                  random_state=3, dtype=np.float64)
 DIAG_PARAMS = dict(n_components=5, random_state=3, max_iter=30, tol=0, block_size=128)
+#: a vocabulary-sized slot count with 1-4 filled slots per example
+SLOT_DATA = dict(n=60, n_slots=2000, m=300, max_filled=4, seed=4)
+SLOT_PARAMS = dict(n_components=4, n_classes=2000, random_state=4, max_iter=20, tol=0,
+                   block_size=64)
 #: the verbose, checkpointed fits: 10 iterations, a checkpoint every 5
 VERBOSE_PARAMS = dict(PARAMS, max_iter=10, checkpoint_every=5, verbose=1)
 #: iterations of the fit resumed from the shared checkpoint
@@ -70,6 +75,10 @@ def main(out_dir: str) -> None:
         est2 = LowRankNPEFF(**PARAMS, backend=NumpyBackend(n_partitions=2), distributed=True)
         res["W2"] = est2.fit_transform(X)
         res["components2"] = est2.components_
+        # many class slots, mostly empty (dropped at preparation, on every rank alike)
+        slots = LowRankNPEFF(**SLOT_PARAMS, distributed=True)
+        res["slots_W"] = slots.fit_transform(sparse_slot_pefs(**SLOT_DATA))
+        res["slots_components"] = slots.components_
 
         diag = DiagonalNPEFF(**DIAG_PARAMS, distributed=True)
         res["diag_W"] = diag.fit_transform(Xd)

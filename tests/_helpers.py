@@ -1,6 +1,7 @@
 """Helpers shared by several test modules."""
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
 
@@ -35,3 +36,18 @@ def check_checkpoint_resume(Estimator, X, X_other, ckpt, kw, n_curve):
     with pytest.raises(ValueError, match="checkpoint_path"):
         Estimator(max_iter=30, checkpoint_path=ckpt, **kw).fit(X_other)
     return resumed, straight
+
+
+def sparse_slot_pefs(n, n_slots, m, max_filled, seed, density=0.5):
+    """Low-rank PEF rows whose examples fill 1..max_filled of their n_slots class slots
+    (at random positions, as a per-example class cut-off leaves them), float64."""
+    rng = np.random.RandomState(seed)
+    rows, cols, vals = [], [], []
+    for i in range(n):
+        for s in rng.choice(n_slots, rng.randint(1, max_filled + 1), replace=False):
+            p = np.flatnonzero(rng.rand(m) < density)
+            rows.append(np.full(p.size, i))
+            cols.append(s * m + p)
+            vals.append(rng.randn(p.size))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(n, n_slots * m))

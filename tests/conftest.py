@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import sknpeff.pef._engine as engmod
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _single_torch_thread():
@@ -15,3 +17,17 @@ def _single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def generic_calls(monkeypatch):
+    """Parameter ids sent to the generic torch.func path."""
+    calls = []
+    real = engmod.generic_grads
+
+    def spy(model, forward, names, params, pids, *args, **kw):
+        calls.extend(names[i] for i in pids)
+        return real(model, forward, names, params, pids, *args, **kw)
+
+    monkeypatch.setattr(engmod, "generic_grads", spy)
+    return calls

@@ -355,11 +355,11 @@ def test_keyboard_interrupt_keeps_consistent_state(monkeypatch):
     calls = {"n": 0}
     hals = upd.DIAG_UPDATES["cd"]
 
-    def interrupting(xp, F, T, G):
+    def interrupting(xp, F, T, G, **kw):
         calls["n"] += 1
         if calls["n"] == 40:  # in the middle of the third iteration's block sweep
             raise KeyboardInterrupt
-        hals(xp, F, T, G)
+        hals(xp, F, T, G, **kw)
 
     monkeypatch.setitem(upd.DIAG_UPDATES, "cd", interrupting)
     est = DiagonalNPEFF(n_components=5, random_state=0, block_size=128, max_iter=100)
@@ -577,6 +577,14 @@ def test_checkpoint_resume_matches_uninterrupted_fit(tmp_path, monkeypatch):
         DiagonalNPEFF(max_iter=30, checkpoint_path=ckpt2, **kw).fit(X)
     with np.load(ckpt2) as f:
         assert int(f["n_iter"]) == 6
+    # a checkpoint of an older format (its fingerprint lacks the format number) is
+    # refused, not resumed with monitored values of another meaning
+    with np.load(ckpt2) as f:
+        old = {k: f[k] for k in f.files}
+    old["fingerprint"] = old["fingerprint"][:-1]
+    np.savez(ckpt2, **old)
+    with pytest.raises(ValueError, match="another sknpeff version"):
+        DiagonalNPEFF(max_iter=30, checkpoint_path=ckpt2, **kw).fit(X)
 
 
 # ------------------------------------------------------- one contract for both estimators
@@ -638,3 +646,101 @@ def test_frozen_components_is_a_fit_parameter():
         est.fit(X, frozen_components=base.components_[:, :10])
     with pytest.raises(ValueError, match="finite"):
         est.fit(X, frozen_components=np.full_like(base.components_, np.nan))
+
+
+# ------------------------------------------------- as scikit-learn's NMF at the same tol
+def _rel_residual(X, W, H):
+    D = X.toarray().astype(np.float64)
+    return float(np.linalg.norm(D - W.astype(np.float64) @ H.astype(np.float64))
+                 / np.linalg.norm(D))
+
+
+def _exact_random(seed, n=200, m=300, r=5, sparse=False):
+    """Random non-negative data of exact rank r (dense or sparse factors)."""
+    rng = np.random.default_rng(seed)
+    W, H = rng.random((n, r)), rng.random((r, m))
+    if sparse:
+        W *= rng.random((n, r)) < 0.3
+        H *= rng.random((r, m)) < 0.2
+    return sp.csr_matrix(W @ H), r
+
+
+@pytest.mark.parametrize("data, solver", [("planted", "cd"), ("planted", "mu"),
+                                          ("random", "cd"), ("sparse", "cd"),
+                                          ("sparse", "mu")])
+def test_default_tol_residual_at_most_sklearn_nmf(data, solver):
+    """At the same tol, the fit ends at a residual no larger than scikit-learn's NMF
+    with the same solver and init (up to a 10% margin): tol buys at least as much."""
+    from sklearn.decomposition import NMF
+
+    if data == "planted":
+        X, _, H = _planted(0, n=300, m=1500, r=6, support=150, dtype=np.float64)
+        X, r = sp.csr_matrix(X), 6
+    else:
+        X, r = _exact_random(0, sparse=data == "sparse")
+    ours = DiagonalNPEFF(n_components=r, solver=solver, random_state=0, max_iter=3000)
+    W = ours.fit_transform(X)
+    nmf = NMF(n_components=r, solver=solver, init="nndsvda", random_state=0, max_iter=3000)
+    W_sk = nmf.fit_transform(X)
+    assert ours.tol == nmf.tol == 1e-4 and ours.stop_reason_ == "tol"
+    mine = _rel_residual(X, W, ours.components_)
+    theirs = _rel_residual(X, W_sk, nmf.components_)
+    assert mine <= 1.1 * theirs + 1e-6, (mine, theirs, ours.n_iter_, nmf.n_iter_)
+
+
+@pytest.mark.parametrize("data", ["planted", "noisy"])
+def test_partial_fit_epochs_within_two_percent_of_full_fit(data):
+    """Ten passes of partial_fit over five mini-batches end within 2% of a full fit's
+    error (MiniBatchNMF's use: several epochs over the batches)."""
+    X = _planted(3, n=300, m=1500, r=6, support=150, dtype=np.float64)[0] \
+        if data == "planted" else _noisy(3, n=300, m=1500, r=6)
+    X = sp.csr_matrix(X)
+    kw = dict(n_components=6, random_state=0)
+    full = DiagonalNPEFF(max_iter=1000, **kw)
+    err_full = _rel_residual(X, full.fit_transform(X), full.components_)
+    est = DiagonalNPEFF(**kw)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        perm = rng.permutation(X.shape[0])
+        for s in range(0, X.shape[0], 60):
+            est.partial_fit(X[perm[s:s + 60]])
+    err_stream = _rel_residual(X, est.transform(X), est.components_)
+    if data == "planted":  # exact data: both near zero
+        assert err_full < 1e-4 and err_stream < 1e-4
+    else:
+        assert err_stream <= 1.02 * err_full, (err_stream, err_full)
+
+
+def test_hals_violation_is_the_projected_gradient_sum():
+    """The violation HALS reports is scikit-learn cd's: per coordinate, just before its
+    update, |gradient|, or only its negative part where the entry is zero."""
+    rng = np.random.default_rng(3)
+    F = rng.random((30, 4))
+    F[rng.random(F.shape) < 0.3] = 0.0
+    M = rng.random((10, 4))
+    G, T = M.T @ M, rng.random((30, 4))
+    ref, Fr = 0.0, F.copy()
+    for k in range(4):
+        for i in range(30):
+            grad = Fr[i] @ G[:, k] - T[i, k]
+            ref += abs(min(0.0, grad) if Fr[i, k] == 0 else grad)
+            Fr[i, k] = max(Fr[i, k] - grad / G[k, k], 0.0)
+    out = []
+    upd.diag_hals_update(np, F, T, G, violation=out)
+    assert len(out) == 1 and float(out[0]) == pytest.approx(ref, rel=1e-10)
+    np.testing.assert_allclose(F, Fr, rtol=1e-12, atol=1e-14)
+
+
+def test_cd_stops_where_sklearn_cd_rule_says(tmp_path):
+    """solver='cd' stops at the first iteration whose violation (the loop's monitored
+    series, saved in checkpoints) is at most tol times the first one's."""
+    X, _, _ = _planted(0, n=300, m=1500, r=6, support=150, dtype=np.float64)
+    ckpt = tmp_path / "c.npz"
+    est = DiagonalNPEFF(n_components=6, random_state=0, tol=1e-3, checkpoint_path=ckpt,
+                        checkpoint_every=1).fit(X)
+    with np.load(ckpt) as f:
+        v = f["monitored"]
+    assert est.stop_reason_ == "tol" and v.size == est.n_iter_ > 1
+    assert v[-1] <= 1e-3 * v[0] and np.all(v[:-1] > 1e-3 * v[0])
+    # the violation is the projected gradient, not the loss
+    assert not np.allclose(v, est.loss_curve_)

@@ -18,6 +18,7 @@ import pytest
 from sknpeff.backends import NumpyBackend
 from sknpeff.datasets import make_planted_diagonal, make_planted_lowrank
 from sknpeff.decomposition import DiagonalNPEFF, LowRankNPEFF
+from tests._helpers import sparse_slot_pefs
 
 dist = pytest.importorskip("torch.distributed")
 
@@ -84,6 +85,12 @@ def test_two_ranks_equal_single_process(two_ranks):
     ref4 = LowRankNPEFF(**w.PARAMS, backend=NumpyBackend(n_partitions=4))
     np.testing.assert_allclose(r0["W2"], ref4.fit_transform(X), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(r0["components2"], ref4.components_, rtol=1e-10, atol=1e-12)
+    # mostly empty class slots: the two-partition fit in one process
+    ref_slots = LowRankNPEFF(**w.SLOT_PARAMS, backend=NumpyBackend(n_partitions=2))
+    W_slots = ref_slots.fit_transform(sparse_slot_pefs(**w.SLOT_DATA))
+    np.testing.assert_allclose(r0["slots_W"], W_slots, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(r0["slots_components"], ref_slots.components_, rtol=1e-10,
+                               atol=1e-12)
     assert elapsed < 90, f"two-rank run took {elapsed:.1f} s"
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,19 @@ def test_example_runs(path, example_runs):
     assert "Traceback" not in stderr
     assert stdout.strip(), f"{path.name} printed nothing"
     print(f"{path.name}: {elapsed:.1f} s")
+
+
+def test_in_context_learning_recovers_the_mechanisms(example_runs):
+    """The gallery's in-context learning example (one training seed): components whose
+    top held-out examples share one known mechanism, and recall components whose
+    perturbation moves their top examples selectively."""
+    rc, stdout, stderr, _ = example_runs["plot_in_context_learning"]
+    assert rc == 0, stderr
+    assert float(re.search(r"mean top-example purity: ([\d.]+)", stdout)[1]) >= 0.9
+    kl = float(re.search(r"median KL ratio of the recall components: ([\d.]+)", stdout)[1])
+    assert kl >= 5
+    for m in re.finditer(r"KL ratio ([\d.]+) \(PEF-norm ratio ([\d.]+)\)", stdout):
+        assert float(m[1]) > float(m[2])
 
 
 @pytest.mark.slow

@@ -9,17 +9,23 @@ import numpy as np
 import pytest
 
 from sknpeff.inspection import (
+    coefficient_cosines,
+    component_mass,
     component_similarity,
     component_summary,
+    plot_coefficient_distribution,
     plot_coefficients,
+    plot_component_similarity,
+    plot_kl_ratios,
     plot_top_examples,
+    pseudo_fisher_cosines,
     report,
     top_examples,
     top_parameters_by_layer,
 )
 from sknpeff.inspection._images import as_image_batch, png_bytes
 
-from ._browser import count_decoded_images, find_chromium, screenshot
+from ._browser import count_decoded_images, dump_dom_with, find_chromium, screenshot
 
 # ------------------------------------------------------------------------------------------
 # top_examples
@@ -264,6 +270,96 @@ def test_plots_smoke():
 
 
 # ------------------------------------------------------------------------------------------
+# One run's components compared with each other; their mass
+# ------------------------------------------------------------------------------------------
+
+
+def _frobenius_cosine(A, B):
+    na, nb = np.linalg.norm(A), np.linalg.norm(B)
+    if na == 0 or nb == 0:
+        return float(na == nb)
+    return float((A * B).sum() / (na * nb))
+
+
+def test_pseudo_fisher_cosines_against_dense_matrices(monkeypatch):
+    """Cosines of the explicit matrices g gᵀ and diag(h), entry by entry."""
+    from scipy import sparse
+
+    import sknpeff.inspection._similarity as sim_mod
+
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((4, 7))
+    G[2] = 0.0
+    G[3] = -2.0 * G[0] + 0.1 * rng.standard_normal(7)
+    ref = np.array([[_frobenius_cosine(np.outer(a, a), np.outer(b, b)) for b in G] for a in G])
+    monkeypatch.setattr(sim_mod, "_GRAM_BLOCK", 3)  # several column blocks
+    G_copy = G.copy()
+    np.testing.assert_allclose(pseudo_fisher_cosines(G), ref, atol=1e-12)
+    np.testing.assert_array_equal(G, G_copy)
+    np.testing.assert_allclose(pseudo_fisher_cosines(-G), ref, atol=1e-12)  # sign-blind
+    H = np.abs(G)
+    ref_d = np.array([[_frobenius_cosine(np.diag(a), np.diag(b)) for b in H] for a in H])
+    np.testing.assert_allclose(pseudo_fisher_cosines(H, kind="diagonal"), ref_d, atol=1e-12)
+    np.testing.assert_allclose(
+        pseudo_fisher_cosines(sparse.csr_matrix(H), kind="diagonal"), ref_d, atol=1e-12
+    )
+    torch = pytest.importorskip("torch")
+    np.testing.assert_allclose(
+        pseudo_fisher_cosines(torch.from_numpy(G).float()), ref, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="kind"):
+        pseudo_fisher_cosines(G, kind="full")
+    with pytest.raises(ValueError, match="components"):
+        pseudo_fisher_cosines(G[0])
+    with pytest.raises(ValueError, match="finite"):
+        pseudo_fisher_cosines(np.array([[np.nan, 1.0]]))
+
+
+def test_coefficient_cosines_and_mass():
+    rng = np.random.default_rng(1)
+    W = rng.random((20, 4))
+    W[:, 3] = 0.0
+    C = coefficient_cosines(W)
+    for i in range(4):
+        for j in range(4):
+            a, b = W[:, i], W[:, j]
+            expected = 1.0 if i == j == 3 else (
+                0.0 if i == 3 or j == 3 else a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+            )
+            assert C[i, j] == pytest.approx(expected, abs=1e-12)
+    np.testing.assert_allclose(component_mass(W), W.sum(0) / W.sum())
+    assert component_mass(W).sum() == pytest.approx(1.0)
+    np.testing.assert_array_equal(component_mass(np.zeros((3, 2))), [0.0, 0.0])
+
+
+def test_overview_plots_draw_their_data():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(0)
+    W = rng.random((30, 5))
+    S = coefficient_cosines(W)
+    ax = plot_component_similarity(S, Figure().subplots(), title="t")
+    np.testing.assert_allclose(ax.images[0].get_array(), S)
+    assert ax.get_title() == "t"
+    with pytest.raises(ValueError, match="square"):
+        plot_component_similarity(S[:2], Figure().subplots())
+    kl = np.array([7.6, 3.2, np.nan, 0.0, 2.0])
+    nr = np.array([1.1, 0.9, 1.0, np.inf, 1.5])
+    ax = plot_kl_ratios(kl, nr, Figure().subplots())
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), np.c_[nr, kl][[0, 1, 4]])
+    assert "2 not finite" in ax.get_title()
+    with pytest.raises(ValueError, match="norm_ratios"):
+        plot_kl_ratios(kl, nr[:3], Figure().subplots())
+    left, right = plot_coefficient_distribution(W, list(Figure().subplots(1, 2)))
+    np.testing.assert_allclose(left.patches[0].get_data().values,
+                               100 * np.sort(component_mass(W))[::-1])
+    assert right.patches[0].get_data().values.sum() == W.size
+    with pytest.raises(ValueError, match="axes"):
+        plot_coefficient_distribution(W, [left])
+
+
+# ------------------------------------------------------------------------------------------
 # HTML report
 # ------------------------------------------------------------------------------------------
 
@@ -302,10 +398,15 @@ def digits_report(tmp_path_factory):
         kl_ratios=[7.6, 3.2, np.nan, 0.0],
         norm_ratios=[1.1, 0.9, 1.0, 0.0],
         top_parameters=top_params,
+        components=comps,
+        baselines={"k-means <grads>": {"prediction purity": 0.25, "silhouette": 0.5}},
+        metrics={"silhouette": 0.125},
         title='Digits <b>"report"</b> & friends',
         k=k,
     )
-    return SimpleNamespace(path=Path(out), W=W, labels=labels, predictions=predictions, r=r, k=k)
+    return SimpleNamespace(
+        path=Path(out), W=W, labels=labels, predictions=predictions, r=r, k=k, comps=comps
+    )
 
 
 def test_report_html_content(digits_report):
@@ -314,18 +415,43 @@ def test_report_html_content(digits_report):
     assert text.startswith("<!DOCTYPE html>")
     # Title escaped, injected markup escaped.
     assert "Digits &lt;b&gt;&quot;report&quot;&lt;/b&gt; &amp; friends" in text
-    assert "<script" not in text.lower()
+    # The only script is the report's own table sorter; the injected one is text.
+    assert text.lower().count("<script") == 1 and "sknpeffSortTable" in text
     assert "evil&lt;script&gt;alert(1)&lt;/script&gt;" in text
     # Self-contained: every image inline, nothing external.
     srcs = re.findall(r'<img src="([^"]*)"', text)
     assert len(srcs) == r * k
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    plots = re.findall(r'<img class="plot" src="([^"]*)"', text)
+    assert len(plots) == 3  # similarity, KL vs norm ratio, coefficient distribution
+    assert all(s.startswith("data:image/png;base64,") for s in plots)
     assert not re.search(r'(src|href)="(?!data:|#)', text)
     assert "<link" not in text and "@import" not in text
     # One section per component, KL and norm ratios side by side.
     assert len(re.findall(r'<section class="component" id="c\d+">', text)) == r
     assert "KL ratio <b>7.6</b> &nbsp;vs&nbsp; PEF-norm ratio <b>1.1</b>" in text
     assert "Largest parameters by layer" in text
+    # The methods table: this run's means and medians beside the baseline's numbers.
+    s = component_summary(digits_report.W, labels=digits_report.labels,
+                          predictions=digits_report.predictions, k=k)
+    methods = text.split('<table class="summary methods">')[1].split("</table>")[0]
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", methods)
+    assert headers == ["method", "components", "label purity", "prediction purity",
+                       "median KL ratio", "median PEF-norm ratio", "silhouette"]
+    rows = re.findall(r"<tr[^>]*><td class=\"name\">([^<]*)</td>\s*((?:<td>[^<]*</td>)*)",
+                      methods)
+    cells = {name: re.findall(r"<td>([^<]*)</td>", tds) for name, tds in rows}
+    assert cells["NPEFF"] == [
+        "4", f"{s['label_purity'].mean():.3g}", f"{s['prediction_purity'].mean():.3g}",
+        "3.2", "0.95", "0.125",  # medians over the finite KL ratios [7.6, 3.2, 0]
+    ]
+    assert cells["k-means &lt;grads&gt;"] == ["&ndash;"] * 2 + ["0.25"] + ["&ndash;"] * 2 + [
+        "0.5"]
+    # Similar components by the cosine of pseudo-Fishers of the components passed.
+    S = pseudo_fisher_cosines(digits_report.comps)
+    best = int(np.argsort(-S[0], kind="stable")[1])
+    sim0 = text.split('id="c0"')[1].split("</section>")[0]
+    assert f'(cosine of pseudo-Fishers):\n<a href="#c{best}">{best}</a>' in sim0
     # Component 0's top examples are zeros: every caption shows y=0.
     sec0 = text.split('id="c0"')[1].split("</section>")[0]
     assert sec0.count("y=0") == k
@@ -338,9 +464,23 @@ def test_report_html_content(digits_report):
 
 def test_report_minimal_and_bad_input(tmp_path):
     W = np.random.default_rng(0).random((5, 2))
-    out = report(tmp_path / "r.html", W=W, k=50)
+    out = report(tmp_path / "r.html", W=W, k=50, overview=False)
     text = open(out, encoding="utf-8").read()
     assert "<img" not in text and "top 5 examples" in text
+    assert 'id="overview"' not in text  # neither figures nor a methods table
+    for kwargs, match in [
+        ({"pages": "many"}, "pages"),
+        ({"component_kind": "full"}, "component_kind"),
+        ({"overview": "yes"}, "overview"),
+        ({"components": np.ones((3, 4))}, "components must have 2 rows"),
+        ({"baselines": [("k-means", 0.5)]}, "baselines"),
+        ({"baselines": {"k-means": 0.5}}, r"baselines\['k-means'\]"),
+        ({"baselines": {"k-means": {"purity": "high"}}}, "must be a number"),
+        ({"metrics": {"purity": None}}, "metrics"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            report(tmp_path / "bad.html", W=W, **{"overview": False, **kwargs})
+    assert not (tmp_path / "bad.html").exists()
     with pytest.raises(ValueError, match="kl_ratios"):
         report(tmp_path / "r.html", W=W, kl_ratios=[1.0])
     with pytest.raises(ValueError, match="top_parameters"):
@@ -359,7 +499,7 @@ _CHROMIUM = find_chromium()
 )
 def test_report_renders_in_headless_browser(digits_report):
     total, decoded = count_decoded_images(_CHROMIUM, digits_report.path)
-    assert total == digits_report.r * digits_report.k
+    assert total == digits_report.r * digits_report.k + 3  # examples, overview figures
     assert decoded == total
     shot = screenshot(_CHROMIUM, digits_report.path, digits_report.path.with_name("report.png"))
     with open(shot, "rb") as fh:
@@ -381,8 +521,147 @@ def test_report_label_names_and_torch_inputs(tmp_path):
         predictions=labels,
         label_names=["<zero>", "one"],
         k=3,
+        overview=False,
     )
     text = open(out, encoding="utf-8").read()
     assert "y=&lt;zero&gt;" in text or "y=one" in text
     assert "<zero>" not in text
     assert text.count("<img ") == 6
+
+
+# ------------------------------------------------------------------------------------------
+# Many components: one page each, a sortable index
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_report(tmp_path_factory):
+    """512 components (as many as the paper's largest runs), two tiny images each."""
+    rng = np.random.default_rng(3)
+    n, r, k = 600, 512, 2
+    W = rng.random((n, r)) ** 4
+    labels = rng.integers(0, 10, n)
+    predictions = np.where(rng.random(n) < 0.1, (labels + 1) % 10, labels)
+    kl = rng.random(r) * 10
+    kl[::50] = np.nan
+    folder = tmp_path_factory.mktemp("split")
+    stale = folder / "index-components" / "component-999.html"
+    stale.parent.mkdir()
+    stale.write_text("stale")
+    out = report(
+        folder / "index.html",
+        W=W,
+        images=rng.integers(0, 256, (n, 4, 4), dtype=np.uint8),
+        labels=labels,
+        predictions=predictions,
+        kl_ratios=kl,
+        norm_ratios=rng.random(r) * 3,
+        baselines={"k-means": {"prediction purity": 0.3}},
+        k=k,
+        overview=False,  # the figures are checked on the small report
+    )
+    return SimpleNamespace(path=Path(out), W=W, labels=labels, kl=kl, r=r, k=k, stale=stale)
+
+
+def _hrefs(text):
+    return re.findall(r'<a href="([^"]*)"', text)
+
+
+def test_report_split_pages(split_report):
+    index = split_report.path
+    r, k = split_report.r, split_report.k
+    text = index.read_text(encoding="utf-8")
+    body = text.split('<table class="summary sortable" id="components">')[1]
+    body = body.split("<tbody>")[1].split("</tbody>")[0]
+    assert body.count("<tr>") == r
+    # The index holds the overview and the table only: no sections, no example images.
+    assert '<section class="component"' not in text and "<img" not in text
+    assert "one page per component" in text and "k-means" in text
+    links = _hrefs(body)
+    assert len(set(links)) == r
+    pages = sorted((index.parent / "index-components").iterdir())
+    assert [p.name for p in pages] == [f"component-{j:03d}.html" for j in range(r)]
+    assert not split_report.stale.exists()  # an earlier report's page is gone
+    assert all((index.parent / link).resolve() in pages for link in links)
+    top = top_examples(split_report.W, k)
+    for j, page in enumerate(pages):
+        html = page.read_text(encoding="utf-8")
+        hrefs = _hrefs(html)
+        assert (page.parent / hrefs[0]).resolve() == index.resolve()  # back to the index
+        assert all((page.parent / h).resolve().is_file() for h in hrefs)
+        assert len(hrefs) == 1 + (j > 0) + (j < r - 1) + 5  # index, neighbours, 5 similar
+        assert html.count('<img src="data:image/png;base64,') == k
+        assert re.findall(r"ex (\d+)", html) == [str(i) for i in top[j]]
+        assert f"<h2>Component {j}</h2>" in html
+
+
+def test_report_pages_auto_threshold(tmp_path):
+    W = np.random.default_rng(0).random((40, 33))
+    text = Path(report(tmp_path / "a.html", W=W[:, :32], k=2, overview=False)).read_text()
+    assert text.count('<section class="component"') == 32
+    assert not (tmp_path / "a-components").exists()
+    text = Path(report(tmp_path / "b.html", W=W, k=2, overview=False)).read_text()
+    assert '<section class="component"' not in text
+    assert len(list((tmp_path / "b-components").iterdir())) == 33
+    text = Path(report(tmp_path / "c.html", W=W[:, :3], pages="split", overview=False)).read_text()
+    assert _hrefs(text) == [f"c-components/component-{j}.html" for j in range(3)]
+    text = Path(report(tmp_path / "d.html", W=W, pages="single", overview=False)).read_text()
+    assert text.count('<section class="component"') == 33
+    # Names that URLs must escape: the links still lead to the files.
+    from urllib.parse import unquote
+
+    index = Path(report(tmp_path / "my report#1.html", W=W[:, :2], pages="split",
+                        overview=False))
+    links = _hrefs(index.read_text())
+    assert links[0] == "my%20report%231-components/component-0.html"
+    page = tmp_path / unquote(links[0])
+    assert page.is_file()
+    assert (page.parent / unquote(_hrefs(page.read_text())[0])).resolve() == index.resolve()
+
+
+_SORT_PROBE = """
+<script>
+window.addEventListener("load", function () {
+  var table = document.getElementById("components");
+  var heads = table.tHead.rows[0].cells;
+  function order() {
+    return Array.prototype.map.call(table.tBodies[0].rows, function (row) {
+      return Number(row.cells[0].getAttribute("data-v"));
+    });
+  }
+  function click(name) {
+    for (var i = 0; i < heads.length; i++) {
+      if (heads[i].textContent.trim() === name) heads[i].click();
+    }
+  }
+  var out = {};
+  click("KL ratio"); out.kl = order();
+  click("mass"); click("mass"); out.mass = order();
+  click("label mode"); out.label = order();
+  var d = document.createElement("pre");
+  d.id = "sknpeff-sort";
+  d.textContent = JSON.stringify(out);
+  document.body.appendChild(d);
+});
+</script>
+"""
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="no Chromium/Chrome binary found")
+def test_report_table_sorts_in_headless_browser(split_report):
+    import json
+
+    dom = dump_dom_with(_CHROMIUM, split_report.path, _SORT_PROBE)
+    orders = json.loads(re.search(r'<pre id="sknpeff-sort">([^<]*)</pre>', dom).group(1))
+    r, kl = split_report.r, split_report.kl
+    # First click on a number column: largest first, missing values last.
+    assert orders["kl"] == sorted(range(r), key=lambda j: (np.isnan(kl[j]), -kl[j], j))
+    # A second click reverses (the masses are distinct).
+    mass = component_mass(split_report.W)
+    assert orders["mass"] == sorted(range(r), key=lambda j: mass[j])
+    # Text columns sort ascending; ties keep the previous order.
+    modes = component_summary(split_report.W, labels=split_report.labels, k=split_report.k)
+    position = {j: p for p, j in enumerate(orders["mass"])}
+    assert orders["label"] == sorted(
+        range(r), key=lambda j: (modes["label_mode"][j], position[j])
+    )

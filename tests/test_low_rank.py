@@ -19,7 +19,7 @@ from sknpeff.decomposition._updates import (
     lowrank_sq_proj,
     lowrank_weighted_rows,
 )
-from tests._helpers import check_checkpoint_resume, matched_cos
+from tests._helpers import check_checkpoint_resume, matched_cos, sparse_slot_pefs
 
 
 def dense_pefs(X, n_classes):
@@ -404,6 +404,7 @@ def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
     n, c, m = 13, 3, 20
     X = sp.random(n, c * m, density=0.3, format="csr", random_state=1).tolil()
     X[4] = 0
+    X[5, m:2 * m] = 0  # an empty slot between two non-empty ones
     X = X.tocsr()
     if not sorted_rows:  # scramble the order within each row
         rng = np.random.default_rng(0)
@@ -414,12 +415,26 @@ def test_reshape_and_prune_matches_dense(monkeypatch, sorted_rows, min_nnz):
         X.has_sorted_indices = False
     before = (X.data.copy(), X.indices.copy())
     D = X.toarray().reshape(n * c, m)
-    A, kept = base.reshape_and_prune(X, c, None, min_nnz, np.float64)
+
+    def compacted(cols):
+        """Each example's slots with a value in ``cols``, in order, padded to the most."""
+        slots = [D[i * c:(i + 1) * c, cols] for i in range(n)]
+        slots = [S[(S != 0).any(axis=1)] for S in slots]
+        k = max(1, max(len(S) for S in slots))
+        return np.concatenate([np.vstack([S, np.zeros((k - len(S), len(cols)))])
+                               for S in slots])
+
     expect = np.flatnonzero((D != 0).sum(axis=0) >= min_nnz)
-    np.testing.assert_array_equal(kept, expect)
-    np.testing.assert_array_equal(A.toarray(), D[:, expect])
-    A2, _ = base.reshape_and_prune(X, c, np.array([1, 5, 7]), 1, np.float32)
-    np.testing.assert_allclose(A2.toarray(), D[:, [1, 5, 7]], rtol=1e-6)
+    for compact in (False, True):
+        A, kept = base.reshape_and_prune(X, c, None, min_nnz, np.float64, compact=compact)
+        np.testing.assert_array_equal(kept, expect)
+        np.testing.assert_array_equal(A.toarray(),
+                                      compacted(expect) if compact else D[:, expect])
+        A2, _ = base.reshape_and_prune(X, c, np.array([1, 5, 7]), 1, np.float32,
+                                       compact=compact)
+        np.testing.assert_allclose(A2.toarray(), compacted([1, 5, 7]) if compact
+                                   else D[:, [1, 5, 7]], rtol=1e-6)
+    assert not np.array_equal(compacted(expect), D[:, expect])  # the layouts differ
     np.testing.assert_array_equal(X.data, before[0])
     np.testing.assert_array_equal(X.indices, before[1])
 
@@ -498,3 +513,109 @@ def test_slot_count_mismatch_is_refused_at_fit():
     diag = PEFTransformer(model, kind="diagonal", n_values=50).fit(X).transform(X)
     with pytest.raises(ValueError, match="holds diagonal PEFs.*use DiagonalNPEFF"):
         LowRankNPEFF(n_components=2, n_classes=1).fit(diag)
+
+
+# ------------------------------------------------ many class slots, most of them empty
+def test_mostly_empty_slots_match_the_full_slot_layout(monkeypatch):
+    """Dropping empty slots changes no result: the same fit as with one row of A per
+    class slot (the layout before compaction), and the dense float64 loss."""
+    import functools
+
+    import sknpeff.decomposition._base as base
+    from sknpeff import ComponentExpander
+    from sknpeff.decomposition._data import reshape_and_prune
+
+    n, c, m = 40, 300, 50
+    # the last 5 parameters are rare (pruned); example 3 has no slot at all
+    X = sparse_slot_pefs(n, c, m, max_filled=4, seed=0,
+                         density=np.r_[np.full(m - 5, 0.5), np.full(5, 0.05)])
+    X = sp.csr_matrix(sp.diags((np.arange(n) != 3).astype(float)) @ X)
+    X.eliminate_zeros()
+    kw = dict(n_components=3, n_classes=c, random_state=0, max_iter=25, tol=0,
+              min_nnz_per_column=12)  # some columns with values are pruned
+    results = {}
+    for compact in (True, False):
+        monkeypatch.setattr(base, "reshape_and_prune",
+                            functools.partial(reshape_and_prune, compact=compact))
+        est = LowRankNPEFF(**kw)
+        W = est.fit_transform(X)
+        online = LowRankNPEFF(**kw).partial_fit(X[:25]).partial_fit(X[25:])
+        grown = ComponentExpander(est, n_new_components=1, max_iter=10).fit(X)
+        results[compact] = (est, W, est.transform(X[::2]), est.loss(X, W),
+                            online.components_, grown.components_)
+    (new, W, Wt, loss, on, gr), (old, W0, Wt0, loss0, on0, gr0) = results[True], results[False]
+    np.testing.assert_allclose(on, on0, rtol=1e-7, atol=1e-10)  # partial_fit
+    np.testing.assert_allclose(gr, gr0, rtol=1e-7, atol=1e-10)  # frozen components
+    assert 0 < new.kept_columns_.size < m
+    np.testing.assert_allclose(new.loss_curve_, old.loss_curve_, rtol=1e-9)
+    np.testing.assert_allclose(new.components_, old.components_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(W, W0, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(Wt, Wt0, rtol=1e-7, atol=1e-10)
+    assert loss == pytest.approx(loss0, rel=1e-9)
+    dense = dense_loss(dense_pefs(X, c), W, new.components_)
+    assert loss == pytest.approx(dense, rel=1e-9)
+    assert new.reconstruction_err_ ** 2 == pytest.approx(dense, rel=1e-9)
+    assert (W[3] == 0).all()
+
+
+def test_slot_gram_sq_matches_dense_frobenius_norms():
+    from sknpeff.decomposition._data import reshape_and_prune
+    from sknpeff.decomposition._low_rank import slot_gram_sq
+
+    # dense slots (columns numbered example x parameter) and sparse ones (numbered by
+    # the pairs stored)
+    for m, density in ((15, 0.5), (400, 0.02)):
+        X = sparse_slot_pefs(30, 20, m, max_filled=6, seed=1, density=density)
+        F = dense_pefs(X, 20)
+        expect = float((F ** 2).sum())
+        most = max(np.unique(X[i].indices // m).size for i in range(30))
+        for compact in (True, False):
+            A, _ = reshape_and_prune(X, 20, np.arange(m), 1, np.float64, compact=compact)
+            k = A.shape[0] // 30
+            assert k == (most if compact else 20)
+            for chunk in (1, 7, 1 << 22):  # chunks of one example and a few examples
+                assert slot_gram_sq(A, k, chunk_nnz=chunk) == pytest.approx(expect,
+                                                                            rel=1e-12)
+
+
+def test_fifty_thousand_slots_cost_follows_the_stored_values(monkeypatch):
+    """A vocabulary-sized n_classes with a few filled slots per example: A has one row
+    per filled slot (padded to the fullest example), never n * n_classes rows, and no
+    array of n * n_classes entries is allocated on the way (fit, transform, loss)."""
+    import tracemalloc
+
+    import sknpeff.decomposition._base as base
+
+    n, c, m, filled = 40, 50_000, 30, 5
+    X = sparse_slot_pefs(n, c, m, max_filled=filled, seed=2)
+    most = int(max(len(np.unique(X[i].indices // m)) for i in range(n)))
+    orig = base.reshape_and_prune
+    shapes = []
+
+    def spy(*args, **kwargs):
+        A, kept = orig(*args, **kwargs)
+        shapes.append(A.shape)
+        assert A.shape[0] == n * most, f"{A.shape[0]} rows of A for {n} examples"
+        return A, kept
+
+    monkeypatch.setattr(base, "reshape_and_prune", spy)
+    est = LowRankNPEFF(n_components=3, n_classes=c, random_state=0, max_iter=10, tol=0)
+    tracemalloc.start()
+    try:
+        W = est.fit_transform(X)
+        est.transform(X)
+        loss = est.loss(X, W)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(shapes) >= 3
+    # one int64 per (example, slot) would be 16 MB; the data itself is ~40 kB
+    assert peak < 4 * 2 ** 20, f"peak traced memory {peak / 2 ** 20:.1f} MiB"
+    F = np.zeros((n, m, m))  # dense float64 F_i from each example's filled slots
+    for i in range(n):
+        lo, hi = X.indptr[i], X.indptr[i + 1]
+        slots, row = np.unique(X.indices[lo:hi] // m, return_inverse=True)
+        a = np.zeros((slots.size, m))
+        a[row, X.indices[lo:hi] % m] = X.data[lo:hi]
+        F[i] = a.T @ a
+    assert loss == pytest.approx(dense_loss(F, W, est.components_), rel=1e-9)

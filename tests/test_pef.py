@@ -621,9 +621,9 @@ def _threads_of_run_batch(monkeypatch) -> set:
     seen = set()
     real = engmod.Engine.run_batch
 
-    def spy(self, batch):
+    def spy(self, *args, **kwargs):
         seen.add(threading.get_ident())
-        return real(self, batch)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(engmod.Engine, "run_batch", spy)
     return seen
@@ -636,7 +636,7 @@ def test_n_jobs_gives_the_same_pefs(name, kind, monkeypatch):
     kw = dict(kind=kind, n_values=40, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tied model's generic-path warning
-        want = PEFTransformer(model, **kw).fit(X).compute(X)
+        want = PEFTransformer(model, **kw, n_jobs=None).fit(X).compute(X)
         n_threads = torch.get_num_threads()
         n_hooks = sum(len(m._forward_hooks) for m in model.modules())
         tr = PEFTransformer(model, **kw, n_jobs=3).fit(X)
@@ -662,6 +662,31 @@ def test_n_jobs_gives_the_same_pefs(name, kind, monkeypatch):
         assert threads == {threading.get_ident()}
     else:
         assert len(threads - {threading.get_ident()}) >= 2
+
+
+def test_n_jobs_auto_is_the_default_and_caps_the_jobs(monkeypatch):
+    """The default runs one batch per intra-op thread, at most four at once."""
+    model, X, _ = _make("mlp")
+    X = np.concatenate([X] * 4)
+    assert PEFTransformer(model).n_jobs == "auto"
+    want = PEFTransformer(model, n_values=40, batch_size=2, n_jobs=None).fit(X).compute(X)
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        tr = PEFTransformer(model, n_values=40, batch_size=2).fit(X)
+        threads = _threads_of_run_batch(monkeypatch)
+        pauses = [m.register_forward_pre_hook(lambda *_: time.sleep(0.002))
+                  for m in model.modules() if not list(m.children())]
+        got = tr.compute(X)
+        for h in pauses:
+            h.remove()
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(n_threads)
+    assert np.array_equal(got.pefs.indices, want.pefs.indices)
+    assert np.allclose(got.pefs.data, want.pefs.data, rtol=1e-12)
+    workers = threads - {threading.get_ident()}
+    assert 2 <= len(workers) <= 4
 
 
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
@@ -766,6 +791,7 @@ def test_train_mode_refused():
         ({"n_jobs": 0}, "n_jobs"),
         ({"n_jobs": -2}, "n_jobs"),
         ({"n_jobs": 1.5}, "n_jobs"),
+        ({"n_jobs": "many"}, "n_jobs"),
         ({"dtype": "int8"}, "dtype"),
         ({"params": ["nope"]}, "params"),
         ({"params": "net.0.weight"}, "params"),

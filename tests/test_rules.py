@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import sknpeff.pef._engine as engmod
 from sknpeff.pef import Contribution, LayerRule, PEFTransformer, register_rule, unregister_rule
 from sknpeff.pef.rules import registered_rules, rule_for
 
@@ -77,20 +76,6 @@ def _data():
     model = Net().double().eval()
     X = torch.randn(9, 5, dtype=torch.float64)
     return model, X
-
-
-@pytest.fixture
-def generic_calls(monkeypatch):
-    """Parameter ids sent to the generic torch.func path."""
-    calls = []
-    real = engmod.generic_grads
-
-    def spy(model, forward, names, params, pids, *args, **kw):
-        calls.extend(names[i] for i in pids)
-        return real(model, forward, names, params, pids, *args, **kw)
-
-    monkeypatch.setattr(engmod, "generic_grads", spy)
-    return calls
 
 
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])

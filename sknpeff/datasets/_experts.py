@@ -9,7 +9,7 @@ import torch
 from sklearn.utils import check_random_state
 from torch import nn
 
-from ..utils import check_float, check_int
+from ..utils import InvalidParameterError, check_float, check_int
 from ._random import torch_seed
 
 __all__ = ["GatedExperts", "make_gated_experts"]
@@ -38,6 +38,11 @@ class GatedExperts(nn.Module):
     linear layer of all inputs) and ``expert_e`` a small MLP (linear, tanh, linear) with its
     own parameters. An expert whose bit is off contributes nothing to the output and
     receives an exactly zero gradient, so the parameters an example uses are known.
+
+    The module ``gated_hidden`` (an identity without parameters) receives the experts'
+    hidden activations times their bits, concatenated (``(batch, n_experts * hidden)``):
+    the representation the experts' output layers read, for activation-based baselines
+    such as :class:`~sknpeff.baselines.ActivationKMeans` (``layer="gated_hidden"``).
 
     Parameters
     ----------
@@ -79,6 +84,7 @@ class GatedExperts(nn.Module):
             nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
             for _ in range(n_experts)
         )
+        self.gated_hidden = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the logits of a batch of inputs.
@@ -93,8 +99,13 @@ class GatedExperts(nn.Module):
         logits : torch.Tensor of shape (batch, n_classes)
         """
         out = self.base(x)
+        hidden = []
         for e, expert in enumerate(self.experts):
-            out = out + x[:, e : e + 1] * expert(x)
+            h = expert[1](expert[0](x))  # expert[2](h) is expert(x), the same operations
+            hidden.append(h * x[:, e : e + 1])
+            out = out + x[:, e : e + 1] * expert[2](h)
+        # the representation the output layers read, for forward hooks (not used below)
+        self.gated_hidden(torch.cat(hidden, dim=1))
         return out
 
 
@@ -108,6 +119,7 @@ def make_gated_experts(
     expert_scale: float = 2.0,
     base_scale: float = 0.5,
     shared_linear: bool = False,
+    concepts_per_example: tuple[int, int] | None = None,
     random_state=0,
 ) -> tuple[GatedExperts, Callable[..., tuple[torch.Tensor, np.ndarray]], dict[int, list[str]]]:
     """Build a :class:`GatedExperts` classifier with known ground truth for NPEFF.
@@ -129,7 +141,8 @@ def make_gated_experts(
     hidden : int, default=8
         Hidden width of each expert.
     concept_prob : float, default=0.3
-        Probability that a concept bit is on (bits are independent).
+        Probability that a concept bit is on (bits are independent). Not used with
+        ``concepts_per_example``.
     expert_scale : float, default=2.0
         Standard deviation scale of the experts' output weights (larger makes the experts
         dominate the prediction).
@@ -138,6 +151,11 @@ def make_gated_experts(
     shared_linear : bool, default=False
         Use a shared linear layer of all inputs as the base instead of a shared bias (see
         :class:`GatedExperts`); its parameters then carry much of every example's Fisher.
+    concepts_per_example : (int, int), default=None
+        ``(low, high)``: each example carries a number of concepts drawn uniformly from
+        ``low, ..., high``, the concepts themselves uniformly without replacement (so
+        ``(1, 3)`` gives examples made of one to three factors, none of none).
+        ``None``: independent bits with probability ``concept_prob``.
     random_state : int, RandomState instance or None, default=0
         Seed of the weights. The global torch RNG state is left untouched.
 
@@ -172,6 +190,15 @@ def make_gated_experts(
     concept_prob = check_float(concept_prob, "concept_prob", low=0.0, high=1.0, strict=True)
     expert_scale = check_float(expert_scale, "expert_scale", low=0.0)
     base_scale = check_float(base_scale, "base_scale", low=0.0)
+    if concepts_per_example is not None:
+        try:
+            low, high = concepts_per_example
+        except (TypeError, ValueError):
+            raise InvalidParameterError(
+                "concepts_per_example must be None or a pair (low, high) of integers; got "
+                f"{concepts_per_example!r}.") from None
+        low = check_int(low, "concepts_per_example[0]", low=0, high=n_experts)
+        high = check_int(high, "concepts_per_example[1]", low=low, high=n_experts)
     seed = torch_seed(random_state)
     n_features = n_experts + n_noise
 
@@ -201,7 +228,15 @@ def make_gated_experts(
         """Draw ``n_samples`` inputs and their concept bits (see :func:`make_gated_experts`)."""
         n_samples = check_int(n_samples, "n_samples", low=1)
         rng = check_random_state(random_state)
-        concepts = (rng.random_sample((n_samples, n_experts)) < concept_prob).astype(np.int64)
+        if concepts_per_example is None:
+            concepts = (rng.random_sample((n_samples, n_experts)) < concept_prob)
+        else:
+            counts = rng.randint(low, high + 1, size=n_samples)
+            # the `count` smallest of uniform keys: a uniform subset of that size
+            ranks = np.argsort(np.argsort(rng.random_sample((n_samples, n_experts)), axis=1),
+                               axis=1)
+            concepts = ranks < counts[:, None]
+        concepts = concepts.astype(np.int64)
         noise = rng.standard_normal((n_samples, n_noise))
         X = np.hstack([concepts, noise]).astype(np.float32)
         return torch.from_numpy(X), concepts

@@ -41,7 +41,12 @@ from ..utils import (
 from ._data import reshape_and_prune, sample_rows
 from ._updates import DIAG_UPDATES, diag_solve_w
 
-__all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "shared_doc"]
+__all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "mean_column_cosine",
+           "shared_doc"]
+
+# what a checkpoint's monitored values mean changed in format 2 (cd: projected-gradient
+# sums instead of losses; low rank: slots compacted), so older checkpoints are refused
+_CHECKPOINT_FORMAT = 2.0
 
 #: the release in which deprecated parameter names stop working
 _REMOVED_IN = "0.3"
@@ -54,6 +59,16 @@ block_size : int, "auto" or None, default="auto"
     GPUs (a block's slice of the factor stays in cache). ``None``:
     one block per partition on any backend. Blocks are always cut where they would
     hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
+""",
+    "coef_tol_param": """\
+coef_tol : float or None, default=None
+    Early stopping on coefficient stability (Matena & Raffel, arXiv 2310.04649,
+    section 3.3, observed that the coefficients settle long before the loss). Every
+    10 iterations the mean over components of the cosine between each column of
+    ``W`` and that column 10 iterations earlier is computed; the fit stops once
+    ``1 - mean cosine <= coef_tol`` at 3 checks in a row (``stop_reason_ ==
+    "coef_tol"``), or earlier by ``tol``. ``None``: off. The counter restarts when a
+    fit resumes from a checkpoint.
 """,
     "fit_attributes": """\
 reconstruction_err_ : float
@@ -76,6 +91,9 @@ n_iter_ : int
     Number of iterations run (after :meth:`partial_fit`: number of batches seen).
 n_steps_ : int
     Number of :meth:`partial_fit` batches seen (only after :meth:`partial_fit`).
+stop_reason_ : str
+    Why :meth:`fit` stopped: ``"tol"`` (the loss rule), ``"coef_tol"`` (coefficient
+    stability), ``"max_iter"`` or ``"interrupted"`` (Ctrl-C).
 """,
     "cupy_host_attributes": """\
 ``backend="auto"`` computes on the input's device. The input is copied to the host
@@ -110,7 +128,7 @@ class Problem:
     blocks: ColumnBlocks
     #: number of examples (rows of W)
     n_samples: int
-    #: rows of A per example (class slots; 1 for diagonal)
+    #: rows of A per example (non-empty class slots, padded; 1 for diagonal)
     n_slots: int
     dtype: Any
     #: loss constant over the kept columns: sum over examples of the squared Frobenius
@@ -119,6 +137,24 @@ class Problem:
     extras: dict = field(default_factory=dict)
     #: the same constant over all columns (pruned ones included); None unless asked for
     full_const: float | None = None
+
+
+#: consecutive checks (10 iterations apart) the coefficients must pass ``coef_tol``
+COEF_CHECKS = 3
+
+
+def mean_column_cosine(xp: Any, A: Any, B: Any) -> float:
+    """Mean over columns of the cosine between ``A[:, k]`` and ``B[:, k]``, in float64.
+
+    Two zero columns count as identical (cosine 1), one zero column as orthogonal.
+    """
+    A64, B64 = A.astype(xp.float64), B.astype(xp.float64)
+    num = xp.sum(A64 * B64, axis=0)
+    na, nb = xp.sum(A64 * A64, axis=0), xp.sum(B64 * B64, axis=0)
+    den = xp.sqrt(na * nb)
+    both_zero = (na == 0) & (nb == 0)
+    cos = xp.where(den > 0, num / xp.where(den > 0, den, 1.0), xp.where(both_zero, 1.0, 0.0))
+    return float(xp.mean(cos)) if cos.shape[0] else 1.0
 
 
 #: below this many stored values a fit runs torch's sparse kernels on one thread
@@ -157,7 +193,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     coefficient fitting (:meth:`transform`) and the objective (:meth:`loss`,
     :meth:`score`).
 
-    A subclass supplies ``_loss_constant(A)`` (the constant term of its loss),
+    A subclass supplies ``_loss_constant(A, n_rows)`` (the constant term of its loss,
+    ``n_rows`` rows of ``A`` per example),
     ``_init_state``, ``_iterate`` and ``_coefficient_terms``, and, when an example
     spans several rows of ``A``, ``_n_slots()``.
     """
@@ -211,6 +248,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         check_int(self.max_iter, "max_iter", low=0)
         check_int(self.transform_max_iter, "transform_max_iter", low=0, allow_none=True)
         check_float(self.tol, "tol", low=0.0)
+        check_float(self.coef_tol, "coef_tol", low=0.0, high=1.0, allow_none=True)
         check_choice(self._solver, "solver", ("cd", "mu"))
         check_int(self.min_nnz_per_column, "min_nnz_per_column", low=1)
         bs = self.block_size
@@ -334,14 +372,19 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         if fitting:
             self.kept_columns_ = kept
             self.n_params_ = X.shape[1] // n_slots
+        # empty class slots are dropped: an example spans the rows its fullest one needs
+        n_rows = A.shape[0] // max(X.shape[0], 1)
         extras: dict = {"sum": float(np.sum(A.data, dtype=np.float64))}
         if pool_rows:
             extras["pool"], extras["pool_norms"] = sample_rows(A, pool_rows, rng)
-        const = self._loss_constant(A)
+        const = self._loss_constant(A, n_rows)
         full = None
         if full_const:
-            full = const if A.nnz == X.nnz else self._loss_constant(reshape_and_prune(
-                X, n_slots, np.arange(X.shape[1] // n_slots), 1, X.dtype)[0])
+            full = const
+            if A.nnz != X.nnz:  # pruned columns hold stored values
+                A_all = reshape_and_prune(X, n_slots, np.arange(X.shape[1] // n_slots), 1,
+                                          X.dtype)[0]
+                full = self._loss_constant(A_all, A_all.shape[0] // max(X.shape[0], 1))
         backend = self._get_backend(X)
         self._root = bool(backend.is_root())  # only rank 0 prints and writes checkpoints
         if not transpose:
@@ -353,7 +396,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
             # the CSC is ours: the blocks reorder it in place rather than copy it
             blocks = ColumnBlocks(csc, backend, block_size=self.block_size, owned=True)
             del csc
-        return Problem(blocks, X.shape[0], n_slots, X.dtype, const, extras, full)
+        return Problem(blocks, X.shape[0], n_rows, X.dtype, const, extras, full)
 
     def _prepare_kw(self, rng: np.random.RandomState) -> dict:
         """Extra ``_prepare`` arguments of a fit (LowRankNPEFF samples rows there)."""
@@ -469,6 +512,7 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         self.loss_curve_ = losses
         self.n_iter_ = n_iter
         self.reconstruction_err_ = float(np.sqrt(max(final, 0.0) + gap))
+        self.stop_reason_ = self._stop_reason
         for attr in ("n_steps_", "_stat_XtW", "_stat_WtW"):  # partial_fit's state
             if hasattr(self, attr):
                 delattr(self, attr)
@@ -500,7 +544,9 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                   on_interrupt: Callable[[], None] | None = None, start: int = 0,
                   losses: list[float] | None = None, monitored: list[float] | None = None,
                   checkpoint: Callable[..., None] | None = None,
-                  checkpoint_every: int = 0) -> tuple[list[float], int]:
+                  checkpoint_every: int = 0, coefs: Callable[[], Any] | None = None,
+                  xp: Any = None, coefs_from: int = 0,
+                  ratio_rule: bool = False) -> tuple[list[float], int]:
         """Call ``step(it)`` until converged, ``max_iter`` or Ctrl-C.
 
         ``step(it)`` returns the objective at the end of the iteration (an entry of
@@ -508,14 +554,21 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         watches another value of the iteration (LowRankNPEFF: the loss after its W
         step, which also drives its step size). The loop stops when the monitored value
         fell by less than ``tol`` times its first value over the last ``check_every``
-        iterations (scikit-learn NMF's criterion). A ``KeyboardInterrupt`` ends the loop
+        iterations (scikit-learn NMF's criterion for ``solver="mu"``); with
+        ``ratio_rule``, when it fell to ``tol`` times its first value (that for
+        ``solver="cd"``, on the projected gradient), checked at every iteration. A
+        ``KeyboardInterrupt`` ends the loop
         with the state reached so far; ``on_interrupt`` then lets the caller make that
         state consistent; the fit stores it and raises the interrupt again. The caller,
         once it has the kept state's final loss, calls :meth:`_warn_if_interrupted` to
         say so. A resumed
         fit passes ``start`` (iterations already done), their ``losses`` and
         ``monitored`` values; ``checkpoint(n_done, losses, monitored)`` is called every
-        ``checkpoint_every`` iterations and after an interrupt.
+        ``checkpoint_every`` iterations and after an interrupt. With ``coef_tol`` set,
+        ``coefs()`` returns the current coefficients (in namespace ``xp``): the loop
+        also stops when they are stable (see ``coef_tol``), checked from iteration
+        ``coefs_from`` on (LowRankNPEFF's warm-up leaves W unchanged). Why the loop
+        stopped is left in ``_stop_reason``.
 
         Returns the objective after each iteration (``loss_curve_``) and the number of
         iterations done.
@@ -526,6 +579,10 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         t0 = time.perf_counter()
         self._loop_seconds = 0.0  # wall time of the iterations alone (for benchmarks)
         n_iter = start
+        self._stop_reason = "max_iter"
+        coef_tol = getattr(self, "coef_tol", None)
+        watch_coefs = coef_tol is not None and coefs is not None
+        prev_W, streak = None, 0  # coefficients at the previous check; passes in a row
         try:
             for it in range(start, max_iter):
                 out = step(it)
@@ -540,19 +597,38 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 if self._speaks and (it % check_every == 0 or it == max_iter - 1):
                     print(f"[{type(self).__name__}] {label} iteration {it + 1:4d}  "
                           f"loss {loss:.6e}  ({time.perf_counter() - t0:.2f} s)")
-                if self.tol > 0 and it >= check_every and it % check_every == 0:
+                if ratio_rule:
+                    converged = self.tol > 0 and watched <= self.tol * monitored[0]
+                elif self.tol > 0 and it >= check_every and it % check_every == 0:
                     prev = monitored[-1 - check_every]
                     scale = max(abs(monitored[0]), np.finfo(np.float64).tiny)
-                    if (prev - watched) / scale < self.tol:
-                        if self._speaks:
-                            print(f"[{type(self).__name__}] converged at iteration {it + 1}")
-                        return losses, n_iter
+                    converged = (prev - watched) / scale < self.tol
+                else:
+                    converged = False
+                if converged:
+                    if self._speaks:
+                        print(f"[{type(self).__name__}] converged at iteration {it + 1}")
+                    self._stop_reason = "tol"
+                    return losses, n_iter
+                if watch_coefs and it % check_every == 0 and it >= coefs_from:
+                    W = coefs()
+                    if prev_W is not None:
+                        moved = 1.0 - mean_column_cosine(xp, W, prev_W)
+                        streak = streak + 1 if moved <= coef_tol else 0
+                        if streak >= COEF_CHECKS:
+                            if self._speaks:
+                                print(f"[{type(self).__name__}] coefficients stable at "
+                                      f"iteration {it + 1}")
+                            self._stop_reason = "coef_tol"
+                            return losses, n_iter
+                    prev_W = W.copy()
         except KeyboardInterrupt:
             if on_interrupt is not None:
                 on_interrupt()
             if checkpoint is not None:
                 checkpoint(n_iter, losses, monitored)
             self._interrupted = (n_iter, list(losses), checkpoint is not None)
+            self._stop_reason = "interrupted"
             return losses, n_iter
         if max_iter > 0 and self.tol > 0:
             warnings.warn(
@@ -607,7 +683,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         return np.array([prob.n_samples, self.n_features_in_, self.n_components,
                          prob.n_slots, kept.size, float(kept @ weights),
                          prob.blocks.nnz, prob.const, prob.extras.get("sum", 0.0),
-                         n_frozen, np.dtype(prob.dtype).itemsize], dtype=np.float64)
+                         n_frozen, np.dtype(prob.dtype).itemsize, _CHECKPOINT_FORMAT],
+                        dtype=np.float64)
 
     def _load_checkpoint(self, fingerprint: np.ndarray) -> dict | None:
         """The arrays of ``checkpoint_path`` if it exists (an error if it belongs to
@@ -621,7 +698,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 not np.allclose(data["fingerprint"], fingerprint, rtol=1e-9, atol=0):
             raise ValueError(
                 f"checkpoint_path={path!r} holds a checkpoint of another fit (different "
-                "data or parameters); delete it or choose another path.")
+                "data or parameters, or written by another sknpeff version); delete it or "
+                "choose another path.")
         return data
 
     def _save_checkpoint(self, fingerprint: np.ndarray, **arrays: Any) -> None:

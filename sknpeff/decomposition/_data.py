@@ -30,20 +30,32 @@ def row_chunks(indptr: np.ndarray, chunk_nnz: int | None = None
 
 
 def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
-                      min_nnz: int, dtype: Any) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Turn ``(n, n_slots * m)`` PEF rows into ``A`` of shape ``(n * n_slots, m')``.
+                      min_nnz: int, dtype: Any, *, compact: bool = True
+                      ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Turn ``(n, n_slots * m)`` PEF rows into ``A`` of shape ``(n * c, m')``.
 
-    Row ``i * n_slots + j`` of ``A`` is class slot ``j`` of example ``i``, restricted to
-    the kept columns. When ``kept`` is None the kept columns are chosen here: those with
-    at least ``min_nnz`` nonzero entries (over all rows of ``A``); all columns are kept
-    when none qualifies. ``X`` is not modified. Work runs over row chunks of about
-    ``CHUNK_NNZ`` values, so temporaries stay small: ``A`` costs one int32 index per value
-    beside ``X`` (its ``data`` is shared when ``X``'s rows are sorted, nothing is pruned
-    and the dtype matches; otherwise one permuted copy).
+    Each example spans ``c`` consecutive rows of ``A``, restricted to the kept columns.
+    With ``compact`` (the default) an example's rows are its non-empty class slots (those
+    with a stored value in a kept column), in slot order, padded with empty rows to
+    ``c``, the largest number of non-empty slots of any example (at least 1). The loss
+    only sees ``F_i = sum_j a_ij a_ij^T``, which neither the order of the slots nor an
+    empty one changes, and PEFs with a per-example class cut-off (``min_class_prob``)
+    leave most of their ``n_slots`` slots empty: the work then follows the stored
+    values, not the slot count. Without ``compact``, ``c = n_slots`` and row
+    ``i * n_slots + j`` is class slot ``j`` of example ``i``. The example count is
+    ``X.shape[0]``, so ``c = A.shape[0] // X.shape[0]``.
+
+    When ``kept`` is None the kept columns are chosen here: those with at least
+    ``min_nnz`` nonzero entries (over all rows of ``A``); all columns are kept when none
+    qualifies. ``X`` is not modified. Work runs over row chunks of about ``CHUNK_NNZ``
+    values, so temporaries stay small: ``A`` costs one int32 index per value beside ``X``
+    (its ``data`` is shared when ``X``'s rows are sorted, nothing is pruned and the dtype
+    matches; otherwise one permuted copy), and the row structure costs one entry per
+    non-empty slot (nothing of size ``n * n_slots`` when compacting).
 
     Returns
     -------
-    A : csr_matrix of shape (n * n_slots, len(kept))
+    A : csr_matrix of shape (n * c, len(kept))
     kept : ndarray of int64, the kept parameter indices (sorted)
     """
     n, width = X.shape
@@ -88,11 +100,11 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     if share and not keep_all:
         col = col.copy()  # pruning remaps the indices: never in the caller's array
     mask = None if keep_all else np.empty(nnz, dtype=bool)
-    slot_counts = np.zeros(n * n_slots, dtype=np.int64)
     # one slot, nothing pruned: A's rows are X's rows (no second pass)
     trivial = n_slots == 1 and keep_all
-    if trivial:
-        slot_counts = np.diff(indptr)
+    # (example * n_slots + slot) of every non-empty slot, ascending, and its value count
+    keys: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
     for r0, r1 in ([] if trivial else row_chunks(indptr)):
         lo, hi = indptr[r0], indptr[r1]
         rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(indptr[r0:r1 + 1]))
@@ -102,11 +114,30 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
         if mask is not None:
             mask[lo:hi] = mapped >= 0
             key = key[mask[lo:hi]]
-        slot_counts += np.bincount(key, minlength=n * n_slots)
+        if key.size:  # values are in (row, slot) order: run lengths of the keys
+            starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+            keys.append(key[starts])
+            sizes.append(np.diff(np.append(starts, key.size)))
         if not keep_all:  # all kept: the map is the identity
             col[lo:hi] = mapped
     del slot
-    new_indptr = np.zeros(n * n_slots + 1, dtype=np.int64)
+    if trivial:
+        c, slot_counts = 1, np.diff(indptr)
+    else:
+        key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+        size = np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
+        del keys, sizes
+        if compact and n_slots > 1:
+            example = key // n_slots
+            per_example = np.bincount(example, minlength=n)
+            c = max(1, int(per_example.max(initial=0)))
+            first = np.cumsum(per_example) - per_example  # an example's first key
+            key = example * c + (np.arange(key.size) - first[example])
+        else:
+            c = n_slots
+        slot_counts = np.zeros(n * c, dtype=np.int64)
+        slot_counts[key] = size
+    new_indptr = np.zeros(n * c + 1, dtype=np.int64)
     np.cumsum(slot_counts, out=new_indptr[1:])
     if data is None:
         data = np.asarray(X.data, dtype=dtype)
@@ -120,7 +151,7 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
         new_indptr = new_indptr.astype(np.int32)
         if indices.dtype != np.int32:
             indices = indices.astype(np.int32)
-    A = sp.csr_matrix((data, indices, new_indptr), shape=(n * n_slots, kept.size), copy=False)
+    A = sp.csr_matrix((data, indices, new_indptr), shape=(n * c, kept.size), copy=False)
     return A, kept
 
 

@@ -15,6 +15,7 @@ from sklearn.utils import check_random_state
 
 from ..utils import check_choice, check_float, check_int
 from ._base import BaseNPEFF, Problem, shared_doc
+from ._data import row_chunks
 from ._init import lowrank_init_factor
 from ._solvers import lowrank_g_step, lowrank_step
 from ._updates import lowrank_curvature, lowrank_loss, lowrank_sq_proj
@@ -37,7 +38,9 @@ class LowRankNPEFF(BaseNPEFF):
     Each example's Fisher ``F_i = sum_j a_ij a_ij^T`` (its ``n_classes`` vectors, one row
     of ``X``) is approximated by a non-negative combination of rank-one pseudo-Fishers,
     ``F_i ~ sum_k W_ik g_k g_k^T``, minimizing ``sum_i ||F_i - sum_k W_ik g_k g_k^T||_F^2``.
-    No ``n_params x n_params`` matrix is ever formed: memory is O(nnz + (n*c + m) * r).
+    No ``n_params x n_params`` matrix is ever formed: memory is O(nnz + (n*c + m) * r),
+    ``c`` the most class slots any example fills (empty slots, as ``min_class_prob``
+    leaves them, are skipped: they add nothing to ``F_i``).
 
     Parameters
     ----------
@@ -80,6 +83,7 @@ class LowRankNPEFF(BaseNPEFF):
         decreased by less than ``tol`` times its first value over the last 10
         iterations (set 0 to always run ``max_iter``). Loss plateaus on the
         way to a good minimum are common; 1e-4 stopped on one on 1 of 10 planted seeds.
+    {coef_tol_param}
     transform_max_iter : int or None, default=200
         Maximum number of coefficient steps of :meth:`transform` (and of the final
         coefficients of :meth:`fit_transform`); ``None``: ``max_iter``. They are cheap.
@@ -150,7 +154,8 @@ class LowRankNPEFF(BaseNPEFF):
     def __init__(self, n_components: int = 32, *, n_classes: int = 1, init: str = "auto",
                  learning_rate: str | float = "auto", solver: str = "cd",
                  ortho_strength: float = 0.0, max_iter: int = 500, n_iter_g_only: int = 0,
-                 tol: float = 1e-5, transform_max_iter: int | None = 200,
+                 tol: float = 1e-5, coef_tol: float | None = None,
+                 transform_max_iter: int | None = 200,
                  random_state: Any = None, min_nnz_per_column: int = 1,
                  backend: Any = "auto", devices: Any = None, distributed: bool = False,
                  block_size: int | str | None = "auto", checkpoint_path: Any = None,
@@ -165,6 +170,7 @@ class LowRankNPEFF(BaseNPEFF):
         self.max_iter = max_iter
         self.n_iter_g_only = n_iter_g_only
         self.tol = tol
+        self.coef_tol = coef_tol
         self.transform_max_iter = transform_max_iter
         self.random_state = random_state
         self.min_nnz_per_column = min_nnz_per_column
@@ -199,8 +205,8 @@ class LowRankNPEFF(BaseNPEFF):
                 f"{self.n_classes}: low-rank PEF rows hold n_classes slots of n_params "
                 "values each. Pass the n_classes of the PEFTransformer that made X.")
 
-    def _loss_constant(self, A: sp.csr_matrix) -> float:
-        return slot_gram_sq(A, self.n_classes)
+    def _loss_constant(self, A: sp.csr_matrix, n_rows: int) -> float:
+        return slot_gram_sq(A, n_rows)
 
     def _prepare_kw(self, rng: np.random.RandomState) -> dict:
         """``_prepare`` arguments that sample the rows the data-seeded init draws from."""
@@ -306,7 +312,8 @@ class LowRankNPEFF(BaseNPEFF):
             step, self.max_iter + n_g_only, label="fit", on_interrupt=resync, start=start,
             losses=losses0, monitored=monitored0,
             checkpoint=self._saver(fingerprint, prob, parts, state, keys=("eta", "prev")),
-            checkpoint_every=self.checkpoint_every)
+            checkpoint_every=self.checkpoint_every, coefs=lambda: state["W"], xp=xp,
+            coefs_from=n_g_only)
         # Final coefficients for the final components, solved exactly as transform does
         # (the W problem is convex): fit_transform(X) and fit(X).transform(X) agree, and
         # the loss can only fall.
@@ -380,19 +387,44 @@ class LowRankNPEFF(BaseNPEFF):
         return self
 
 
-def slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 22) -> float:
+def slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 18) -> float:
     """``sum_i ||F_i||_F^2 = sum_i sum_jk (a_ij . a_ik)^2`` without forming any F_i.
 
-    Processed about ``chunk_nnz`` stored values at a time, so the temporaries stay small.
+    Example ``i`` owns rows ``i * n_slots`` to ``(i + 1) * n_slots - 1`` of ``A``. Each
+    example's slot Gram matrix ``A_i A_i^T`` comes from one sparse product per chunk of
+    examples whose columns are made distinct per example (so no product crosses two
+    examples): the work is ``sum`` over examples and parameters of the squared number
+    of slots storing that parameter, and empty slots cost nothing. Chunks hold about
+    ``chunk_nnz`` stored values and Gram entries, so the temporaries stay small;
+    accumulated in float64.
     """
+    n = A.shape[0] // n_slots if n_slots else 0
+    if n == 0 or A.nnz == 0:
+        return 0.0
+    indptr = np.asarray(A.indptr, dtype=np.int64)
+    # chunks of examples: bounded stored values, and bounded Gram entries (k * c^2)
+    per_chunk = max(1, chunk_nnz // (n_slots * n_slots))
     total = 0.0
-    n = A.shape[0] // n_slots
-    chunk = max(1, int(n * chunk_nnz // max(A.nnz, 1)))
-    for i0 in range(0, n, chunk):
-        sub = A[i0 * n_slots:min(n, i0 + chunk) * n_slots]
-        rows = [sub[j::n_slots] for j in range(n_slots)]
-        for j in range(n_slots):
-            for k in range(j, n_slots):
-                s = np.asarray(rows[j].multiply(rows[k]).sum(axis=1), dtype=np.float64)
-                total += (1.0 if j == k else 2.0) * float(np.dot(s.ravel(), s.ravel()))
+    for e0, e1 in row_chunks(indptr[::n_slots], chunk_nnz):
+        for b0 in range(e0, e1, per_chunk):
+            b1 = min(e1, b0 + per_chunk)
+            lo, hi = indptr[b0 * n_slots], indptr[b1 * n_slots]
+            if hi == lo:
+                continue
+            counts = np.diff(indptr[b0 * n_slots:b1 * n_slots + 1])
+            example = np.repeat(np.arange((b1 - b0) * n_slots, dtype=np.int64) // n_slots,
+                                counts)
+            # a column per (example, parameter); renumbered to the pairs stored when
+            # there are far fewer of them than examples x parameters (a sort)
+            col = example * A.shape[1] + A.indices[lo:hi]
+            n_cols = (b1 - b0) * A.shape[1]
+            if n_cols > 4 * (hi - lo):
+                _, col = np.unique(col, return_inverse=True)
+                col = col.ravel()
+                n_cols = int(col.max()) + 1
+            B = sp.csr_matrix((np.asarray(A.data[lo:hi], dtype=np.float64), col,
+                               indptr[b0 * n_slots:b1 * n_slots + 1] - lo),
+                              shape=((b1 - b0) * n_slots, n_cols))
+            gram = (B @ B.T).tocsr()
+            total += float(np.dot(gram.data, gram.data))
     return total

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ._updates import (
     DIAG_UPDATES,
     diag_loss,
@@ -27,22 +29,25 @@ from ._updates import (
 __all__ = ["diagonal_h_update", "diagonal_step", "lowrank_g_step", "lowrank_step"]
 
 
-def diagonal_h_update(xp: Any, update: Callable[..., None], solver: str, n_frozen: int
-                      ) -> Callable[[Any, Any, Any], None]:
+def diagonal_h_update(xp: Any, update: Callable[..., None], solver: str, n_frozen: int,
+                      violation: list | None = None) -> Callable[[Any, Any, Any], None]:
     """The H step of one column block, ``h(Fb, T, G)`` in place, for D-NPEFF.
 
     ``T = X_b.T @ W`` and ``G = W.T @ W``. The first ``n_frozen`` columns of the factor
-    (frozen components) never change.
+    (frozen components) never change. With a list ``violation`` (``solver="cd"``), each
+    block's projected-gradient sum is appended to it (see ``diag_hals_update``).
     """
     k0 = int(n_frozen)
+    kw = {} if violation is None else {"violation": violation}
 
     def h_update(Fb: Any, T: Any, G: Any) -> None:
         if not k0:
-            update(xp, Fb, T, G)
+            update(xp, Fb, T, G, **kw)
         elif solver == "cd":
             # HALS is sequential over columns: solve the free columns' own problem,
             # min 1/2 tr(F1 G11 F1^T) - tr(F1^T (T1 - F0 G01))
-            update(xp, Fb[:, k0:], T[:, k0:] - Fb[:, :k0] @ G[:k0, k0:], G[k0:, k0:])
+            update(xp, Fb[:, k0:], T[:, k0:] - Fb[:, :k0] @ G[:k0, k0:], G[k0:, k0:],
+                   **kw)
         else:
             # multiplicative steps update all columns at once: restoring the frozen
             # ones afterwards is exactly the step of the free ones
@@ -55,21 +60,34 @@ def diagonal_h_update(xp: Any, update: Callable[..., None], solver: str, n_froze
 
 def diagonal_step(xp: Any, blocks: Any, parts: list[Any], state: dict,
                   update: Callable[..., None], h_update: Callable[..., None],
-                  const: float) -> float:
+                  const: float, violation: list | None = None) -> float:
     """One D-NPEFF iteration: the W step, then the H sweep over the column blocks.
 
     ``state`` holds ``W`` and the products of the factor, ``XHt = X @ Ft`` and
     ``HHt = Ft.T @ Ft``; ``state["fresh"]`` is False while they may be stale (an
     interrupt inside the sweep). Returns ``||X - W H||_F^2`` over the kept columns for
-    the new ``W`` and the new factor.
+    the new ``W`` and the new factor. With ``violation`` (the list ``h_update`` appends
+    to; ``solver="cd"``), the iteration's projected-gradient sum, W step and H sweep
+    together, all-reduced over partitions and ranks, is left in ``state["violation"]``.
     """
     W = state["W"]
     state["fresh"] = False  # products may go stale until the sweep returns
-    update(xp, W, state["XHt"], state["HHt"])
+    if violation is None:
+        update(xp, W, state["XHt"], state["HHt"])
+    else:
+        violation.clear()
+        update(xp, W, state["XHt"], state["HHt"], violation=violation)
+        w_part = float(violation.pop())  # W is replicated: counted once, not reduced
     WtW = W.T @ W
     # WtW goes through consts: each device gets its own copy
     XHt, HHt = blocks.sweep(parts, R=W, update=h_update, consts=(WtW,))
     state.update(XHt=XHt, HHt=HHt, fresh=True)
+    if violation is not None:  # each rank holds its own blocks' sums
+        be = blocks.backend
+        local = sum(float(v) for v in violation)
+        sums = [be.asarray(np.array([local if p == 0 else 0.0]), partition=p)
+                for p in range(blocks.n_partitions)]
+        state["violation"] = w_part + float(be.to_numpy(be.allreduce(sums))[0])
     return diag_loss(xp, const, W, XHt, WtW, HHt)
 
 

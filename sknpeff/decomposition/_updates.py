@@ -112,13 +112,19 @@ def lowrank_g_update(xp: Any, Fb: Any, T: Any, B: Any, step: Any) -> None:
 # (partial_fit) uses the same functions with accumulated statistics as (T, G).
 
 
-def diag_hals_update(xp: Any, F: Any, T: Any, G: Any) -> None:
+def diag_hals_update(xp: Any, F: Any, T: Any, G: Any, violation: list | None = None
+                     ) -> None:
     """One HALS (exact coordinate descent) sweep over the columns of ``F``, in place.
 
     For ``k = 0 .. r-1``: ``F[:, k] = max(0, F[:, k] + (T[:, k] - F @ G[:, k]) / G[k, k])``.
     Columns with ``G[k, k] == 0`` (a dead component) are left unchanged. The sweep runs on
     a transposed C-contiguous copy so that each column is a contiguous row (one GEMV per
     component), then writes the result back into ``F``.
+
+    With a list ``violation``, the sweep appends the sum of the absolute projected
+    gradients of the coordinates as each is updated (the gradient ``F @ G - T`` of the
+    column just before its update, its negative part only where the entry is zero), a
+    float64 scalar in ``xp``: scikit-learn's ``cd`` solver stops on this value.
 
     Parameters
     ----------
@@ -139,14 +145,21 @@ def diag_hals_update(xp: Any, F: Any, T: Any, G: Any) -> None:
     d = xp.diagonal(G)
     # guarded inverse, computed once on the device (no host sync per component)
     inv = xp.where(d > 0, 1.0 / xp.where(d > 0, d, 1.0), 0.0).astype(Fc.dtype)
+    total = None
     for k in range(r):
         upd = G[k] @ Fc  # (F @ G)[:, k], G symmetric
-        xp.subtract(Tc[k], upd, out=upd)
-        upd *= inv[k]
+        xp.subtract(Tc[k], upd, out=upd)  # minus the gradient
         row = Fc[k]
+        if violation is not None:
+            pg = xp.where(row > 0, xp.abs(upd), xp.maximum(upd, 0))
+            v = xp.sum(pg, dtype=xp.float64)
+            total = v if total is None else total + v
+        upd *= inv[k]
         row += upd
         xp.maximum(row, 0, out=row)
     F[...] = Fc.T
+    if violation is not None:
+        violation.append(total)
 
 
 def diag_mu_update(xp: Any, F: Any, T: Any, G: Any, eps: float = EPS) -> None:

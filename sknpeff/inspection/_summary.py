@@ -9,7 +9,7 @@ import numpy as np
 from ..utils import check_int
 from ._validation import as_1d, as_float_1d, check_W
 
-__all__ = ["component_summary", "top_examples"]
+__all__ = ["component_mass", "component_summary", "top_examples"]
 
 
 def top_examples(W, k: int = 16) -> np.ndarray:
@@ -124,3 +124,28 @@ def component_summary(
         out["norm_ratio"] = top_norm / mean_all if mean_all > 0 else np.zeros(r)
     return out
 
+
+def component_mass(W) -> np.ndarray:
+    """Each component's share of the sum of all coefficients.
+
+    Parameters
+    ----------
+    W : array-like of shape (n_examples, n_components)
+        Coefficients (non-negative for a share in [0, 1]).
+
+    Returns
+    -------
+    mass : ndarray of shape (n_components,)
+        ``W[:, j].sum() / W.sum()``; all 0 when ``W.sum()`` is 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sknpeff.inspection import component_mass
+    >>> component_mass(np.array([[1.0, 0.0], [2.0, 1.0]]))
+    array([0.75, 0.25])
+    """
+    W = check_W(W)
+    col = W.sum(axis=0, dtype=np.float64)
+    total = col.sum()
+    return col / total if total != 0 else np.zeros_like(col)

@@ -4,7 +4,8 @@
 
 * low rank: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix whose slot
   ``j`` is ``a_ij = sqrt(p_j) * grad log p_j`` for the ``j``-th most probable class
-  (slots of dropped classes are empty);
+  (slots of dropped classes are empty), or other vectors with the same sum of outer
+  products (``class_axis``: eigenvectors of the output Fisher, random draws);
 * diagonal: row ``i`` is ``f_i = sum_j a_ij ** 2``.
 
 One batch goes through the modules of this package in order: its inputs
@@ -19,6 +20,7 @@ components of projected PEFs back to parameter space.
 """
 
 from . import rules
+from ._inputs import pad_token_ids
 from ._projection import Projection
 from ._recovery import recover_components
 from ._result import PEFResult
@@ -32,6 +34,7 @@ __all__ = [
     "PEFTransformer",
     "Projection",
     "recover_components",
+    "pad_token_ids",
     "register_rule",
     "rules",
     "unregister_rule",

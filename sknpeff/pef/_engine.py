@@ -38,6 +38,7 @@ from ._inputs import as_logits, check_logits, default_forward, tree_leaves
 from ._inputs import to_device as to_device_tree
 from ._projected import ProjectedRows
 from ._rows import RowAssembler
+from ._shared import SharedOutputs
 from ._topk import (
     DEFER_MAX_FRAC,
     BlockMax,
@@ -95,6 +96,9 @@ class Engine:
         self.layout = layout
         self.n_slots = n_slots
         self.output = est.output_
+        # the class axis; the seed of its random draws is fixed once per computation
+        self.class_axis = getattr(est, "class_axis", "top")
+        self.seed = getattr(est, "_class_seed", None)
         self.kind = est.kind
         self.k = int(est.n_values)
         self.out_dtype = np.dtype(est.dtype)
@@ -122,6 +126,7 @@ class Engine:
         self.batch_terms: dict[int, dict] = {}  # per batch, see _chunk_contribs
         self.no_expand: set[int] = set()
         self.expanded: set[int] = set()
+        self.shared_outputs: SharedOutputs | None = None  # during a forward pass
         self.batch_hint: int | None = None
         # the thread whose forward pass the hooks record (None: none); engines of other
         # worker threads hook the same modules
@@ -136,26 +141,32 @@ class Engine:
     def _plan(self):
         owners: dict[int, list] = {}
         found: dict[int, LayerRule | None] = {}  # each module's rule, looked up once
-        blocked_prefixes = []
-        for name, mod in self.model.named_modules(remove_duplicate=False):
-            direct = list(mod.named_parameters(recurse=False))
+        named = list(self.model.named_modules(remove_duplicate=False))
+        for name, mod in named:
             if id(mod) not in found:
                 found[id(mod)] = rule_for(mod)
-            if direct and found[id(mod)] is None:
-                blocked_prefixes.append(name + "." if name else "")
-            for _, p in direct:
+            for _, p in mod.named_parameters(recurse=False):
                 owners.setdefault(id(p), []).append((name, mod))
+        # A module without a rule that uses a parameter of its own may also use its
+        # children's parameters in its forward (MultiheadAttention reads out_proj's
+        # weight directly): their rules cannot see that, so nothing below it is hooked.
+        # A parameter it only shares with a module that has a rule (a tied bias such as
+        # BERT's prediction head's) does not block.
+        blocked = []
+        for name, mod in named:
+            if found[id(mod)] is None and any(
+                    all(found[id(m)] is None for _, m in owners[id(p)])
+                    for p in mod.parameters(recurse=False)):
+                blocked.append(name + "." if name else "")
         self.hooked_modules = {}
         self.rules: dict[int, LayerRule] = {}
         fallback = set()
         for pid, p in enumerate(self.params):
-            mods = owners.get(id(p), [])
-            ok = bool(mods)
-            for name, mod in mods:
-                if found[id(mod)] is None or any(
-                    (name + ".").startswith(bp) and name + "." != bp for bp in blocked_prefixes
-                ):
-                    ok = False
+            # the owners that have a rule compute it (the first-batch check moves it to
+            # the generic path if another owner uses it outside their forward)
+            mods = [(n, m) for n, m in owners.get(id(p), []) if found[id(m)] is not None]
+            ok = bool(mods) and not any(
+                (n + ".").startswith(bp) and n + "." != bp for n, _ in mods for bp in blocked)
             if ok:
                 for _, mod in mods:
                     self.hooked_modules[id(mod)] = mod
@@ -182,6 +193,18 @@ class Engine:
         self.add_hooks()
 
     # -- hooks -------------------------------------------------------------------------------
+    def _close_shared_outputs(self):
+        """Leave the forward pass's :class:`SharedOutputs` and record what it saw:
+        per-example copies, or the shared output as it was (found by _check_records)."""
+        shared, self.shared_outputs = self.shared_outputs, None
+        if shared is None:
+            return
+        shared.__exit__(None, None, None)
+        for module, x, copies in shared.resolved():
+            self.records.append(_Record(module, x, copies))
+        for module, x, out in shared.unresolved():
+            self.records.append(_Record(module, x, out))
+
     def _hook(self, module, args, output):
         if (self.recording_thread != threading.get_ident() or not args
                 or not isinstance(args[0], torch.Tensor)):
@@ -199,6 +222,18 @@ class Engine:
             self.expanded.add(id(module))
             x = x.expand(B, *x.shape[1:])
             output = output.expand(B, *output.shape[1:]).clone()
+        elif (self.rules[id(module)].expand_shared_batch and B and x.dim() >= 1
+              and output.dim() >= 1 and x.shape[0] != B and id(module) not in self.no_expand):
+            # an output computed once for the batch (position ids of shape (T,)) and
+            # broadcast into it later: SharedOutputs gives every example its own copy
+            # where it meets the batch (checked by _verify)
+            if self.shared_outputs is None:
+                self.shared_outputs = SharedOutputs(B)
+                self.shared_outputs.__enter__()
+            self.expanded.add(id(module))
+            out = output.clone()
+            self.shared_outputs.track(module, x, out)
+            return out
         self.records.append(_Record(module, x, output))
         return output.clone()
 
@@ -366,8 +401,9 @@ class Engine:
         return sorted(set(bad))
 
     # -- one batch -----------------------------------------------------------------------------
-    def run_batch(self, batch):
-        """Return (counts, indices, data, norms, logits) for one batch."""
+    def run_batch(self, batch, start: int = 0):
+        """Return (counts, indices, data, norms, logits) for one batch whose first
+        example is example ``start`` of the data (it seeds random class slots)."""
         est = self.est
         batch = self.to_device(batch)
         while True:
@@ -386,10 +422,11 @@ class Engine:
                 continue
             finally:
                 self.recording_thread = None
+                self._close_shared_outputs()
             check_logits(logits)
             B = logits.shape[0]
             cot, c_eff = class_cotangents(logits, self.n_slots, est.min_class_prob,
-                                          self.output)
+                                          self.output, self.class_axis, self.seed, start)
             if c_eff == 0:
                 gouts, fb = [], {}
                 break

@@ -19,6 +19,15 @@ from ._inputs import ForwardWrapper, as_logits, example_rows, holds_text, tree_m
 __all__ = ["generic_grads"]
 
 
+def _first_sentence(msg: str, limit: int = 240) -> str:
+    """The first sentence of an error message, cut at a word (never mid-word)."""
+    msg = " ".join(msg.split())
+    end = msg.find(". ")
+    if 0 <= end < limit:
+        return msg[: end + 1]
+    return msg if len(msg) <= limit else msg[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def generic_grads(model: nn.Module, forward: Callable, names: Sequence[str],
                   params: Sequence[torch.Tensor], pids: Sequence[int], batch,
                   cot: torch.Tensor, *, allow_train_mode: bool,
@@ -78,7 +87,7 @@ def generic_grads(model: nn.Module, forward: Callable, names: Sequence[str],
             return {i: res["model." + names[i]].reshape(cot.shape[0], cot.shape[1], -1)
                     for i in pids}, False
         except Exception as exc:  # noqa: BLE001 - any vmap failure: exact slow path
-            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+            reason = f"{type(exc).__name__}: {_first_sentence(str(exc))}"
     if warn_loop:
         warnings.warn(
             f"torch.func.vmap could not batch the generic per-example gradient path "

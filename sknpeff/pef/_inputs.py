@@ -23,6 +23,7 @@ from ..utils import user_stacklevel
 __all__ = [
     "ForwardWrapper",
     "as_logits",
+    "batch_length",
     "as_tensor",
     "check_finite",
     "check_logits",
@@ -34,6 +35,7 @@ __all__ = [
     "iter_batches",
     "known_n_examples",
     "n_examples",
+    "pad_token_ids",
     "take_rows",
     "to_device",
     "tree_leaves",
@@ -95,6 +97,83 @@ def _numeric_rows(items: Sequence) -> bool:
     return all(isinstance(it, (list, tuple)) and numeric(it) for it in items)
 
 
+def _is_int_seq(v) -> bool:
+    """Whether ``v`` is one example's token ids: a list, tuple or 1-D array of ints."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 1 and not (v.is_floating_point() or v.is_complex())
+    if isinstance(v, np.ndarray):
+        return v.ndim == 1 and v.dtype.kind in "iu"
+    return (isinstance(v, (list, tuple)) and len(v) > 0
+            and all(isinstance(e, (numbers.Integral, np.integer))
+                    and not isinstance(e, bool) for e in v))
+
+
+def _ragged_ids(items) -> bool:
+    """Whether ``items`` are token-id sequences of at least two different lengths."""
+    return (isinstance(items, (list, tuple)) and len(items) > 0
+            and all(_is_int_seq(v) for v in items) and len({len(v) for v in items}) > 1)
+
+
+def _is_id_columns(X) -> bool:
+    """A dict of per-example lists of token ids such as a tokenizer's unpadded output
+    (``{"input_ids": [[...], [...]], "attention_mask": [[...], [...]]}``)."""
+    return (isinstance(X, Mapping) and len(X) > 0
+            and all(isinstance(v, (list, tuple)) and v and all(_is_int_seq(e) for e in v)
+                    for v in X.values())
+            and len({len(v) for v in X.values()}) == 1)
+
+
+def pad_token_ids(seqs, pad_id: int = 0, *, key: str = "input_ids") -> dict:
+    """Pad token-id sequences of different lengths on the right into a batch.
+
+    Parameters
+    ----------
+    seqs : sequence of sequences of int, or dict of them
+        One sequence of token ids per example, or a dict of such per-example lists (a
+        tokenizer's unpadded output: ``input_ids``, ``attention_mask``,
+        ``token_type_ids``, ...), each padded alike.
+    pad_id : int, default=0
+        Id written at the padded positions of ``key`` (other columns are padded with
+        0). The padded positions get ``attention_mask`` 0.
+    key : str, default="input_ids"
+        Name of the sequences when ``seqs`` is not a dict.
+
+    Returns
+    -------
+    batch : dict of torch.Tensor
+        ``key`` (and the dict's other columns) as ``(B, T)`` int64 tensors and an
+        ``attention_mask`` of ones at the real tokens.
+
+    Examples
+    --------
+    >>> from sknpeff.pef import pad_token_ids
+    >>> b = pad_token_ids([[5, 6, 7], [8]])
+    >>> b["input_ids"].tolist(), b["attention_mask"].tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    """
+    cols = dict(seqs) if isinstance(seqs, Mapping) else {key: seqs}
+    ref = key if key in cols else next(iter(cols))
+    lens = [len(v) for v in cols[ref]]
+    T = max(lens) if lens else 0
+    out = {}
+    for name, col in cols.items():
+        fill = pad_id if name == key else 0
+        t = torch.full((len(col), T), fill, dtype=torch.long)
+        for i, v in enumerate(col):
+            if len(v) != lens[i]:
+                raise ValueError(
+                    f"example {i} has {len(v)} entries in {name!r} but {lens[i]} in "
+                    f"{ref!r}.")
+            t[i, : len(v)] = torch.as_tensor(np.asarray(v, dtype=np.int64))
+        out[name] = t
+    if "attention_mask" not in out:
+        mask = torch.zeros(len(lens), T, dtype=torch.long)
+        for i, n in enumerate(lens):
+            mask[i, :n] = 1
+        out["attention_mask"] = mask
+    return out
+
+
 def _loader_n_examples(loader) -> int | None:
     """Examples a DataLoader yields per pass, when its sampler or dataset tells."""
     iterable = isinstance(loader.dataset, torch.utils.data.IterableDataset)
@@ -119,6 +198,8 @@ def n_examples(X) -> int | None:
         if X.ndim == 0:
             raise ValueError("X must be batched along its first axis; got a 0-d array.")
         return int(X.shape[0])
+    if _is_id_columns(X):
+        return len(next(iter(X.values())))
     if isinstance(X, Mapping):
         lens = {int(v.shape[0]) for v in X.values() if hasattr(v, "shape") and len(v.shape)}
         if len(lens) != 1:
@@ -190,7 +271,9 @@ def _ragged_error(items: Sequence, start: int | None) -> ValueError | None:
             f"{where} {at}. Pad them: pass a torch.utils.data.DataLoader whose "
             "collate_fn pads each batch (e.g. DataLoader(X, batch_size=32, "
             "collate_fn=transformers.DataCollatorWithPadding(tokenizer))), or pass the "
-            "padded batch (e.g. tokenizer(texts, padding=True, return_tensors='pt'))."
+            "padded batch (e.g. tokenizer(texts, padding=True, return_tensors='pt')). "
+            "Token ids of a sequence model are padded for you with position=... (see "
+            "PEFTransformer), or by sknpeff.pef.pad_token_ids."
         )
     return None
 
@@ -229,8 +312,12 @@ def _warn_if_shuffled(loader) -> None:
         )
 
 
-def iter_batches(X, batch_size: int) -> Iterator[Any]:
+def iter_batches(X, batch_size: int, *, pad_ids: bool = False) -> Iterator[Any]:
     """Consecutive batches of at most ``batch_size`` examples of ``X``, in order.
+
+    ``pad_ids``: token-id sequences of different lengths (a list of them, or a dict of
+    such per-example lists: a tokenizer's unpadded output) are padded per batch by
+    :func:`pad_token_ids` (otherwise they raise the error of ragged examples).
 
     A DataLoader's batches come as it makes them (its own batch size and
     ``collate_fn``); ``batch_size`` is not used then. A tuple of arrays with one first
@@ -246,7 +333,14 @@ def iter_batches(X, batch_size: int) -> Iterator[Any]:
     elif isinstance(X, (torch.Tensor, np.ndarray)):
         for s in range(0, X.shape[0], batch_size):
             yield as_tensor(X[s : s + batch_size])
+    elif pad_ids and _is_id_columns(X):
+        n = n_examples(X)
+        for s in range(0, n, batch_size):
+            yield pad_token_ids({k: list(v[s : s + batch_size]) for k, v in X.items()})
     elif isinstance(X, Mapping):
+        ragged = [v for v in X.values() if _is_id_columns(X) and _ragged_ids(v)]
+        if ragged:
+            raise _ragged_error(list(ragged[0]), 0)
         n = n_examples(X)
         for s in range(0, n, batch_size):
             yield {
@@ -269,6 +363,11 @@ def iter_batches(X, batch_size: int) -> Iterator[Any]:
                 raise ValueError("a list X of strings must hold strings only.")
             for s in range(0, len(X), batch_size):
                 yield X[s : s + batch_size]
+            return
+        if pad_ids and _ragged_ids(X):
+            # token ids of different lengths: padded per batch, with an attention mask
+            for s in range(0, len(X), batch_size):
+                yield pad_token_ids(X[s : s + batch_size])
             return
         if X and isinstance(X[0], (list, tuple)) and _numeric_rows(X):
             yield from iter_batches(_as_rows(X), batch_size)
@@ -380,10 +479,11 @@ def check_logits(logits: torch.Tensor) -> None:
         return
     if logits.dim() == 3:
         hint = (
-            " Per-position logits (batch, seq_len, vocab) of a sequence model: pick one "
-            "position per example in forward, e.g. forward=lambda m, b: "
-            "m(**b).logits[:, -1, :] (the last position; with right padding, take each "
-            "example's last non-padding position from its attention mask instead)."
+            " Per-position logits (batch, seq_len, vocab) of a sequence model: say which "
+            "position is explained with PEFTransformer(..., position=...): 'last' (the "
+            "last position), 'last_nonpad' (each example's last non-padding token, from "
+            "the batch's attention_mask), an int index, or one position per example (an "
+            "array, or the name of a column of dict batches)."
         )
     elif logits.dim() == 1:
         hint = (
@@ -516,14 +616,15 @@ def check_finite(X, start: int, logits: np.ndarray, norms: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def first_batch(X, batch_size: int):
+def first_batch(X, batch_size: int, *, pad_ids: bool = False):
     """A first batch of at most ``min(batch_size, 2)`` examples of ``X`` (to probe the
-    model); a DataLoader's first batch as it comes.
+    model); a DataLoader's first batch as it comes. ``pad_ids`` as in
+    :func:`iter_batches`.
     """
     n = n_examples(X)
     if n == 0:
         raise ValueError("X holds no example.")
-    it = iter(X) if _is_loader(X) else iter_batches(X, min(batch_size, 2))
+    it = iter(X) if _is_loader(X) else iter_batches(X, min(batch_size, 2), pad_ids=pad_ids)
     for batch in it:
         return batch
     raise ValueError("X holds no example.")
@@ -545,6 +646,8 @@ def take_rows(X, idx) -> Any:
         return X[torch.from_numpy(idx).to(X.device)]
     if isinstance(X, np.ndarray):
         return X[idx]
+    if _is_id_columns(X):
+        return {k: [v[int(i)] for i in idx] for k, v in X.items()}
     if isinstance(X, Mapping):
         return {k: (take_rows(v, idx) if hasattr(v, "shape") and len(v.shape) else v)
                 for k, v in X.items()}
@@ -560,3 +663,19 @@ def take_rows(X, idx) -> Any:
     if _is_dataset(X):
         return torch.utils.data.Subset(X, idx.tolist())
     return [X[int(i)] for i in idx]
+
+
+def batch_length(batch, why: str) -> int:
+    """Number of examples of a batch: the first axis of its first array (tensor or
+    NumPy), or its length (a list of strings or of token lists).
+
+    ``why`` says what needs the number, for the error raised when it is unknown.
+    """
+    for v in tree_leaves(batch):
+        if hasattr(v, "shape") and len(v.shape):
+            return int(v.shape[0])
+    if isinstance(batch, list):
+        return len(batch)
+    raise ValueError(
+        f"{why}, but the number of examples of a {type(batch).__name__} batch is "
+        "unknown: give batches of arrays or lists.")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
@@ -41,25 +42,28 @@ from ..utils import (
     tag_pef_matrix,
     user_stacklevel,
 )
-from ._classes import OUTPUTS, predictions, resolve_output
+from ._classes import CLASS_AXES, OUTPUTS, n_class_slots, predictions, resolve_output
 from ._engine import Engine, NeedsOneThread
 from ._inputs import (
     as_logits,
+    batch_length,
     check_finite,
     check_logits,
     check_not_probabilities,
-    default_forward,
     first_batch,
     iter_batches,
     n_examples,
     to_device,
 )
+from ._position import PositionForward, attach_positions, check_position
 from ._projection import Projection
 from ._result import PEFResult, concat_results
 
 __all__ = ["PEFTransformer"]
 
 _END = object()  # end of an iterator
+#: the most concurrent batches ``n_jobs="auto"`` runs (memory grows with each)
+AUTO_MAX_JOBS = 4
 
 
 class PEFTransformer(TransformerMixin, BaseEstimator):
@@ -77,16 +81,34 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     kind : {"diagonal", "low_rank"}, default="diagonal"
         ``"diagonal"``: row ``i`` is ``f_i = sum_j a_ij ** 2`` (width ``n_params_``).
         ``"low_rank"``: row ``i`` is the flattened ``(n_classes_, n_params_)`` matrix of the
-        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability.
+        ``a_ij = sqrt(p_j) grad log p_j``, class slots by descending probability (other
+        slot vectors with ``class_axis``).
     n_values : int, default=65536
         Number of entries of largest magnitude kept per row; with
         ``compression="projection"``, the projected dimension ``d`` per class slot.
     n_classes : int, default=None
-        Keep only the ``n_classes`` most probable classes (number of class slots).
-        ``None``: all outputs of the model.
+        Number of class slots per example (one backward pass each). ``None``: all
+        outputs of the model (``class_axis="top"``), the exact Fisher's ``C - 1``
+        eigenvectors (``"eigen"``); ``"sample"`` and ``"project"`` need it.
+    class_axis : {"top", "eigen", "sample", "project"}, default="top"
+        How the ``n_classes`` slots represent the Fisher
+        ``F = J^T (diag(p) - p p^T) J`` (``J`` the logits' Jacobian).
+        ``"top"``: the ``a_ij`` of the most probable classes (exact on what it keeps).
+        ``"eigen"``: ``J^T sqrt(lambda_k) u_k`` for the largest eigenvalues of
+        ``diag(p) - p p^T`` (the optimal truncation; with ``n_classes=None`` exactly
+        ``F`` with ``C - 1`` slots, one for a binary softmax; costs a ``C x C``
+        eigendecomposition per example). ``"sample"``: ``n_classes`` draws
+        ``y ~ p(y|x)``, slots ``grad log p_y / sqrt(n_classes)``. ``"project"``:
+        ``n_classes`` Gaussian combinations ``sum_j w_j a_ij / sqrt(n_classes)``.
+        Both random ones are unbiased estimates of ``F`` for any ``n_classes``. With
+        sigmoid outputs ``"eigen"`` is ``"top"`` and ``"sample"`` draws every label.
     min_class_prob : float, default=None
         Drop classes whose probability is below this threshold (their slots stay empty).
-        Softmax outputs only.
+        Softmax outputs and ``class_axis="top"`` only.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the ``"sample"`` and ``"project"`` draws. Example ``i`` draws from a
+        generator seeded with ``(seed, i)``: results do not depend on ``batch_size`` or
+        ``n_jobs``. ``None``: a new seed for every computation.
     output : {"auto", "softmax", "sigmoid"}, default="auto"
         The distribution the logits parametrize. ``"softmax"``: one categorical
         distribution over the outputs (a multi-class classifier). ``"sigmoid"``: every
@@ -116,21 +138,39 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         The output may also be an object with a ``.logits`` attribute (transformers). A
         model with one logit is a binary classifier with a sigmoid output (see
         ``output``).
+    position : None, "last", "last_nonpad", int, str or array-like of int, default=None
+        For sequence models returning per-position logits ``(batch, seq_len, vocab)``
+        (a language model's next-token logits, a token classifier): the position
+        explained, one per example. ``"last"``: the last position (unpadded or
+        left-padded sequences); ``"last_nonpad"``: each example's last non-padding
+        token, read from the batch's ``attention_mask`` (right or left padding); an int:
+        that index (negative from the end); a str: the key of dict batches holding each
+        example's position (removed before the forward pass); an array: one position
+        per example of ``X`` (the same ``X`` at every call). ``None``: the model returns
+        ``(batch, n_outputs)`` logits.
     batch_size : int, default=32
         Examples per forward/backward pass; bounds the memory used.
-    n_jobs : int, default=None
+    n_jobs : int, "auto" or None, default="auto"
         Batches computed at once on a CPU, each in its own thread with an equal share of
-        torch's intra-op threads (restored afterwards). ``None``: 1; ``-1``: one per
-        intra-op thread (``torch.get_num_threads()``). On 2 cores, against one job
-        with 2 intra-op threads (``benchmarks/bench_pef.py``, three runs), two jobs
-        computed low-rank PEFs 11-16% faster for a small CNN and 24-28% for an MLP,
-        but diagonal PEFs 3-5% (CNN) and 3-10% (MLP) slower: measure on your model.
-        Memory grows to ``n_jobs`` batches' buffers.
+        torch's intra-op threads (restored afterwards). ``None``: 1 (one batch at a time
+        on all of torch's threads); ``-1``: one per intra-op thread
+        (``torch.get_num_threads()``); ``"auto"``: one per intra-op thread, at most
+        ``4`` (so that memory, which grows to ``n_jobs`` batches' buffers, stays
+        bounded on many-core machines). The engine runs many small parallel regions per
+        example (one backward per class slot, per-layer products, selections), each
+        ending at a barrier that waits for a descheduled thread when the cores are busy;
+        single-threaded jobs have no such barrier. On 2 cores, for a 17M-parameter
+        BERT-style classifier (``benchmarks/bench_threads.py``), one job with 2 threads
+        reached 0.89 of two jobs' examples/s on an idle machine and 0.44 beside two busy
+        processes; one thread reached 0.56 and 0.68. Diagonal PEFs of small models were
+        3-10% slower with two jobs than with one on an idle machine
+        (``benchmarks/bench_pef.py``): measure on your model.
         Results and their order do not depend on it. It has no effect on a GPU, or
         when a parameter needs the generic ``torch.func`` path (which swaps the model's
         parameters while it runs): a batch found to need it on a worker thread is run
-        again, with every later batch, on the calling thread. With ``n_jobs > 1`` a
-        custom ``forward`` must be thread-safe.
+        again, with every later batch, on the calling thread. With ``n_jobs`` other than
+        ``None`` or ``1``, a custom ``forward`` must be thread-safe (pass
+        ``n_jobs=None`` if it is not).
     device : str or torch.device, default=None
         Where to compute; must be the device of the model's parameters (``None``: that
         device). Inputs are moved there.
@@ -160,7 +200,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
     n_outputs_ : int
         Number of logits of the model.
     n_classes_ : int
-        Number of class slots (low rank).
+        Number of class slots (low rank); pass it to ``LowRankNPEFF(n_classes=...)``.
     output_ : {"softmax", "sigmoid"}
         The output distribution used (``output`` with ``"auto"`` resolved).
     n_features_out_ : int
@@ -214,14 +254,17 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         kind: str = "diagonal",
         n_values: int = 65536,
         n_classes: int | None = None,
+        class_axis: str = "top",
         min_class_prob: float | None = None,
+        random_state: Any = None,
         output: str = "auto",
         normalize: bool = True,
         min_norm: float | None = None,
         params: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        position: Any = None,
         batch_size: int = 32,
-        n_jobs: int | None = None,
+        n_jobs: int | str | None = "auto",
         device: str | torch.device | None = None,
         dtype: str = "float32",
         allow_train_mode: bool = False,
@@ -233,12 +276,15 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self.kind = kind
         self.n_values = n_values
         self.n_classes = n_classes
+        self.class_axis = class_axis
         self.min_class_prob = min_class_prob
+        self.random_state = random_state
         self.output = output
         self.normalize = normalize
         self.min_norm = min_norm
         self.params = params
         self.forward = forward
+        self.position = position
         self.batch_size = batch_size
         self.n_jobs = n_jobs
         self.device = device
@@ -255,7 +301,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         check_choice(self.kind, "kind", ("diagonal", "low_rank"))
         check_int(self.n_values, "n_values", low=1)
         check_int(self.n_classes, "n_classes", low=1, allow_none=True)
+        check_choice(self.class_axis, "class_axis", CLASS_AXES)
         check_float(self.min_class_prob, "min_class_prob", low=0.0, high=1.0, allow_none=True)
+        if self.min_class_prob is not None and self.class_axis != "top":
+            raise InvalidParameterError(
+                f"min_class_prob drops classes of class_axis='top'; got "
+                f"class_axis={self.class_axis!r}: leave min_class_prob=None.")
         check_choice(self.output, "output", ("auto", *OUTPUTS))
         check_float(self.min_norm, "min_norm", low=0.0, allow_none=True)
         check_choice(self.compression, "compression", ("topk", "projection"))
@@ -265,12 +316,12 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 "compression='projection' needs kind='low_rank': a projected diagonal PEF "
                 "R f is signed, which the non-negative D-NPEFF factorization cannot use.")
         check_int(self.batch_size, "batch_size", low=1)
-        if self.n_jobs != -1:
+        if self.n_jobs not in (-1, "auto"):
             try:
                 check_int(self.n_jobs, "n_jobs", low=1, allow_none=True)
             except InvalidParameterError:
                 raise InvalidParameterError(
-                    f"n_jobs must be None, -1 or an integer >= 1; got {self.n_jobs!r}."
+                    f"n_jobs must be None, 'auto', -1 or an integer >= 1; got {self.n_jobs!r}."
                 ) from None
         try:
             dt = np.dtype(self.dtype)
@@ -280,6 +331,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}.")
         if self.forward is not None and not callable(self.forward):
             raise ValueError("forward must be None or a callable forward(model, batch).")
+        check_position(self.position)
         check_int(int(self.verbose) if isinstance(self.verbose, bool) else self.verbose,
                   "verbose")
         check_eval_mode(self.model, "makes PEFs random",
@@ -298,13 +350,14 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
     def _engine_key(self) -> tuple:
         # what the per-layer plan and its one-batch check depend on
-        return (id(self.model), id(self.forward), repr(self.params), self.kind,
-                self.n_classes_, self.output_, self.layout_)
+        return (id(self.model), id(self.forward), self._position_key(), repr(self.params),
+                self.kind, self.n_classes_, self.output_, self.layout_, self.class_axis)
 
     def _engine(self, learned: tuple | None = None):
         """A new engine; ``learned`` (from :meth:`_learned`) spares it the first-batch
         check. By default, what an earlier call on the same model learned is used."""
         eng = Engine(self, self.layout_, self.n_classes_)
+        eng.forward = self._forward_fn()
         if learned is None:
             memo = getattr(self, "_engine_memo", None)
             if memo is not None and memo[0] == self._engine_key():
@@ -320,6 +373,27 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             eng.verified = True
         return eng
 
+    def _position_key(self):
+        pos = check_position(self.position)
+        return ("array", id(self.position)) if isinstance(pos, np.ndarray) else pos
+
+    def _forward_fn(self):
+        """The forward the engine calls: the user's (or the default), then the pick of
+        the explained position."""
+        return PositionForward(self.forward, check_position(self.position))
+
+    def _batches(self, X, batches):
+        """``batches`` of ``X`` with their slice of an array ``position`` attached."""
+        pos = check_position(self.position)
+        if not isinstance(pos, np.ndarray):
+            return batches
+        n = n_examples(X)
+        if n is not None and n != pos.shape[0]:
+            raise ValueError(
+                f"position holds {pos.shape[0]} positions but X has {n} examples: give "
+                "one position per example of X (or a position column of dict batches).")
+        return attach_positions(batches, pos)
+
     @staticmethod
     def _learned(eng: Engine) -> tuple:
         return set(eng.fallback), set(eng.no_expand), dict(eng.select_state)
@@ -333,6 +407,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         parameters (``torch.func.functional_call`` swaps the model's parameters)."""
         if self.n_jobs is None or eng.device.type != "cpu" or eng.fallback:
             return 1
+        if self.n_jobs == "auto":
+            return min(torch.get_num_threads(), AUTO_MAX_JOBS)
         return torch.get_num_threads() if self.n_jobs == -1 else int(self.n_jobs)
 
     def _run_batches(self, eng: Engine, batches: Iterable) -> Iterator[tuple]:
@@ -344,11 +420,11 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
             first = next(it, None)
             if first is None:
                 return
-            yield eng.run_batch(first)
+            yield eng.run_batch(*first)
         n_jobs = self._n_jobs_for(eng)
         if n_jobs == 1:
             for batch in it:
-                yield eng.run_batch(batch)
+                yield eng.run_batch(*batch)
             return
         yield from self._run_threaded(eng, it, n_jobs)
 
@@ -362,7 +438,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         def task(batch):
             e = free.get()  # at most n_jobs tasks run: one engine is always free
             try:
-                return e.run_batch(batch)
+                return e.run_batch(*batch)
             finally:
                 free.put(e)
 
@@ -405,7 +481,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 for e in engines[1:]:
                     e.remove_hooks()
         for batch in itertools.chain(redo, it):
-            yield eng.run_batch(batch)
+            yield eng.run_batch(*batch)
 
     # -- sklearn API ---------------------------------------------------------------------------
     def fit(self, X, y=None):
@@ -426,19 +502,15 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         self._validate()
         self._engine_memo = None
         layout = ParameterLayout.from_model(self.model, self.params)
-        batch = first_batch(X, self.batch_size)
+        pad = self.position is not None  # token ids of different lengths are padded
+        batch = next(iter(self._batches(X, [first_batch(X, self.batch_size, pad_ids=pad)])))
         p0 = next(self.model.parameters())
         with torch.no_grad():
-            fwd = self.forward if self.forward is not None else default_forward
-            logits = as_logits(fwd(self.model, to_device(batch, p0.device, p0.dtype)))
+            logits = as_logits(self._forward_fn()(self.model,
+                                                  to_device(batch, p0.device, p0.dtype)))
         check_logits(logits)
         check_not_probabilities(logits)
         n_out = int(logits.shape[1])
-        if self.n_classes is not None and self.n_classes > n_out:
-            raise ValueError(
-                f"n_classes={self.n_classes} is larger than the model's number of outputs "
-                f"({n_out})."
-            )
         self.layout_ = layout
         self.n_params_ = layout.n_params
         output = resolve_output(self.output, n_out)
@@ -449,7 +521,7 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                 "n_classes instead.")
         self.output_ = output
         self.n_outputs_ = n_out
-        self.n_classes_ = n_out if self.n_classes is None else int(self.n_classes)
+        self.n_classes_ = n_class_slots(self.class_axis, self.n_classes, n_out, output)
         self.n_features_out_ = (
             self.n_classes_ * self.n_params_ if self.kind == "low_rank" else self.n_params_
         )
@@ -513,6 +585,10 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         if ParameterLayout.from_model(self.model, self.params) != self.layout_:
             raise ValueError("the model's parameter layout changed since fit.")
         n = n_examples(X)
+        random_axis = self.class_axis in ("sample", "project")
+        # one seed per computation, read by every engine of it
+        self._class_seed = (int(check_random_state(self.random_state).randint(2**31 - 1))
+                            if random_axis else None)
         eng = self._engine()
         selected = eng.params
         saved_rg = [p.requires_grad for p in selected]
@@ -520,7 +596,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
                         disable=not self.verbose)
         n_zero = n_floored = start = 0
         floor = self.min_norm
-        results = self._run_batches(eng, iter_batches(X, self.batch_size))
+        batches = iter_batches(X, self.batch_size, pad_ids=self.position is not None)
+        results = self._run_batches(eng, _numbered(self._batches(X, batches), random_axis))
         try:
             for p in selected:
                 p.requires_grad_(True)
@@ -602,7 +679,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
             with PEFWriter(out, n_cols=self.n_features_out_, kind=self.kind,
                            layout=self.layout_, n_classes=self.n_classes_,
-                           dtype=self.dtype, metadata={"output": self.output_},
+                           dtype=self.dtype, metadata={"output": self.output_,
+                                                       "class_axis": self.class_axis},
                            overwrite=overwrite, projection=self._projection()) as w:
                 for res in self.iter_compute(X):
                     w.append(res)
@@ -619,7 +697,8 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
 
     def _metadata(self) -> dict:
         return {"kind": self.kind, "n_classes": self.n_classes_, "output": self.output_,
-                "layout": self.layout_, "projection": self._projection()}
+                "class_axis": self.class_axis, "layout": self.layout_,
+                "projection": self._projection()}
 
     def transform(self, X):
         """Sparse PEF matrix of ``X`` (the layout is described in the class docstring).
@@ -642,3 +721,15 @@ class PEFTransformer(TransformerMixin, BaseEstimator):
         tags.non_deterministic = False
         tags.requires_fit = True
         return tags
+
+
+def _numbered(batches: Iterable, count: bool) -> Iterator[tuple[Any, int]]:
+    """``(batch, start)``: each batch with the index of its first example in the data
+    (counted only when ``count``; 0 otherwise)."""
+    start = 0
+    for batch in batches:
+        yield batch, start
+        if count:
+            start += batch_length(
+                batch, "class_axis='sample' or 'project' numbers the examples to seed "
+                "their draws")

@@ -259,4 +259,6 @@ def rule_for(module: nn.Module) -> LayerRule | None:
         if cls.forward is not base.forward:
             return None
         return rule if rule.supports(module) else None
-    return None
+    from ._conv1d_hf import duck_typed_rule  # layers of packages sknpeff does not import
+
+    return duck_typed_rule(module)
