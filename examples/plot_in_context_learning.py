@@ -96,9 +96,9 @@ fig.tight_layout()
 # its KL ratio is the mean KL on the component's top examples over the mean KL on all
 # held-out examples; the PEF-norm ratio is what a direction blind to the component
 # would give. Selectivity by mechanism: the mean KL on recall examples over that on
-# memorized ones, against random directions of the same norm.
-last = lambda m, b: m(b)[:, -1]  # noqa: E731  (the logits at the explained position)
-gp = GuidedPerturber(est, model, layout=pef.layout_, magnitude=0.1, forward=last,
+# memorized ones, against random directions of the same norm. ``position="last"``
+# compares the next-token distributions at the same position as the PEFs.
+gp = GuidedPerturber(est, model, layout=pef.layout_, magnitude=0.1, position="last",
                      batch_size=600)
 recall_comps = [j for j in range(W.shape[1]) if MECHANISMS[mechanism_of[j]] == "recall"]
 results = gp.kl_ratios(test.input_ids, W, recall_comps, n_top=n_top, norms=res_test.norms,
@@ -116,13 +116,13 @@ params = [p for n, p in model.named_parameters() if blocks(n, p)]
 def kl_random(rng):
     """Per-example KL for a random direction of norm 0.1 over the same parameters."""
     with torch.no_grad():
-        lp0 = torch.log_softmax(last(model, test.input_ids).double(), -1)
+        lp0 = torch.log_softmax(model(test.input_ids)[:, -1].double(), -1)
         saved = [p.detach().clone() for p in params]
         d = [torch.from_numpy(rng.standard_normal(tuple(p.shape))) for p in params]
         scale = 0.1 / float(torch.sqrt(sum((t ** 2).sum() for t in d)))
         for p, t in zip(params, d, strict=True):
             p.add_(scale * t.to(p.dtype))
-        lp1 = torch.log_softmax(last(model, test.input_ids).double(), -1)
+        lp1 = torch.log_softmax(model(test.input_ids)[:, -1].double(), -1)
         for p, t in zip(params, saved, strict=True):
             p.copy_(t)  # restored exactly
     return (lp0.exp() * (lp0 - lp1)).sum(-1).clamp_min(0).numpy()

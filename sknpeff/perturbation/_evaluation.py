@@ -14,7 +14,8 @@ from torch import nn
 
 from ..layout import ParameterLayout
 from ..pef._classes import resolve_output
-from ..pef._inputs import as_logits, default_forward, iter_batches, to_device
+from ..pef._inputs import as_logits, iter_batches, n_examples, to_device
+from ..pef._position import PositionForward, attach_positions, check_position
 
 __all__ = ["applied", "kl_divergence", "log_probs", "loss_grad_sign"]
 
@@ -38,14 +39,26 @@ def applied(params: Sequence[torch.Tensor], layout: ParameterLayout,
                 p.copy_(s)
 
 
-def _batches(X: Any, batch_size: int, params: Sequence[torch.Tensor]) -> Iterator[Any]:
+def _batches(X: Any, batch_size: int, params: Sequence[torch.Tensor],
+             position: Any = None) -> Iterator[Any]:
     p0 = params[0]
-    for batch in iter_batches(X, int(batch_size)):
+    # as PEFTransformer does: with a position, ragged token ids are padded per batch,
+    # and an array position travels with its batch's slice
+    batches = iter_batches(X, int(batch_size), pad_ids=position is not None)
+    if isinstance(position, np.ndarray):
+        n = n_examples(X)
+        if n is not None and n != position.shape[0]:
+            raise ValueError(
+                f"position holds {position.shape[0]} positions but X has {n} examples: give "
+                "one position per example of X (or a position column of dict batches).")
+        batches = attach_positions(batches, position)
+    for batch in batches:
         yield to_device(batch, p0.device, p0.dtype)
 
 
 def log_probs(model: nn.Module, forward: Callable | None, X: Any, batch_size: int,
-              params: Sequence[torch.Tensor], output: str = "auto") -> np.ndarray:
+              params: Sequence[torch.Tensor], output: str = "auto",
+              position: Any = None) -> np.ndarray:
     """Log-probabilities of the model's predictive distribution on ``X``, float64.
 
     Softmax outputs: the log-softmax of the logits, ``(n_examples, n_outputs)``. Sigmoid
@@ -53,11 +66,14 @@ def log_probs(model: nn.Module, forward: Callable | None, X: Any, batch_size: in
     ``log(1 - s), log(s)`` with ``s = sigmoid(z)``, ``(n_examples, 2 n_outputs)``, so that
     row sums of ``p0 (log p0 - log p1)`` are sums of Bernoulli KL divergences and, for
     one logit, the argmax is the predicted class.
+
+    ``position`` picks the explained position of per-position logits, as for
+    :class:`~sknpeff.PEFTransformer` (an array holds one position per example of ``X``).
     """
-    fwd = forward if forward is not None else default_forward
+    fwd = PositionForward(forward, check_position(position))
     out = []
     with torch.no_grad():
-        for batch in _batches(X, batch_size, params):
+        for batch in _batches(X, batch_size, params, fwd.position):
             logits = as_logits(fwd(model, batch))
             out.append(logits.detach().to("cpu", torch.float64).numpy())
     if not out:
@@ -80,14 +96,15 @@ def kl_divergence(lp0: np.ndarray, lp1: np.ndarray) -> np.ndarray:
 
 def loss_grad_sign(model: nn.Module, forward: Callable | None, X: Any, batch_size: int,
                    params: Sequence[torch.Tensor], labels: np.ndarray | None,
-                   output: str = "auto") -> np.ndarray:
+                   output: str = "auto", position: Any = None) -> np.ndarray:
     """Sign of the gradient of the summed cross-entropy over ``X`` (flat, float64), with
     ``labels`` or, when ``None``, the model's own predictions as targets (binary
-    cross-entropy of every logit for sigmoid outputs)."""
-    fwd = forward if forward is not None else default_forward
+    cross-entropy of every logit for sigmoid outputs); ``position`` as in
+    :func:`log_probs`."""
+    fwd = PositionForward(forward, check_position(position))
     grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     start = 0
-    for batch in _batches(X, batch_size, params):
+    for batch in _batches(X, batch_size, params, fwd.position):
         logits = as_logits(fwd(model, batch))
         b = logits.shape[0]
         sigmoid = resolve_output(output, logits.shape[1]) == "sigmoid"

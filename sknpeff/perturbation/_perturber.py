@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layout import ParameterLayout
 from ..pef._inputs import known_n_examples, take_rows
+from ..pef._position import check_position
 from ..utils import (
     InvalidParameterError,
     check_choice,
@@ -68,6 +69,21 @@ def pipeline_layout(estimator: Any) -> ParameterLayout | None:
     return layout if isinstance(layout, ParameterLayout) else None
 
 
+class _Examples:
+    """Examples ``X`` with their positions when ``position`` is an array (one per
+    example of ``X``), so that picking rows picks the positions alike."""
+
+    def __init__(self, X: Any, position: Any) -> None:
+        self.X = X
+        self.position = position
+
+    def take(self, idx: np.ndarray) -> _Examples:
+        pos = self.position
+        return _Examples(take_rows(self.X, idx),
+                         pos[np.asarray(idx, dtype=np.int64)] if isinstance(pos, np.ndarray)
+                         else pos)
+
+
 def estimator_kind(estimator: Any) -> str:
     """``"low_rank"`` or ``"diagonal"``: the kind of the decomposition behind ``estimator``."""
     from ..decomposition import DiagonalNPEFF, LowRankNPEFF
@@ -117,6 +133,17 @@ class GuidedPerturber:
         cancel ``g_j``). ``0`` disables the projection.
     forward : callable, default=None
         ``forward(model, batch) -> logits``, as for :class:`~sknpeff.PEFTransformer`.
+        Default: the ``forward`` of a Pipeline's PEFTransformer step (the default
+        forward without one).
+    position : None, "last", "last_nonpad", int, str or array-like of int, default=None
+        For sequence models returning per-position logits ``(batch, seq_len, vocab)``
+        (language models): the position whose distribution is compared, one per
+        example, exactly as for :class:`~sknpeff.PEFTransformer` (ragged token ids are
+        padded per batch; ``"last_nonpad"`` reads the batches' ``attention_mask``; an
+        array holds one position per example of the ``X`` passed to each method).
+        Default: the ``position`` of a Pipeline's PEFTransformer step when ``forward``
+        is also left to default (a ``forward`` of your own may pick the position
+        itself); ``None`` otherwise.
     output : {"auto", "softmax", "sigmoid"}, default="auto"
         The distribution the logits parametrize, as for
         :class:`~sknpeff.PEFTransformer` (KL divergences of sigmoid outputs are sums of
@@ -139,6 +166,10 @@ class GuidedPerturber:
     ----------
     layout_ : ParameterLayout
         The layout used.
+    forward_ : callable or None
+        The ``forward`` used (``None``: the default forward).
+    position_ : None, str, int or ndarray of int64
+        The ``position`` used.
     kind_ : {"low_rank", "diagonal"}
         Kind of the decomposition.
     dataset_fisher_ : ndarray of shape (n_params,)
@@ -177,7 +208,7 @@ class GuidedPerturber:
                  magnitude: float = 0.1, max_cosine: float = 0.35,
                  forward: Callable[[nn.Module, Any], Any] | None = None, batch_size: int = 32,
                  kl_target: tuple[float, float] = (0.05, 0.2), fisher_floor: float = 1e-6,
-                 n_lambda: int = 5, output: str = "auto") -> None:
+                 n_lambda: int = 5, output: str = "auto", position: Any = None) -> None:
         self.estimator = estimator
         self.model = model
         self.layout = layout
@@ -189,6 +220,7 @@ class GuidedPerturber:
         self.fisher_floor = fisher_floor
         self.n_lambda = n_lambda
         self.output = output
+        self.position = position
         self._validate()
         self._cache: dict = {}
 
@@ -223,6 +255,14 @@ class GuidedPerturber:
             raise ValueError(f"kl_target must satisfy 0 < low < high, got {self.kl_target!r}.")
         if self.forward is not None and not callable(self.forward):
             raise ValueError("forward must be None or a callable forward(model, batch).")
+        self.forward_, self.position_ = self.forward, check_position(self.position)
+        step = pipeline_step(self.estimator, "layout_")
+        if step is not None and self.forward is None:
+            # the transformer's forward and position made the PEFs; a forward of the
+            # user's own replaces both (it may pick the position itself)
+            self.forward_ = getattr(step, "forward", None)
+            if self.position is None:
+                self.position_ = check_position(getattr(step, "position", None))
         layout = self.layout
         if layout is None:
             layout = pipeline_layout(self.estimator)
@@ -260,6 +300,15 @@ class GuidedPerturber:
     def _params(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters(remove_duplicate=False))
         return [named[n] for n in self.layout_.names]
+
+    def _examples(self, X: Any) -> _Examples:
+        pos = self.position_
+        if isinstance(pos, np.ndarray) and known_n_examples(X) != pos.shape[0]:
+            raise ValueError(
+                f"position holds {pos.shape[0]} positions but X has {known_n_examples(X)} "
+                "examples: give one position per example of X (or a position column of "
+                "dict batches).")
+        return _Examples(X, pos)
 
     def _device(self) -> torch.device:
         return self._params()[0].device
@@ -319,10 +368,11 @@ class GuidedPerturber:
         n_fisher = check_int(n_fisher, "n_fisher", low=1)
         rng = check_random_state(random_state)
         self._cache = {}
+        ex = self._examples(X)
         if self.kind_ == "diagonal":
             if dataset_fisher is None:
                 fis = np.sort(rng.choice(n, size=min(n, n_fisher), replace=False))
-                self.dataset_fisher_ = self._dataset_fisher(take_rows(X, fis))
+                self.dataset_fisher_ = self._dataset_fisher(ex.take(fis))
             else:
                 F = np.array(dataset_fisher, dtype=np.float64).ravel()
                 if F.shape != (self.layout_.n_params,) or not np.all(np.isfinite(F)) or \
@@ -330,12 +380,12 @@ class GuidedPerturber:
                     raise ValueError("dataset_fisher must be a finite non-negative vector of "
                                      f"length n_params={self.layout_.n_params}.")
                 self.dataset_fisher_ = F
-        self._fit_data = {"X": X, "W": W, "labels": labels, "n_top": min(n_top, n),
+        self._fit_data = {"X": ex, "W": W, "labels": labels, "n_top": min(n_top, n),
                           "select": np.sort(rng.choice(n, size=min(n, 256), replace=False))}
         return self
 
-    def _dataset_fisher(self, X: Any) -> np.ndarray:
-        """Mean of the unnormalized diagonal Fishers of ``X``, streamed: memory is
+    def _dataset_fisher(self, ex: _Examples) -> np.ndarray:
+        """Mean of the unnormalized diagonal Fishers of the examples, streamed: memory is
         O(n_params) whatever the number of examples."""
         from ..pef import PEFTransformer
 
@@ -344,22 +394,24 @@ class GuidedPerturber:
         # large models go a few examples at a time
         batch_size = max(1, min(int(self.batch_size), _FISHER_BATCH_VALUES // max(m, 1)))
         pt = PEFTransformer(self.model, kind="diagonal", n_values=m, normalize=False,
-                            params=list(self.layout_.names), forward=self.forward,
-                            batch_size=batch_size, dtype="float64", output=self.output_)
+                            params=list(self.layout_.names), forward=self.forward_,
+                            position=ex.position, batch_size=batch_size, dtype="float64",
+                            output=self.output_)
         total = np.zeros(m, dtype=np.float64)
         n = 0
-        for res in pt.fit(X).iter_compute(X):
+        for res in pt.fit(ex.X).iter_compute(ex.X):
             P = res.pefs
             total += np.bincount(P.indices, weights=P.data, minlength=m)
             n += P.shape[0]
         return total / max(n, 1)
 
-    def _loss_grad_sign(self, X: Any, labels: np.ndarray | None) -> np.ndarray:
-        return loss_grad_sign(self.model, self.forward, X, self.batch_size, self._params(),
-                              labels, self.output_)
+    def _loss_grad_sign(self, ex: _Examples, labels: np.ndarray | None) -> np.ndarray:
+        return loss_grad_sign(self.model, self.forward_, ex.X, self.batch_size,
+                              self._params(), labels, self.output_, ex.position)
 
-    def _search_args(self, j: int, sign: int, X_top: Any, X_sel: Any, fisher: np.ndarray,
-                     lp_top: np.ndarray, lp_sel: np.ndarray, grad_sign: np.ndarray) -> dict:
+    def _search_args(self, j: int, sign: int, X_top: _Examples, X_sel: _Examples,
+                     fisher: np.ndarray, lp_top: np.ndarray, lp_sel: np.ndarray,
+                     grad_sign: np.ndarray) -> dict:
         """Arguments of :func:`search_blend` for component ``j`` (the caller runs the
         search, so that its warnings name the user's call)."""
         h, Ff = diagonal_profile(self._components()[j], fisher, self.fisher_floor,
@@ -391,7 +443,7 @@ class GuidedPerturber:
             return self._cache[key]
         fd = self._fitted_data()
         top = np.argsort(-fd["W"][:, j], kind="stable")[: fd["n_top"]]
-        X_top, X_sel = take_rows(fd["X"], top), take_rows(fd["X"], fd["select"])
+        X_top, X_sel = fd["X"].take(top), fd["X"].take(fd["select"])
         labels = None if fd["labels"] is None else np.asarray(fd["labels"])[top]
         d, facts = search_blend(**self._search_args(
             j, sign, X_top, X_sel, self.dataset_fisher_, self._log_probs(X_top),
@@ -400,7 +452,7 @@ class GuidedPerturber:
         self._cache[("facts", j, sign)] = facts
         return d
 
-    def _calibrated(self, j: int, sign: int, X_top: Any, lp_top: np.ndarray
+    def _calibrated(self, j: int, sign: int, X_top: _Examples, lp_top: np.ndarray
                     ) -> tuple[np.ndarray, dict]:
         """Low rank, ``magnitude="auto"``: ``delta`` along the projected direction, sized
         so that the mean KL on the top examples falls in ``kl_target``."""
@@ -453,7 +505,7 @@ class GuidedPerturber:
             if key not in self._cache:
                 fd = self._fitted_data()
                 top = np.argsort(-fd["W"][:, j], kind="stable")[: fd["n_top"]]
-                X_top = take_rows(fd["X"], top)
+                X_top = fd["X"].take(top)
                 self._cache[key] = self._calibrated(j, sign, X_top, self._log_probs(X_top))[0]
             return self._cache[key].copy()
         return self._diagonal_delta_fitted(j, sign).copy()
@@ -489,10 +541,10 @@ class GuidedPerturber:
         with self._applied(delta):
             yield delta
 
-    def _log_probs(self, X: Any) -> np.ndarray:
+    def _log_probs(self, ex: _Examples) -> np.ndarray:
         check_eval_mode(self.model, "makes every KL divergence random")
-        return log_probs(self.model, self.forward, X, self.batch_size, self._params(),
-                         self.output_)
+        return log_probs(self.model, self.forward_, ex.X, self.batch_size, self._params(),
+                         self.output_, ex.position)
 
     def kl_divergence(self, X: Any, component: int, sign: int = 1) -> np.ndarray:
         """Per-example ``KL(p_theta(.|x) || p_{theta+delta}(.|x))``.
@@ -516,10 +568,11 @@ class GuidedPerturber:
                 "kl_divergence compares each example before and after the perturbation: "
                 "pass the examples themselves (a tensor, array, dict, list or Dataset), "
                 "not a DataLoader, whose batches may come in another order at each pass.")
+        ex = self._examples(X)
         delta = self.perturbation(component, sign)
-        lp0 = self._log_probs(X)
+        lp0 = self._log_probs(ex)
         with self._applied(delta):
-            lp1 = self._log_probs(X)
+            lp1 = self._log_probs(ex)
         return kl_divergence(lp0, lp1)
 
     def _resolve_W(self, W: Any, pefs: Any, n: int, X: Any = None) -> np.ndarray:
@@ -640,7 +693,8 @@ class GuidedPerturber:
         need = np.unique(np.concatenate([base] + list(tops.values())))
         pos = np.full(n, -1, dtype=np.int64)
         pos[need] = np.arange(need.size)
-        X_need = take_rows(X, need)
+        ex = self._examples(X)
+        X_need = ex.take(need)
         lp0 = self._log_probs(X_need)
 
         fisher = select = X_sel = lp_sel = None
@@ -650,15 +704,15 @@ class GuidedPerturber:
             pool = rest if rest.size >= 32 else np.arange(n)
             select = np.sort(rng.choice(pool, size=min(pool.size, 256), replace=False))
             if fisher is None:
-                fisher = self._dataset_fisher(take_rows(X, base[: min(base.size, 1024)]))
-            X_sel = take_rows(X, select)
+                fisher = self._dataset_fisher(ex.take(base[: min(base.size, 1024)]))
+            X_sel = ex.take(select)
             lp_sel = self._log_probs(X_sel)
 
         results = KLRatioResults()
         for j in comps:
             top = tops[j]
             per_sign = {}
-            X_top = take_rows(X, top)
+            X_top = ex.take(top)
             lt = None if labels is None else labels[top]
             gsign = None if self.kind_ == "low_rank" else self._loss_grad_sign(X_top, lt)
             for sign in (1, -1):
