@@ -246,13 +246,22 @@ class _Seq(nn.Module):
         return self.out(self.act(self.emb(ids)).mean(1))
 
 
-@pytest.mark.parametrize("pool", ["mean", "max"])
+def _pool_ref(a, pool):
+    """Reference pooling over axis 1 of a NumPy or torch array."""
+    if pool == "last":
+        return a[:, -1]
+    if pool == "mean":
+        return a.mean(1)
+    return a.amax(1) if isinstance(a, torch.Tensor) else a.max(1)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "last"])
 def test_sequence_activations_are_pooled_over_positions(pool):
     model = _Seq().eval()
     ids = torch.randint(0, 10, (30, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         A = torch.relu(model.emb(ids))
-    Z = (A.mean(1) if pool == "mean" else A.amax(1)).double().numpy()
+    Z = _pool_ref(A, pool).double().numpy()
     km = ActivationKMeans(model, "act", n_components=3, pool=pool, random_state=0).fit(ids)
     ref = KMeans(n_clusters=3, n_init=10, random_state=0).fit(Z)
     np.testing.assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-5, atol=1e-7)
@@ -261,7 +270,7 @@ def test_sequence_activations_are_pooled_over_positions(pool):
                         random_state=0).fit(ids)
     F = np.maximum((A.double().numpy() * sae.scale_ - sae.b_dec_) @ sae.W_enc_.T + sae.b_enc_,
                    0)
-    ref_W = F.mean(1) if pool == "mean" else F.max(1)
+    ref_W = _pool_ref(F, pool)
     np.testing.assert_allclose(sae.transform(ids), ref_W, rtol=1e-5, atol=1e-6)
 
 

@@ -67,11 +67,12 @@ class ActivationKMeans(ModelBaselineMixin, TransformerMixin, BaseEstimator):
         several are concatenated. Each must run once per forward pass.
     n_components : int, default=8
         Number of clusters.
-    pool : {"mean", "max"}, default="mean"
+    pool : {"mean", "max", "last"}, default="mean"
         How activations with position axes, ``(batch, positions, ..., features)`` (a
         sequence model's tokens), are reduced to one vector per example: the mean or the
-        maximum over positions (padding included). ``(batch, features)`` activations are
-        used as they are.
+        maximum over positions (padding included), or the last position (a causal
+        model's next-token prediction). ``(batch, features)`` activations are used as
+        they are.
     coefficients : {"hard", "soft"}, default="hard"
         ``"hard"``: only the example's own cluster gets a nonzero coefficient (above).
         ``"soft"``: ``W[i, j] = exp(-d_ij ** 2 / s)`` for every cluster.

@@ -28,7 +28,7 @@ __all__ = [
     "pool_positions",
 ]
 
-POOLS = ("mean", "max")
+POOLS = ("mean", "max", "last")
 
 
 def is_array_like(X) -> bool:
@@ -50,7 +50,8 @@ def pool_positions(a: torch.Tensor, pool: str) -> torch.Tensor:
 
     Every axis between the first (examples) and the last (features) is a position axis
     (tokens of a sequence, cells of a channels-last feature map): ``pool`` takes its
-    ``"mean"`` or ``"max"``. Two-dimensional activations come back as they are.
+    ``"mean"`` or ``"max"``, or the ``"last"`` position (that of a causal model's
+    next-token prediction). Two-dimensional activations come back as they are.
     """
     if a.ndim == 2:
         return a
@@ -60,6 +61,8 @@ def pool_positions(a: torch.Tensor, pool: str) -> torch.Tensor:
             f"..., features); got shape {tuple(a.shape)}."
         )
     flat = a.reshape(a.shape[0], -1, a.shape[-1])
+    if pool == "last":
+        return flat[:, -1]
     return flat.mean(dim=1) if pool == "mean" else flat.amax(dim=1)
 
 

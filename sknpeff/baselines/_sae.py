@@ -14,7 +14,7 @@ from torch import nn
 
 from ..utils import check_choice, check_float, check_int
 from ._activation_kmeans import check_layers
-from ._base import POOLS, ModelBaselineMixin, iter_layer_activations
+from ._base import POOLS, ModelBaselineMixin, iter_layer_activations, pool_positions
 
 __all__ = ["ActivationSAE"]
 
@@ -47,9 +47,10 @@ class ActivationSAE(ModelBaselineMixin, TransformerMixin, BaseEstimator):
         Number of latents (dictionary size).
     l1_coef : float, default=1.0
         Weight ``l1_coef`` of the sparsity penalty.
-    pool : {"max", "mean"}, default="max"
+    pool : {"max", "mean", "last"}, default="max"
         How per-position latents become one vector per example (padding included):
-        the maximum over positions (did the latent fire anywhere?) or the mean.
+        the maximum over positions (did the latent fire anywhere?), the mean, or the
+        latents of the last position (a causal model's next-token prediction).
         Unused for ``(batch, features)`` activations.
     max_iter : int, default=300
         Training epochs (passes over the training vectors).
@@ -252,7 +253,7 @@ class ActivationSAE(ModelBaselineMixin, TransformerMixin, BaseEstimator):
                     "at fit; has the model changed?"
                 )
             f = self._encode(a * self.scale_, params)
-            f = f.mean(dim=1) if self.pool == "mean" else f.amax(dim=1)
+            f = pool_positions(f, self.pool)
             rows.append(f.double().cpu().numpy())
         return np.concatenate(rows, axis=0)
 
