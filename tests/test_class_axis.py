@@ -200,3 +200,19 @@ def test_exact_slots_give_the_same_low_rank_components():
         comps[axis] = est.components_
     assert pt.n_classes_ == 2
     assert matched_cos(comps["top"], comps["eigen"]).min() >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("axis", ["eigen", "sample", "project"])
+def test_cuda_class_axis_matches_cpu(axis):
+    """Seeded draws do not depend on the device."""
+    import copy
+
+    model = _model(n_out=5)
+    X = torch.randn(13, 5, dtype=torch.float64)
+    kw = dict(kind="low_rank", n_values=10**6, dtype="float64", class_axis=axis,
+              n_classes=3, random_state=7, batch_size=4)
+    cpu = PEFTransformer(model, **kw).fit(X).transform(X).toarray()
+    gpu = PEFTransformer(copy.deepcopy(model).cuda(), **kw).fit(X).transform(X).toarray()
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-9, atol=1e-13)

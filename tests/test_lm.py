@@ -277,3 +277,16 @@ def test_unpadded_tokenizer_output_of_equal_lengths():
     assert _rel(got.pefs.toarray(), ref.pefs.toarray()) <= 1e-12
     assert pad_token_ids({"attention_mask": [[1, 1], [1]], "input_ids": [[3, 4], [5]]},
                          pad_id=9)["input_ids"].tolist() == [[3, 4], [5, 9]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gpt2_last_nonpad_matches_cpu():
+    import copy
+
+    model, seqs = _gpt2(), _seqs()
+    kw = dict(kind="low_rank", n_values=10**6, dtype="float64", position="last_nonpad",
+              n_classes=3, batch_size=3)
+    cpu = PEFTransformer(model, **kw).fit(seqs).transform(seqs).toarray()
+    gpu = PEFTransformer(copy.deepcopy(model).cuda(), **kw).fit(seqs).transform(seqs).toarray()
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-8, atol=1e-12)

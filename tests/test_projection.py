@@ -314,3 +314,21 @@ def test_projected_rows_do_not_depend_on_threads_or_batches():
     np.testing.assert_allclose(np.asarray(two.pefs), np.asarray(one.pefs), rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(two.norms, one.norms, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["mlp", "conv", "seq"])
+def test_cuda_projection_matches_cpu(name):
+    """The same seed gives the same operator on every device: projected rows agree."""
+    model, X = _make(name)
+    model = model.double()
+    if X.is_floating_point():
+        X = X.double()
+    kw = dict(kind="low_rank", compression="projection", n_values=64, projection_seed=3,
+              dtype="float64", batch_size=4)
+    cpu = PEFTransformer(model, **kw).fit(X).compute(X)
+    gpu = PEFTransformer(copy.deepcopy(model).cuda(), **kw).fit(X).compute(X)
+    np.testing.assert_allclose(np.asarray(gpu.pefs), np.asarray(cpu.pefs), rtol=1e-9,
+                               atol=1e-12)
+    np.testing.assert_allclose(gpu.norms, cpu.norms, rtol=1e-9)
