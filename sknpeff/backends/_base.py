@@ -59,7 +59,8 @@ class Backend(ABC):
 
     @abstractmethod
     def spmm(self, a: Any, b: Any, out: Any = None, accumulate: bool = False) -> Any:
-        """Sparse @ dense. Writes into ``out`` (adding to it when ``accumulate``)."""
+        """Sparse (or dense) @ dense. Writes into ``out`` (adding to it when
+        ``accumulate``)."""
 
     def n_partitions(self) -> int:
         """Number of column partitions of the whole job (all processes)."""

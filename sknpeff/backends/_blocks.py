@@ -52,9 +52,9 @@ class Block:
     #: the block's columns relative to its partition's first column
     local_start: int
     local_stop: int
-    #: backend sparse matrix, rows x (stop - start)
+    #: backend sparse matrix (or dense array), rows x (stop - start)
     A: Any
-    #: backend sparse matrix, (stop - start) x rows
+    #: backend sparse matrix (or dense view), (stop - start) x rows
     At: Any
     nnz: int
     #: global id of the block's partition (equals ``partition`` in one process)
@@ -272,11 +272,12 @@ class ColumnBlocks:
 
     Parameters
     ----------
-    X : scipy.sparse matrix of shape (n_rows, n_cols)
-        The matrix. It is not modified; the blocks hold copies of its values (so the
-        caller may drop its own copy once this is built). In a distributed job every
-        process passes the same matrix (a memory map is fine) and only the columns of
-        its own partitions are read into blocks.
+    X : scipy.sparse matrix or ndarray of shape (n_rows, n_cols)
+        The matrix. A dense array gets dense blocks (C-ordered column copies, their
+        transposes views) and dense products (BLAS). It is not modified; the blocks
+        hold copies of its values (so the caller may drop its own copy once this is
+        built). In a distributed job every process passes the same matrix (a memory
+        map is fine) and only the columns of its own partitions are read into blocks.
     backend : Backend
         Supplies the sparse matrix type, products, placement and all-reduce.
     block_size : int, "auto" or None, default="auto"
@@ -336,13 +337,19 @@ class ColumnBlocks:
         if max_block_nnz > INT32_MAX_NNZ:
             raise ValueError(f"max_block_nnz must be <= 2**31 - 1 (int32 block indices), "
                              f"got {max_block_nnz!r}.")
-        if not sp.issparse(X):
-            X = sp.csr_matrix(X)
-        self._owned = bool(owned) and X.format == "csc" and X.has_sorted_indices
+        # a dense X (projected PEFs: every entry a nonzero) gets dense blocks and dense
+        # products; converting it to a sparse format would store every entry's index
+        self.dense = not sp.issparse(X)
+        if self.dense:
+            X = np.asarray(X)
+        self._owned = not self.dense and bool(owned) and X.format == "csc" \
+            and X.has_sorted_indices
         self.backend = backend
         self.n_rows, self.n_cols = (int(s) for s in X.shape)
         self.dtype = X.dtype
-        col_nnz = column_nnz(X)
+        col_nnz = np.count_nonzero(X, axis=0).astype(np.int64) if self.dense \
+            else column_nnz(X)
+        self._col_nnz = col_nnz
         self.nnz = int(col_nnz.sum())
         n_global = int(backend.n_partitions())
         cum = np.concatenate([[0], np.cumsum(col_nnz, dtype=np.int64)])
@@ -375,8 +382,15 @@ class ColumnBlocks:
         Coefficient fitting (``transform``) needs only ``A @ Ft`` once; building column
         blocks and the transpose would cost more than the product itself.
         """
-        if self.n_partitions != 1 or self.n_global_partitions != 1 or self.nnz == 0 \
-                or self.nnz > INT32_MAX_NNZ or X.format != "csr" or not X.has_sorted_indices:
+        if self.n_partitions != 1 or self.n_global_partitions != 1 or self.nnz == 0:
+            return False
+        if self.dense:
+            self.partition_ranges = self.global_partition_ranges = [(0, self.n_cols)]
+            a = self.backend.asarray(np.ascontiguousarray(X), partition=0)
+            self.blocks = [Block(0, self.n_cols, 0, 0, self.n_cols, a, None, self.nnz,
+                                 global_partition=self.local_partitions[0])]
+            return True
+        if self.nnz > INT32_MAX_NNZ or X.format != "csr" or not X.has_sorted_indices:
             return False
         self.partition_ranges = self.global_partition_ranges = [(0, self.n_cols)]
         a = self.backend.csr(np.asarray(X.indptr, dtype=np.int32),
@@ -392,6 +406,13 @@ class ColumnBlocks:
         """Build, on the host, the blocks of local partition ``i`` and hand them over."""
         be = self.backend
         p0, p1 = self.partition_ranges[i]
+        if self.dense:  # A_b a C-ordered copy of the columns; At_b its transposed view
+            for s, e in bounds:
+                a = be.asarray(np.ascontiguousarray(X[:, s:e]), partition=i)
+                self.blocks.append(Block(s, e, i, s - p0, e - p0, a, a.T,
+                                         int(self._col_nnz[s:e].sum()),
+                                         global_partition=g))
+            return
         csc = columns_csc(X, p0, p1)
         # reorder a private CSC in place (tiles become views of it); never the caller's
         # arrays (sp.csc_matrix(X) of a CSC input shares them)

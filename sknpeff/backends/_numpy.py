@@ -85,6 +85,14 @@ class NumpyBackend(Backend):
 
     def spmm(self, a: Any, b: np.ndarray, out: np.ndarray | None = None,
              accumulate: bool = False) -> np.ndarray:
+        if isinstance(a, np.ndarray):  # a dense block (projected PEFs): BLAS
+            if out is None:
+                return a @ b
+            if accumulate:
+                out += a @ b
+            else:
+                np.matmul(a, b, out=out)
+            return out
         if not self.use_torch:
             res = a @ b
             if out is None:

@@ -35,14 +35,15 @@ from ..utils import (
     check_float,
     check_int,
     limit_threads,
+    pef_projection,
     pef_tag,
     user_stacklevel,
 )
 from ._data import reshape_and_prune, sample_rows
 from ._updates import DIAG_UPDATES, diag_solve_w
 
-__all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "mean_column_cosine",
-           "shared_doc"]
+__all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "describe_projection",
+           "mean_column_cosine", "shared_doc"]
 
 # what a checkpoint's monitored values mean changed in format 2 (cd: projected-gradient
 # sums instead of losses; low rank: slots compacted), so older checkpoints are refused
@@ -139,6 +140,12 @@ class Problem:
     full_const: float | None = None
 
 
+def describe_projection(projection: Any) -> str:
+    """``"a projection (seed=.., n_components=.., n_params=..)"`` for error messages."""
+    return (f"a projection (seed={projection.seed}, n_components="
+            f"{projection.n_components}, n_params={projection.n_params})")
+
+
 #: consecutive checks (10 iterations apart) the coefficients must pass ``coef_tol``
 COEF_CHECKS = 3
 
@@ -210,6 +217,9 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     #: the kind of PEFs the estimator decomposes (PEFTransformer's ``kind``)
     _pef_kind = "diagonal"
 
+    #: dense input is computed on as dense arrays (else converted to CSR)
+    _dense_input = False
+
     #: rows of A per example; LowRankNPEFF uses n_classes
     def _n_slots(self) -> int:
         return 1
@@ -275,11 +285,14 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         """scikit-learn's validation (dtype, NaN/inf, ``n_features_in_``), then CSR,
         then the estimator's own checks of the values (``_check_input``)."""
         self._check_pef_tag(X)
+        if self._pef_kind == "low_rank":  # only low-rank PEFs are ever projected
+            self._check_projection(X, reset=reset)
         X = validate_data(self, X, accept_sparse=("csr", "csc", "coo"),
                           dtype=[np.float64, np.float32], reset=reset,
                           ensure_all_finite=True, ensure_min_samples=1)
         if not sp.issparse(X):
-            X = sp.csr_matrix(X)
+            # dense input stays dense where the estimator computes on it (dense BLAS)
+            X = np.ascontiguousarray(X) if self._dense_input else sp.csr_matrix(X)
         elif X.format != "csr":
             X = X.tocsr()
         self._check_input(X, f"{type(self).__name__}.{whom}")
@@ -301,6 +314,47 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 f"{name}(n_classes={self._n_slots()}) but the PEFs have {slots} class slots "
                 f"per example (the PEFTransformer's n_classes_): pass n_classes={slots}; "
                 "another value would split every row into the wrong class vectors.")
+
+    def _check_projection(self, X: Any, *, reset: bool) -> None:
+        """Record (``reset``) or check the random projection of projected PEFs.
+
+        A fit on a matrix tagged with a projection (``PEFTransformer(compression=
+        "projection")``, :func:`~sknpeff.utils.pef_projection`) sets ``projection_`` to
+        that :class:`~sknpeff.pef.Projection` (``None`` otherwise). Later calls refuse
+        a tagged input of another projection, and projected PEFs beside unprojected
+        ones: their columns mean different things. An untagged matrix (a slice or a
+        stack drops the tag) is not checked.
+        """
+        desc = pef_projection(X)
+        if reset:
+            if desc is None:
+                self.projection_ = None
+            else:
+                from ..pef import Projection  # the estimators import without the PEF code
+
+                self.projection_ = Projection.from_description(desc)
+            return
+        fitted = getattr(self, "projection_", None)
+        kind, _ = pef_tag(X)
+        name = type(self).__name__
+        if desc is None:
+            if fitted is not None and kind is not None:
+                raise ValueError(
+                    f"X holds unprojected PEFs, but {name} was fitted on PEFs projected "
+                    f"by {describe_projection(fitted)}: use PEFs of the same projection.")
+            return
+        from ..pef import Projection
+
+        given = Projection.from_description(desc)
+        if fitted is None:
+            raise ValueError(
+                f"X holds PEFs projected by {describe_projection(given)}, but {name} was "
+                "fitted on unprojected PEFs: use PEFs of the same kind.")
+        if given.description() != fitted.description():
+            raise ValueError(
+                f"X holds PEFs projected by {describe_projection(given)}, but {name} was "
+                f"fitted on PEFs projected by {describe_projection(fitted)}: a component "
+                "is meaningful only under the projection it was fitted under.")
 
     def _check_input(self, X: sp.csr_matrix, whom: str) -> None:
         """Checks of the input's values beyond scikit-learn's (none by default)."""
@@ -374,21 +428,25 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
             self.n_params_ = X.shape[1] // n_slots
         # empty class slots are dropped: an example spans the rows its fullest one needs
         n_rows = A.shape[0] // max(X.shape[0], 1)
-        extras: dict = {"sum": float(np.sum(A.data, dtype=np.float64))}
+        dense = not sp.issparse(A)
+        extras: dict = {"sum": float(np.sum(A if dense else A.data, dtype=np.float64))}
         if pool_rows:
             extras["pool"], extras["pool_norms"] = sample_rows(A, pool_rows, rng)
         const = self._loss_constant(A, n_rows)
         full = None
         if full_const:
             full = const
-            if A.nnz != X.nnz:  # pruned columns hold stored values
+            pruned = kept.size < X.shape[1] // n_slots if dense else A.nnz != X.nnz
+            if pruned:  # pruned columns hold stored values
                 A_all = reshape_and_prune(X, n_slots, np.arange(X.shape[1] // n_slots), 1,
                                           X.dtype)[0]
                 full = self._loss_constant(A_all, A_all.shape[0] // max(X.shape[0], 1))
         backend = self._get_backend(X)
         self._root = bool(backend.is_root())  # only rank 0 prints and writes checkpoints
-        if not transpose:
-            blocks = ColumnBlocks(A, backend, block_size=self.block_size, transpose=False)
+        if not transpose or dense:  # dense blocks are column copies of A
+            blocks = ColumnBlocks(A, backend, block_size=self.block_size,
+                                  transpose=transpose)
+            del A
         else:
             csc = A.tocsc()
             csc.sort_indices()

@@ -1,5 +1,10 @@
 """Input preparation shared by both estimators: PEF rows reshaped to one row per class
-slot, columns pruned, row norms and row samples, all in bounded memory."""
+slot, columns pruned, row norms and row samples, all in bounded memory.
+
+Sparse input (top-K PEFs) becomes a CSR matrix ``A``; dense input (projected PEFs, whose
+every entry is a signed nonzero) becomes a dense array ``A``, so that the products run
+as dense BLAS rather than through a sparse format storing every entry.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,11 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["reshape_and_prune", "row_chunks", "row_sq_norms", "sample_rows"]
+__all__ = ["reshape_and_prune", "reshape_and_prune_dense", "row_chunks", "row_sq_norms",
+           "sample_rows"]
+
+#: entries handled per chunk of rows in the dense paths (bounds float64 temporaries)
+CHUNK_DENSE = 1 << 22
 
 #: nonzeros handled per chunk when re-indexing the input (bounds temporary memory)
 CHUNK_NNZ = 1 << 24
@@ -57,7 +66,11 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     -------
     A : csr_matrix of shape (n * c, len(kept))
     kept : ndarray of int64, the kept parameter indices (sorted)
+
+    A dense ``X`` goes to :func:`reshape_and_prune_dense` (``A`` is then dense).
     """
+    if not sp.issparse(X):
+        return reshape_and_prune_dense(X, n_slots, kept, min_nnz, dtype, compact=compact)
     n, width = X.shape
     m = width // n_slots
     indptr = np.asarray(X.indptr, dtype=np.int64)
@@ -155,8 +168,79 @@ def reshape_and_prune(X: sp.csr_matrix, n_slots: int, kept: np.ndarray | None,
     return A, kept
 
 
-def row_sq_norms(A: sp.csr_matrix) -> np.ndarray:
-    """Squared L2 norm of every row of a CSR matrix, in float64, without copying A."""
+def _dense_row_steps(A: np.ndarray) -> int:
+    """Rows per chunk of a dense pass over ``A`` (about ``CHUNK_DENSE`` entries)."""
+    return max(1, CHUNK_DENSE // max(1, A.shape[1]))
+
+
+def reshape_and_prune_dense(X: np.ndarray, n_slots: int, kept: np.ndarray | None,
+                            min_nnz: int, dtype: Any, *, compact: bool = True
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`reshape_and_prune` for a dense ``X``: ``A`` is a dense array.
+
+    The same rules as for sparse input, with "stored value" read as "nonzero entry":
+    a column is kept when it holds at least ``min_nnz`` nonzero entries (all columns
+    when none does; on projected PEFs every entry is a signed nonzero, so only a column
+    that is zero in nearly every row is dropped), and with ``compact`` an example's
+    rows are its slots that are nonzero in a kept column, padded with zero rows to the
+    largest count. The result is the same as that of the CSR copy of ``X`` (densified).
+
+    When nothing is pruned and no slot is dropped, ``A`` is a reshaped view of ``X``
+    (no copy; the caller must not write to it); otherwise one copy of the kept part.
+    ``X`` is not modified.
+
+    Returns
+    -------
+    A : ndarray of shape (n * c, len(kept))
+    kept : ndarray of int64, the kept parameter indices (sorted)
+    """
+    n, width = X.shape
+    m = width // n_slots
+    X3 = np.asarray(X).reshape(n, n_slots, m)
+    step = _dense_row_steps(X)
+    if kept is None:
+        counts = np.zeros(m, dtype=np.int64)
+        for r0 in range(0, n, step):
+            counts += np.count_nonzero(X3[r0:r0 + step], axis=(0, 1))
+        kept = np.flatnonzero(counts >= min_nnz)
+        if kept.size == 0:
+            kept = np.arange(m)
+    kept = np.asarray(kept, dtype=np.int64)
+    keep_all = kept.size == m
+    c, order = n_slots, None
+    if compact and n_slots > 1:
+        # slots with a nonzero entry in a kept column, per example
+        filled = np.empty((n, n_slots), dtype=bool)
+        for r0 in range(0, n, step):
+            part = X3[r0:r0 + step] if keep_all else X3[r0:r0 + step][:, :, kept]
+            filled[r0:r0 + step] = np.any(part != 0, axis=2)
+        c = max(1, int(filled.sum(axis=1).max(initial=0)))
+        if c < n_slots or not np.all(filled[:, :c]):
+            # non-empty slots first, in slot order (a stable sort of "empty")
+            order = np.argsort(~filled, axis=1, kind="stable")[:, :c]
+    if keep_all and order is None:
+        A = X3.reshape(n * c, m)
+        return (A if A.dtype == dtype else A.astype(dtype)), kept
+    A = np.empty((n, c, kept.size), dtype=dtype)
+    for r0 in range(0, n, step):
+        part = X3[r0:r0 + step]
+        if order is not None:
+            part = part[np.arange(part.shape[0])[:, None], order[r0:r0 + step]]
+        A[r0:r0 + step] = part if keep_all else part[:, :, kept]
+    # a padding row is an empty slot: already zero over the kept columns
+    return A.reshape(n * c, kept.size), kept
+
+
+def row_sq_norms(A: sp.csr_matrix | np.ndarray) -> np.ndarray:
+    """Squared L2 norm of every row of a CSR matrix (or a dense array), in float64,
+    without copying A."""
+    if not sp.issparse(A):
+        out = np.empty(A.shape[0], dtype=np.float64)
+        step = _dense_row_steps(A)
+        for r0 in range(0, A.shape[0], step):
+            d = np.asarray(A[r0:r0 + step], dtype=np.float64)
+            out[r0:r0 + step] = np.einsum("ij,ij->i", d, d)
+        return out
     out = np.zeros(A.shape[0], dtype=np.float64)
     indptr = A.indptr
     for r0, r1 in row_chunks(indptr):
@@ -167,12 +251,14 @@ def row_sq_norms(A: sp.csr_matrix) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
-def sample_rows(A: sp.csr_matrix, n_rows: int, rng: np.random.RandomState | None
-                ) -> tuple[sp.csr_matrix, np.ndarray]:
-    """At most ``n_rows`` random nonzero rows of ``A`` (sorted) and their L2 norms."""
+def sample_rows(A: sp.csr_matrix | np.ndarray, n_rows: int,
+                rng: np.random.RandomState | None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """At most ``n_rows`` random nonzero rows of ``A`` (sorted, as CSR: a small sample,
+    also of a dense ``A``) and their L2 norms."""
     norms = np.sqrt(row_sq_norms(A))
     rows = np.flatnonzero(norms > 0)
     if rows.size > n_rows:
         rng = rng if rng is not None else np.random.RandomState(0)
         rows = np.sort(rng.choice(rows, n_rows, replace=False))
-    return A[rows], norms[rows]
+    sample = A[rows] if sp.issparse(A) else sp.csr_matrix(A[rows])
+    return sample, norms[rows]

@@ -126,9 +126,25 @@ class LowRankNPEFF(BaseNPEFF):
     {fit_attributes}
     n_features_in_ : int
         ``n_classes * n_params``.
+    projection_ : Projection or None
+        The :class:`~sknpeff.pef.Projection` of the PEFs the fit saw, when they were
+        projected (``PEFTransformer(compression="projection")``, read from the tag of
+        ``X``, see :func:`~sknpeff.utils.pef_projection`); ``None`` otherwise. The
+        components then live in the projected space (``n_params`` is the projection's
+        ``n_components``); :func:`~sknpeff.pef.recover_components` applied to the
+        fitted estimator brings them back to the model's parameters. :meth:`transform`,
+        :meth:`loss`, :meth:`score` and :meth:`partial_fit` refuse tagged PEFs of
+        another projection, or unprojected ones.
 
     Notes
     -----
+    **Dense input.** A dense ``X`` (projected PEFs: every entry a signed nonzero) is
+    computed on as dense arrays, with dense (BLAS) products, never converted to a sparse
+    format that would store an index beside every value; the result is that of the same
+    values given as CSR, up to float rounding. Column pruning follows the same rule
+    (``min_nnz_per_column`` nonzero entries), which on projected PEFs keeps every column
+    that is not zero.
+
     **CuPy input.** :meth:`fit_transform` and :meth:`transform` return a CuPy array on
     the input's device when ``X`` is a CuPy array or ``cupyx.scipy.sparse`` matrix, and
     NumPy otherwise, whatever backend or devices computed them (as scikit-learn's array
@@ -185,6 +201,7 @@ class LowRankNPEFF(BaseNPEFF):
 
     # ------------------------------------------------------------- validation
     _pef_kind = "low_rank"
+    _dense_input = True
 
     def _n_slots(self) -> int:
         return int(self.n_classes)
@@ -205,7 +222,9 @@ class LowRankNPEFF(BaseNPEFF):
                 f"{self.n_classes}: low-rank PEF rows hold n_classes slots of n_params "
                 "values each. Pass the n_classes of the PEFTransformer that made X.")
 
-    def _loss_constant(self, A: sp.csr_matrix, n_rows: int) -> float:
+    def _loss_constant(self, A: sp.csr_matrix | np.ndarray, n_rows: int) -> float:
+        if not sp.issparse(A):
+            return slot_gram_sq_dense(A, n_rows)
         return slot_gram_sq(A, n_rows)
 
     def _prepare_kw(self, rng: np.random.RandomState) -> dict:
@@ -427,4 +446,22 @@ def slot_gram_sq(A: sp.csr_matrix, n_slots: int, chunk_nnz: int = 1 << 18) -> fl
                               shape=((b1 - b0) * n_slots, n_cols))
             gram = (B @ B.T).tocsr()
             total += float(np.dot(gram.data, gram.data))
+    return total
+
+
+def slot_gram_sq_dense(A: np.ndarray, n_slots: int, chunk: int = 1 << 22) -> float:
+    """:func:`slot_gram_sq` of a dense ``A``: batched ``A_i A_i^T`` products over
+    chunks of examples of about ``chunk`` entries, in float64."""
+    n = A.shape[0] // n_slots if n_slots else 0
+    if n == 0 or A.size == 0:
+        return 0.0
+    m = A.shape[1]
+    step = max(1, chunk // max(1, n_slots * m))
+    total = 0.0
+    for e0 in range(0, n, step):
+        e1 = min(n, e0 + step)
+        B = np.asarray(A[e0 * n_slots:e1 * n_slots], dtype=np.float64).reshape(
+            e1 - e0, n_slots, m)
+        G = B @ B.transpose(0, 2, 1)
+        total += float(np.sum(G * G))
     return total
