@@ -10,6 +10,10 @@
 
 Run: ``python benchmarks/bench_projected_fit.py [--n 2000] [--d 4096]`` (a few minutes
 on a loaded 2-core machine; the recovery dominates).
+
+Measured on a shared 2-core CPU: dense 3.2 s, CSR of the same values 11.9 s (3.7x);
+recovery min |cos| 0.67 at d/s = 5, 0.995 at 10, 1.000 from 20 on (8 s log(m/s) is
+d/s = 31).
 """
 
 from __future__ import annotations
