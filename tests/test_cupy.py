@@ -441,3 +441,21 @@ def test_expander_cupy_input_gives_cupy_output(cp):
     assert _on_device(cp, exp.transform(_to_cupy_csr(cp, X)), 0)
     assert _is_numpy(exp.components_)
     assert _is_numpy(ComponentExpander(base, n_new_components=2).fit_transform(X))
+
+
+def test_lowrank_dense_signed_input_equals_cpu(cp):
+    """Projected PEFs are dense and signed: the dense column blocks on the devices give
+    the CPU fit."""
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((4, 300))
+    coef = rng.random((120 * 3, 4)) * (rng.random((120 * 3, 4)) < 0.4)
+    X = (coef @ G + 0.01 * rng.standard_normal((360, 300))).reshape(120, 3 * 300)
+    kw = dict(n_components=4, n_classes=3, random_state=0, max_iter=30, tol=0,
+              block_size=64)
+    ref = LowRankNPEFF(**kw, backend=NumpyBackend())
+    W_ref = ref.fit_transform(X)
+    est = LowRankNPEFF(**kw, backend="cupy", devices=[0])
+    W = est.fit_transform(X)
+    np.testing.assert_allclose(np.asarray(W), W_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(est.components_, ref.components_, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(est.loss(X), ref.loss(X), rtol=1e-6)
