@@ -112,7 +112,10 @@ def recovered_components(decomposition: Any, projection: Projection, params: Any
             return (key, G), res
     width = np.shape(H)[1]
     kept = getattr(decomposition, "kept_columns_", None)
-    if width != projection.n_components and kept is None:
+    fits = width == projection.n_components or (
+        kept is not None and np.size(kept) == width
+        and int(np.max(kept, initial=-1)) < projection.n_components)
+    if not fits:
         raise ValueError(
             f"the estimator's components have {width} columns but the projection has "
             f"{projection.n_components} (d): pass the projection_ of the PEFTransformer "
