@@ -89,3 +89,18 @@ def test_errors(fitted):
         GuidedPerturber(pipe, model, recovery_params={"no_such": 1})
     with pytest.raises(ValueError, match="recovery_params must be"):
         GuidedPerturber(pipe, model, recovery_params=[1])
+
+
+def test_top_parameters_by_layer_of_recovered_components(fitted):
+    from sknpeff.inspection import top_parameters_by_layer
+
+    model, X, pipe, W = fitted
+    gp = GuidedPerturber(pipe, model)
+    layout = pipe[0].layout_
+    g = gp.parameter_components_[0]
+    shares = dict(top_parameters_by_layer(g, layout, k=len(layout.names)))
+    # against a direct per-tensor sum of squares
+    for name, off, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
+        assert shares[name] == pytest.approx(np.sum(g[off:off + size] ** 2) / np.sum(g**2))
+    with pytest.raises(ValueError, match="recover_components"):
+        top_parameters_by_layer(pipe[-1].components_[0], layout)
