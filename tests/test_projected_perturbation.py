@@ -104,3 +104,17 @@ def test_top_parameters_by_layer_of_recovered_components(fitted):
         assert shares[name] == pytest.approx(np.sum(g[off:off + size] ** 2) / np.sum(g**2))
     with pytest.raises(ValueError, match="recover_components"):
         top_parameters_by_layer(pipe[-1].components_[0], layout)
+
+
+def test_adjoint_recovery_acts_as_the_projected_component(fitted):
+    model, X, pipe, W = fitted
+    gp = GuidedPerturber(pipe, model, recovery="adjoint")
+    assert gp.recovery_residuals_ is None
+    proj, H = pipe[0].projection_, np.asarray(pipe[-1].components_, dtype=np.float64)
+    # a . R^T h = (R a) . h for any per-parameter vector a
+    A = np.random.default_rng(0).normal(size=(3, proj.n_params))
+    np.testing.assert_allclose(A @ gp.parameter_components_.T,
+                               np.asarray(proj.apply(A)) @ H.T, rtol=1e-9, atol=1e-9)
+    assert np.linalg.norm(gp.perturbation(0)) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="recovery"):
+        GuidedPerturber(pipe, model, recovery="dense")

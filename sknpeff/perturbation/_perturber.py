@@ -173,6 +173,13 @@ class GuidedPerturber:
     recovery_params : dict or None, default=None
         Keyword arguments of :func:`~sknpeff.pef.recover_components` (e.g.
         ``{"alpha": 1e-3, "n_nonzero": 5000}``) for a projected fit.
+    recovery : {"sparse", "adjoint"}, default="sparse"
+        Projected fit: ``"sparse"`` recovers a sparse ``g_k`` with ``R g_k ~ h_k``
+        (:func:`~sknpeff.pef.recover_components`). ``"adjoint"`` uses ``R^T h_k``: not
+        ``g_k`` (it is spread over every parameter), but its effect on an example,
+        ``a . R^T h_k = (R a) . h_k``, is exactly the fitted component's on the
+        projected PEF, which can make more selective perturbations when the true
+        ``g_k`` is not sparse enough to be recovered from ``d`` measurements.
 
     Attributes
     ----------
@@ -190,8 +197,9 @@ class GuidedPerturber:
         The components in the layout's flat parameter order: the estimator's
         ``components_``, or for a projected fit the recovered ones (float64).
     recovery_residuals_ : ndarray of shape (n_components,) or None
-        Projected fit: ``||R g_k - h_k|| / ||h_k||`` of each recovered component (large
-        values mean ``d`` measurements did not pin ``g_k`` down); ``None`` otherwise.
+        Projected fit with ``recovery="sparse"``: ``||R g_k - h_k|| / ||h_k||`` of each
+        recovered component (large values mean ``d`` measurements did not pin ``g_k``
+        down); ``None`` otherwise.
     dataset_fisher_ : ndarray of shape (n_params,)
         Diagonal only, after :meth:`fit`: the dataset-level diagonal Fisher (mean of the
         unnormalized per-example diagonal Fishers of the examples passed to ``fit``),
@@ -229,7 +237,8 @@ class GuidedPerturber:
                  forward: Callable[[nn.Module, Any], Any] | None = None, batch_size: int = 32,
                  kl_target: tuple[float, float] = (0.05, 0.2), fisher_floor: float = 1e-6,
                  n_lambda: int = 5, output: str = "auto", position: Any = None,
-                 projection: Any = None, recovery_params: dict | None = None) -> None:
+                 projection: Any = None, recovery_params: dict | None = None,
+                 recovery: str = "sparse") -> None:
         self.estimator = estimator
         self.model = model
         self.layout = layout
@@ -244,6 +253,7 @@ class GuidedPerturber:
         self.position = position
         self.projection = projection
         self.recovery_params = recovery_params
+        self.recovery = recovery
         self._validate()
         self._cache: dict = {}
 
@@ -326,7 +336,8 @@ class GuidedPerturber:
                     f"{layout.n_params}: pass the layout_ and projection_ of the same "
                     "PEFTransformer.")
             self._recovery = recovered_components(
-                unwrap(self.estimator), proj, self.recovery_params, self._recovery)
+                unwrap(self.estimator), proj, self.recovery_params, self._recovery,
+                check_choice(self.recovery, "recovery", ("sparse", "adjoint")))
             self.recovery_residuals_ = self._recovery[1]
         self.layout_ = layout
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.pipeline import Pipeline
 
 from ..pef import Projection, recover_components
@@ -79,7 +80,8 @@ def _check_params(params: Any) -> dict:
 
 
 def recovered_components(decomposition: Any, projection: Projection, params: Any,
-                         cached: Any = None) -> tuple[tuple, np.ndarray]:
+                         cached: Any = None, method: str = "sparse"
+                         ) -> tuple[tuple, np.ndarray | None]:
     """The decomposition's projected components recovered in parameter space.
 
     Parameters
@@ -92,23 +94,28 @@ def recovered_components(decomposition: Any, projection: Projection, params: Any
     params : dict or None
         Keyword arguments of :func:`~sknpeff.pef.recover_components`.
     cached : tuple or None, default=None
-        The first value returned by an earlier call: reused when the components array
-        (the same object), the projection and ``params`` are the same.
+        The value returned by an earlier call: reused when the components array (the
+        same object), the projection, ``params`` and ``method`` are the same.
+    method : {"sparse", "adjoint"}, default="sparse"
+        ``"sparse"``: :func:`~sknpeff.pef.recover_components`. ``"adjoint"``: ``R^T h``
+        (no recovery of ``g``, but ``a . R^T h = (R a) . h`` for every per-example
+        vector ``a``: the perturbation acts on the examples exactly as the fitted
+        component does on their projected PEFs; ``params`` is unused).
 
     Returns
     -------
     entry : tuple
         ``(key, G)``, ``G`` the dense float64 recovered components ``(r, n_params)``
         (pass it back as ``cached``).
-    residuals : ndarray of shape (r,)
-        ``||R g_k - h_k|| / ||h_k||``.
+    residuals : ndarray of shape (r,) or None
+        ``||R g_k - h_k|| / ||h_k||`` (``None`` for ``"adjoint"``).
     """
     kwargs = _check_params(params)
     H = decomposition.components_
     desc = projection.description()
     if cached is not None:
         (key, G), res = cached
-        if key[0] is H and key[1] == desc and key[2] == kwargs:
+        if key[0] is H and key[1:] == (desc, kwargs, method):
             return (key, G), res
     width = np.shape(H)[1]
     kept = getattr(decomposition, "kept_columns_", None)
@@ -120,9 +127,17 @@ def recovered_components(decomposition: Any, projection: Projection, params: Any
             f"the estimator's components have {width} columns but the projection has "
             f"{projection.n_components} (d): pass the projection_ of the PEFTransformer "
             "that computed the PEFs the estimator was fitted on.")
+    key = (H, desc, kwargs, method)
+    if method == "adjoint":
+        Hf = np.asarray(H.toarray() if hasattr(H, "toarray") else H, dtype=np.float64)
+        if kept is not None and width != projection.n_components:
+            full = np.zeros((Hf.shape[0], projection.n_components))
+            full[:, np.asarray(kept)] = Hf
+            Hf = full
+        return (key, np.asarray(projection.adjoint(torch.from_numpy(Hf)))), None
     try:
         rec, res = recover_components(decomposition, projection, return_residuals=True,
                                       **kwargs)
     except TypeError as exc:
         raise ValueError(f"recovery_params: {exc}") from None
-    return ((H, desc, kwargs), rec.toarray()), np.asarray(res, dtype=np.float64)
+    return (key, rec.toarray()), np.asarray(res, dtype=np.float64)
