@@ -14,7 +14,9 @@ matching planted concept among the top ``k``), and the median KL ratio of guided
 perturbations (:class:`~sknpeff.perturbation.GuidedPerturber`, ``||delta|| = 0.1``,
 top 16 held-out examples over all held-out examples). For the projected fit the
 perturber recovers the components in parameter space first
-(:func:`~sknpeff.pef.recover_components`); its time is in the ``perturb`` column.
+(:func:`~sknpeff.pef.recover_components`, ``proj/sparse``; its time is in the
+``perturb`` column) or perturbs along ``R^T h`` (``recovery="adjoint"``,
+``proj/adjoint``); purity does not depend on it.
 
 Usage::
 
@@ -55,20 +57,23 @@ def run_one(model, X_train, X_test, n_slots, K, compression, n_components, max_i
         est.fit(res_train.pefs)
     W = est.transform(res_test.pefs)
     t_fit = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gp = GuidedPerturber(est, model, layout=pef.layout_, projection=pef.projection_,
-                         batch_size=512)
-    kl = gp.kl_ratios(X_test, W, n_top=n_top, random_state=seed).kl_ratio
-    t_pert = time.perf_counter() - t0
     summ = component_summary(W, predictions=res_test.predictions, k=k)
-    row = {"bytes/example": nbytes / P.shape[0],
-           "purity": float(np.mean(summ["prediction_purity"])),
-           "median KL ratio": float(np.nanmedian(kl)),
-           "pef s": t_pef, "fit s": t_fit, "perturb s": t_pert}
+    base = {"bytes/example": nbytes / P.shape[0],
+            "purity": float(np.mean(summ["prediction_purity"])), "pef s": t_pef,
+            "fit s": t_fit}
     if concepts is not None:
         top = np.argsort(-W, axis=0, kind="stable")[:k]  # (k, r)
-        row["concept precision"] = float(np.mean(concepts[top].mean(0).max(1)))
-    return row
+        base["concept precision"] = float(np.mean(concepts[top].mean(0).max(1)))
+    rows = {}
+    for recovery in (("sparse",) if compression == "topk" else ("sparse", "adjoint")):
+        t0 = time.perf_counter()
+        gp = GuidedPerturber(est, model, layout=pef.layout_, projection=pef.projection_,
+                             batch_size=512, recovery=recovery)
+        kl = gp.kl_ratios(X_test, W, n_top=n_top, random_state=seed).kl_ratio
+        name = compression if compression == "topk" else f"proj/{recovery}"
+        rows[name] = dict(base, **{"median KL ratio": float(np.nanmedian(kl)),
+                                   "perturb s": time.perf_counter() - t0})
+    return rows
 
 
 def main() -> None:
@@ -85,30 +90,32 @@ def main() -> None:
     X_tr, _ = sample(1500, random_state=1)
     X_te, c_te = sample(600, random_state=2)
     for compression in ("topk", "projection", "topk", "projection"):  # A/B/A/B
-        rows.append(("experts", compression, run_one(
-            model, X_tr, X_te, 3, 400, compression, 8, max_iter, seed, concepts=c_te)))
+        out = run_one(model, X_tr, X_te, 3, 400, compression, 8, max_iter, seed,
+                      concepts=c_te)
+        rows += [("experts", name, row) for name, row in out.items()]
 
     model, split = train_digits_cnn(random_state=seed, epochs=10 if args.quick else 30,
                                     label_smoothing=0.1)
     n_comp = 16 if args.quick else 32
     for compression in ("topk", "projection"):
-        rows.append(("digits", compression, run_one(
-            model, split.X_train, split.X_test, 10, 2048, compression, n_comp, max_iter,
-            seed)))
+        out = run_one(model, split.X_train, split.X_test, 10, 2048, compression, n_comp,
+                      max_iter, seed)
+        rows += [("digits", name, row) for name, row in out.items()]
 
     cols = ["bytes/example", "purity", "concept precision", "median KL ratio", "pef s",
             "fit s", "perturb s"]
-    print(f"{'model':8} {'PEFs':10} " + " ".join(f"{c:>17}" for c in cols))
+    print(f"{'model':8} {'PEFs':13} " + " ".join(f"{c:>17}" for c in cols))
     for name, comp, row in rows:
-        print(f"{name:8} {comp:10} " + " ".join(
+        print(f"{name:8} {comp:13} " + " ".join(
             f"{row.get(c, float('nan')):17.3f}" for c in cols))
     for name in ("experts", "digits"):
         a = [r for n, c, r in rows if n == name and c == "topk"]
-        b = [r for n, c, r in rows if n == name and c == "projection"]
-        for c in ("purity", "concept precision", "median KL ratio"):
-            if c in a[0]:
-                ratio = np.mean([r[c] for r in b]) / np.mean([r[c] for r in a])
-                print(f"{name}: projection / top-K {c}: {ratio:.3f}")
+        for proj in ("proj/sparse", "proj/adjoint"):
+            b = [r for n, c, r in rows if n == name and c == proj]
+            for c in ("purity", "concept precision", "median KL ratio"):
+                if c in a[0] and (c == "median KL ratio" or proj == "proj/sparse"):
+                    ratio = np.mean([r[c] for r in b]) / np.mean([r[c] for r in a])
+                    print(f"{name}: {proj} / top-K {c}: {ratio:.3f}")
 
 
 if __name__ == "__main__":
