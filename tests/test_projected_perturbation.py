@@ -118,3 +118,12 @@ def test_adjoint_recovery_acts_as_the_projected_component(fitted):
     assert np.linalg.norm(gp.perturbation(0)) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="recovery"):
         GuidedPerturber(pipe, model, recovery="dense")
+
+
+def test_projection_and_layout_must_match(fitted):
+    from sknpeff.layout import ParameterLayout
+
+    model, X, pipe, W = fitted
+    sub = ParameterLayout.from_model(model, params=list(pipe[0].layout_.names[1:]))
+    with pytest.raises(ValueError, match="same PEFTransformer"):
+        GuidedPerturber(pipe[-1], model, layout=sub, projection=pipe[0].projection_)

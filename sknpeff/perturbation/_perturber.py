@@ -296,6 +296,7 @@ class GuidedPerturber:
             self.forward_ = getattr(step, "forward", None)
             if self.position is None:
                 self.position_ = check_position(getattr(step, "position", None))
+        recovery = check_choice(self.recovery, "recovery", ("sparse", "adjoint"))
         proj = find_projection(self.estimator, unwrap(self.estimator), self.projection)
         if proj is not None and self.kind_ != "low_rank":
             raise ValueError("projection applies to a LowRankNPEFF fitted on projected PEFs; "
@@ -330,14 +331,15 @@ class GuidedPerturber:
                     "PEFTransformer and the decomposition).")
             self.recovery_residuals_ = None
         else:
-            if proj.n_params != layout.n_params:
+            if proj.n_params != layout.n_params or list(proj.layout.names) != list(
+                    layout.names):
                 raise ValueError(
-                    f"the projection acts on {proj.n_params} parameters but the layout has "
-                    f"{layout.n_params}: pass the layout_ and projection_ of the same "
-                    "PEFTransformer.")
+                    f"the projection acts on {proj.n_params} parameters "
+                    f"({len(proj.layout.names)} tensors) but the layout has "
+                    f"{layout.n_params} ({len(layout.names)}): pass the layout_ and "
+                    "projection_ of the same PEFTransformer.")
             self._recovery = recovered_components(
-                unwrap(self.estimator), proj, self.recovery_params, self._recovery,
-                check_choice(self.recovery, "recovery", ("sparse", "adjoint")))
+                unwrap(self.estimator), proj, self.recovery_params, self._recovery, recovery)
             self.recovery_residuals_ = self._recovery[1]
         self.layout_ = layout
 
