@@ -23,6 +23,12 @@ def fitted():
     return model, X, pipe, W
 
 
+@pytest.fixture(scope="module")
+def recovered(fitted):
+    model, X, pipe, W = fitted
+    return GuidedPerturber(pipe, model)
+
+
 def _planted(proj, r=4, s=4, seed=0):
     """Sparse parameter-space components and their exact projections ``R g``."""
     rng = np.random.default_rng(seed)
@@ -91,11 +97,11 @@ def test_errors(fitted):
         GuidedPerturber(pipe, model, recovery_params=[1])
 
 
-def test_top_parameters_by_layer_of_recovered_components(fitted):
+def test_top_parameters_by_layer_of_recovered_components(fitted, recovered):
     from sknpeff.inspection import top_parameters_by_layer
 
     model, X, pipe, W = fitted
-    gp = GuidedPerturber(pipe, model)
+    gp = recovered
     layout = pipe[0].layout_
     g = gp.parameter_components_[0]
     shares = dict(top_parameters_by_layer(g, layout, k=len(layout.names)))
@@ -127,3 +133,12 @@ def test_projection_and_layout_must_match(fitted):
     sub = ParameterLayout.from_model(model, params=list(pipe[0].layout_.names[1:]))
     with pytest.raises(ValueError, match="same PEFTransformer"):
         GuidedPerturber(pipe[-1], model, layout=sub, projection=pipe[0].projection_)
+
+
+def test_projection_read_from_the_estimator(fitted, recovered):
+    model, X, pipe, W = fitted
+    est = copy.copy(pipe[-1])
+    est.projection_ = pipe[0].projection_.description()  # as a fitted estimator may carry
+    gp = GuidedPerturber(est, model)  # the layout comes with the projection
+    np.testing.assert_array_equal(gp.perturbation(2),
+                                  recovered.perturbation(2))
