@@ -79,43 +79,45 @@ def run_one(model, X_train, X_test, n_slots, K, compression, n_components, max_i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller fits (a smoke run)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                    help="seeds of the models, projections and fits (results are averaged)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    seed = args.seed
     max_iter = 100 if args.quick else 300
     rows = []
 
-    model, sample, _ = make_gated_experts(random_state=seed)
-    X_tr, _ = sample(1500, random_state=1)
-    X_te, c_te = sample(600, random_state=2)
-    for compression in ("topk", "projection", "topk", "projection"):  # A/B/A/B
-        out = run_one(model, X_tr, X_te, 3, 400, compression, 8, max_iter, seed,
-                      concepts=c_te)
-        rows += [("experts", name, row) for name, row in out.items()]
+    for seed in args.seeds:
+        model, sample, _ = make_gated_experts(random_state=seed)
+        X_tr, _ = sample(1500, random_state=1)
+        X_te, c_te = sample(600, random_state=2)
+        for compression in ("topk", "projection"):  # interleaved per seed
+            out = run_one(model, X_tr, X_te, 3, 400, compression, 8, max_iter, seed,
+                          concepts=c_te)
+            rows += [("experts", f"{name} s{seed}", row) for name, row in out.items()]
 
-    model, split = train_digits_cnn(random_state=seed, epochs=10 if args.quick else 30,
-                                    label_smoothing=0.1)
-    n_comp = 16 if args.quick else 32
-    for compression in ("topk", "projection"):
-        out = run_one(model, split.X_train, split.X_test, 10, 2048, compression, n_comp,
-                      max_iter, seed)
-        rows += [("digits", name, row) for name, row in out.items()]
+    for seed in args.seeds:
+        model, split = train_digits_cnn(random_state=seed, epochs=10 if args.quick else 30,
+                                        label_smoothing=0.1)
+        n_comp = 16 if args.quick else 32
+        for compression in ("topk", "projection"):
+            out = run_one(model, split.X_train, split.X_test, 10, 2048, compression, n_comp,
+                          max_iter, seed)
+            rows += [("digits", f"{name} s{seed}", row) for name, row in out.items()]
 
     cols = ["bytes/example", "purity", "concept precision", "median KL ratio", "pef s",
             "fit s", "perturb s"]
-    print(f"{'model':8} {'PEFs':13} " + " ".join(f"{c:>17}" for c in cols))
+    print(f"{'model':8} {'PEFs, seed':16} " + " ".join(f"{c:>17}" for c in cols))
     for name, comp, row in rows:
-        print(f"{name:8} {comp:13} " + " ".join(
+        print(f"{name:8} {comp:16} " + " ".join(
             f"{row.get(c, float('nan')):17.3f}" for c in cols))
     for name in ("experts", "digits"):
-        a = [r for n, c, r in rows if n == name and c == "topk"]
+        a = [r for n, c, r in rows if n == name and c.startswith("topk ")]
         for proj in ("proj/sparse", "proj/adjoint"):
-            b = [r for n, c, r in rows if n == name and c == proj]
+            b = [r for n, c, r in rows if n == name and c.startswith(proj + " ")]
             for c in ("purity", "concept precision", "median KL ratio"):
                 if c in a[0] and (c == "median KL ratio" or proj == "proj/sparse"):
                     ratio = np.mean([r[c] for r in b]) / np.mean([r[c] for r in a])
-                    print(f"{name}: {proj} / top-K {c}: {ratio:.3f}")
+                    print(f"{name}: {proj} / top-K {c} (means over seeds): {ratio:.3f}")
 
 
 if __name__ == "__main__":
