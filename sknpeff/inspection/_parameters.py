@@ -19,7 +19,9 @@ def top_parameters_by_layer(
     ----------
     component_vector : array-like of shape (n_params,)
         A component in flat parameter space (e.g. one row of ``components_``, in the
-        layout's order).
+        layout's order; for a fit on projected PEFs, a row of
+        :func:`~sknpeff.pef.recover_components` or of a
+        :class:`~sknpeff.perturbation.GuidedPerturber`'s ``parameter_components_``).
     layout : object
         Anything with ``names``, ``offsets`` and ``shapes`` attributes describing the flat
         vector (such as :class:`sknpeff.layout.ParameterLayout`): tensor ``names[t]`` of
@@ -65,7 +67,10 @@ def top_parameters_by_layer(
     v = np.asarray(to_numpy(component_vector), dtype=np.float64).ravel()
     if v.shape[0] != n_params:
         raise ValueError(
-            f"component_vector must have length {n_params} (the layout's), got {v.shape[0]}."
+            f"component_vector must have length {n_params} (the layout's), got {v.shape[0]}"
+            "; a component fitted on randomly projected PEFs (compression='projection') "
+            "must first be brought back to parameter space: sknpeff.pef.recover_components, "
+            "or the parameter_components_ of a GuidedPerturber."
         )
     k = check_int(k, "k", low=1)
     mass = v * v if squared else np.abs(v)

@@ -28,6 +28,7 @@ from ..utils import (
 from ._diagonal import bisect_size, diagonal_profile, rank_key, safe_ratio, search_blend
 from ._evaluation import applied, kl_divergence, log_probs, loss_grad_sign
 from ._low_rank import component_gram, orthogonal_direction
+from ._projected import find_projection, recovered_components
 from ._results import KLRatioResult, KLRatioResults
 
 __all__ = ["GuidedPerturber", "estimator_kind", "pipeline_layout", "pipeline_step", "unwrap"]
@@ -161,6 +162,24 @@ class GuidedPerturber:
     n_lambda : int, default=5
         Diagonal: number of values of ``lambda`` tried (evenly spaced in log-odds over
         ``(0.035, 0.965)``); for each, ``Delta`` is found by bisection on its log.
+    projection : Projection, dict, PEFTransformer or None, default=None
+        For a low-rank fit on randomly projected PEFs
+        (``PEFTransformer(compression="projection")``): the random operator ``R``.
+        Default: the estimator's ``projection_`` when it has one, else the
+        ``projection_`` of a Pipeline's PEFTransformer step. The projected components
+        are brought back to parameter space once, by
+        :func:`~sknpeff.pef.recover_components`, and everything else works there as
+        for top-K PEFs.
+    recovery_params : dict or None, default=None
+        Keyword arguments of :func:`~sknpeff.pef.recover_components` (e.g.
+        ``{"alpha": 1e-3, "n_nonzero": 5000}``) for a projected fit.
+    recovery : {"sparse", "adjoint"}, default="sparse"
+        Projected fit: ``"sparse"`` recovers a sparse ``g_k`` with ``R g_k ~ h_k``
+        (:func:`~sknpeff.pef.recover_components`). ``"adjoint"`` uses ``R^T h_k``: not
+        ``g_k`` (it is spread over every parameter), but its effect on an example,
+        ``a . R^T h_k = (R a) . h_k``, is exactly the fitted component's on the
+        projected PEF, which can make more selective perturbations when the true
+        ``g_k`` is not sparse enough to be recovered from ``d`` measurements.
 
     Attributes
     ----------
@@ -172,6 +191,15 @@ class GuidedPerturber:
         The ``position`` used.
     kind_ : {"low_rank", "diagonal"}
         Kind of the decomposition.
+    projection_ : Projection or None
+        The random operator of a projected fit (``None`` for top-K PEFs).
+    parameter_components_ : ndarray of shape (n_components, n_params)
+        The components in the layout's flat parameter order: the estimator's
+        ``components_``, or for a projected fit the recovered ones (float64).
+    recovery_residuals_ : ndarray of shape (n_components,) or None
+        Projected fit with ``recovery="sparse"``: ``||R g_k - h_k|| / ||h_k||`` of each
+        recovered component (large values mean ``d`` measurements did not pin ``g_k``
+        down); ``None`` otherwise.
     dataset_fisher_ : ndarray of shape (n_params,)
         Diagonal only, after :meth:`fit`: the dataset-level diagonal Fisher (mean of the
         unnormalized per-example diagonal Fishers of the examples passed to ``fit``),
@@ -208,7 +236,9 @@ class GuidedPerturber:
                  magnitude: float = 0.1, max_cosine: float = 0.35,
                  forward: Callable[[nn.Module, Any], Any] | None = None, batch_size: int = 32,
                  kl_target: tuple[float, float] = (0.05, 0.2), fisher_floor: float = 1e-6,
-                 n_lambda: int = 5, output: str = "auto", position: Any = None) -> None:
+                 n_lambda: int = 5, output: str = "auto", position: Any = None,
+                 projection: Any = None, recovery_params: dict | None = None,
+                 recovery: str = "sparse") -> None:
         self.estimator = estimator
         self.model = model
         self.layout = layout
@@ -221,6 +251,9 @@ class GuidedPerturber:
         self.n_lambda = n_lambda
         self.output = output
         self.position = position
+        self.projection = projection
+        self.recovery_params = recovery_params
+        self.recovery = recovery
         self._validate()
         self._cache: dict = {}
 
@@ -263,9 +296,16 @@ class GuidedPerturber:
             self.forward_ = getattr(step, "forward", None)
             if self.position is None:
                 self.position_ = check_position(getattr(step, "position", None))
+        recovery = check_choice(self.recovery, "recovery", ("sparse", "adjoint"))
+        proj = find_projection(self.estimator, unwrap(self.estimator), self.projection)
+        if proj is not None and self.kind_ != "low_rank":
+            raise ValueError("projection applies to a LowRankNPEFF fitted on projected PEFs; "
+                             "the estimator is a DiagonalNPEFF.")
         layout = self.layout
         if layout is None:
             layout = pipeline_layout(self.estimator)
+        if layout is None and proj is not None:
+            layout = proj.layout
         if layout is None:
             layout = ParameterLayout.from_model(self.model)
         elif not isinstance(layout, ParameterLayout):
@@ -278,15 +318,43 @@ class GuidedPerturber:
             if tuple(named[name].shape) != shape:
                 raise ValueError(f"layout shape of {name!r} is {shape}, the model's is "
                                  f"{tuple(named[name].shape)}.")
-        width = self._components().shape[1]
-        if width != layout.n_params:
-            raise ValueError(
-                f"the estimator's components have {width} parameters but the layout has "
-                f"{layout.n_params}: pass layout=<PEFTransformer>.layout_ (the same params "
-                "subset the PEFs were computed on).")
+        self.projection_ = proj
+        if proj is None:
+            width = np.shape(unwrap(self.estimator).components_)[1]
+            if width != layout.n_params:
+                raise ValueError(
+                    f"the estimator's components have {width} columns but the layout has "
+                    f"{layout.n_params} parameters: pass layout=<PEFTransformer>.layout_ (the "
+                    "same params subset the PEFs were computed on); if the PEFs were randomly "
+                    "projected (compression='projection'), pass "
+                    "projection=<PEFTransformer>.projection_ (or a Pipeline of the "
+                    "PEFTransformer and the decomposition).")
+            self.recovery_residuals_ = None
+        else:
+            if proj.n_params != layout.n_params or list(proj.layout.names) != list(
+                    layout.names):
+                raise ValueError(
+                    f"the projection acts on {proj.n_params} parameters "
+                    f"({len(proj.layout.names)} tensors) but the layout has "
+                    f"{layout.n_params} ({len(layout.names)}): pass the layout_ and "
+                    "projection_ of the same PEFTransformer.")
+            self._recovery = recovered_components(
+                unwrap(self.estimator), proj, self.recovery_params, self._recovery, recovery)
+            self.recovery_residuals_ = self._recovery[1]
         self.layout_ = layout
 
+    #: cache of the recovered components of a projected fit (see ``recovered_components``)
+    _recovery: Any = None
+
+    @property
+    def parameter_components_(self) -> np.ndarray:
+        """The components in the layout's flat parameter order (recovered when
+        projected)."""
+        return self._components()
+
     def _components(self) -> np.ndarray:
+        if getattr(self, "projection_", None) is not None:
+            return self._recovery[0][1]
         return np.asarray(unwrap(self.estimator).components_)
 
     def _component_index(self, component: Any) -> int:
