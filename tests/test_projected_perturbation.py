@@ -48,6 +48,7 @@ def test_direction_matches_known_parameter_space_components(fitted):
     # the reference: a top-K-shaped estimator holding the exact g_k
     exact = copy.copy(pipe[-1])
     exact.components_ = G
+    exact.projection_ = None  # the fitted estimator records its PEFs' projection
     gp = GuidedPerturber(projected, model, max_cosine=0.9)
     ref = GuidedPerturber(exact, model, layout=pipe[0].layout_, max_cosine=0.9)
     assert gp.projection_ is not None and ref.projection_ is None
@@ -82,8 +83,12 @@ def test_projected_pipeline_end_to_end(fitted):
 
 def test_errors(fitted):
     model, X, pipe, W = fitted
+    # the fitted estimator finds its projection itself (projection_, from the PEFs' tag)
+    assert GuidedPerturber(pipe[-1], model).projection_ is not None
+    bare = copy.copy(pipe[-1])
+    bare.projection_ = None  # e.g. fitted on a slice of the PEFs, which drops the tag
     with pytest.raises(ValueError, match="projection=<PEFTransformer>.projection_"):
-        GuidedPerturber(pipe[-1], model, layout=pipe[0].layout_)
+        GuidedPerturber(bare, model, layout=pipe[0].layout_)
     with pytest.raises(ValueError, match="projection must be"):
         GuidedPerturber(pipe[-1], model, projection="nope")
     other = Projection.for_layout(pipe[0].layout_, 128, seed=0)

@@ -26,12 +26,13 @@ from ..utils import (
     user_stacklevel,
 )
 from ._diagonal import bisect_size, diagonal_profile, rank_key, safe_ratio, search_blend
+from ._estimators import estimator_kind, pipeline_layout, pipeline_step, unwrap
 from ._evaluation import applied, kl_divergence, log_probs, loss_grad_sign
 from ._low_rank import component_gram, orthogonal_direction
 from ._projected import find_projection, recovered_components
 from ._results import KLRatioResult, KLRatioResults
 
-__all__ = ["GuidedPerturber", "estimator_kind", "pipeline_layout", "pipeline_step", "unwrap"]
+__all__ = ["GuidedPerturber"]
 
 #: mean baseline KL (nats) above which a KL ratio is outside the second-order regime
 MAX_BASELINE_KL = 1.0
@@ -39,35 +40,6 @@ MAX_BASELINE_KL = 1.0
 LOG_NORM_RANGE = (-6.0, 3.0)
 #: PEF values held at once while the dataset Fisher is streamed (bounds its memory)
 _FISHER_BATCH_VALUES = 1 << 23
-
-
-def unwrap(estimator: Any) -> Any:
-    """The decomposition behind a Pipeline or a ComponentExpander."""
-    from sklearn.pipeline import Pipeline
-
-    if isinstance(estimator, Pipeline):
-        estimator = estimator[-1]
-    inner = getattr(estimator, "estimator_", None)
-    if inner is not None and hasattr(inner, "components_"):
-        return inner
-    return estimator
-
-
-def pipeline_step(estimator: Any, attribute: str) -> Any:
-    """The first step of a fitted Pipeline (before the last) that has ``attribute``."""
-    from sklearn.pipeline import Pipeline
-
-    if isinstance(estimator, Pipeline):
-        for _, step in estimator.steps[:-1]:
-            if hasattr(step, attribute):
-                return step
-    return None
-
-
-def pipeline_layout(estimator: Any) -> ParameterLayout | None:
-    """The ``layout_`` of a fitted Pipeline's PEFTransformer step, if any."""
-    layout = getattr(pipeline_step(estimator, "layout_"), "layout_", None)
-    return layout if isinstance(layout, ParameterLayout) else None
 
 
 class _Examples:
@@ -83,21 +55,6 @@ class _Examples:
         return _Examples(take_rows(self.X, idx),
                          pos[np.asarray(idx, dtype=np.int64)] if isinstance(pos, np.ndarray)
                          else pos)
-
-
-def estimator_kind(estimator: Any) -> str:
-    """``"low_rank"`` or ``"diagonal"``: the kind of the decomposition behind ``estimator``."""
-    from ..decomposition import DiagonalNPEFF, LowRankNPEFF
-
-    inner = unwrap(estimator)
-    if isinstance(inner, LowRankNPEFF):
-        return "low_rank"
-    if isinstance(inner, DiagonalNPEFF):
-        return "diagonal"
-    raise ValueError(
-        "estimator must be a fitted LowRankNPEFF or DiagonalNPEFF (or a Pipeline ending in "
-        "one, or a ComponentExpander of one); got "
-        f"{type(estimator).__name__}.")
 
 
 class GuidedPerturber:
