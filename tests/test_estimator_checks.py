@@ -21,7 +21,7 @@ def test_shared_docstring_paragraphs_filled_in():
     import inspect
     import re
 
-    from sknpeff.decomposition._base import SHARED_DOCS
+    from sknpeff.decomposition._docs import SHARED_DOCS
 
     for est in (DiagonalNPEFF, LowRankNPEFF):
         assert not re.search(r"^\s*\{\w+\}$", est.__doc__, flags=re.MULTILINE)

@@ -12,12 +12,9 @@ template, and each estimator supplies its loss constant, initialization and iter
 
 from __future__ import annotations
 
-import os
-import re
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,93 +31,20 @@ from ..utils import (
     check_choice,
     check_float,
     check_int,
-    limit_threads,
     pef_projection,
     pef_tag,
     user_stacklevel,
 )
+from ._checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ._data import reshape_and_prune, sample_rows
+from ._stopping import COEF_CHECKS, mean_column_cosine
+from ._threads import compute_context
 from ._updates import DIAG_UPDATES, diag_solve_w
 
-__all__ = ["SMALL_NNZ", "BaseNPEFF", "Problem", "compute_context", "describe_projection",
-           "mean_column_cosine", "shared_doc"]
-
-# what a checkpoint's monitored values mean changed in format 2 (cd: projected-gradient
-# sums instead of losses; low rank: slots compacted), so older checkpoints are refused
-_CHECKPOINT_FORMAT = 2.0
+__all__ = ["BaseNPEFF", "Problem", "describe_projection"]
 
 #: the release in which deprecated parameter names stop working
 _REMOVED_IN = "0.3"
-
-# docstring paragraphs that both estimators state word for word (see shared_doc)
-SHARED_DOCS = {
-    "block_size_param": """\
-block_size : int, "auto" or None, default="auto"
-    Parameters per column block. ``"auto"``: the backend's choice, 4096 on CPUs and
-    GPUs (a block's slice of the factor stays in cache). ``None``:
-    one block per partition on any backend. Blocks are always cut where they would
-    hold more than 2**31 - 1 nonzeros, so that int32 indices suffice.
-""",
-    "coef_tol_param": """\
-coef_tol : float or None, default=None
-    Early stopping on coefficient stability (Matena & Raffel, arXiv 2310.04649,
-    section 3.3, observed that the coefficients settle long before the loss). Every
-    10 iterations the mean over components of the cosine between each column of
-    ``W`` and that column 10 iterations earlier is computed; the fit stops once
-    ``1 - mean cosine <= coef_tol`` at 3 checks in a row (``stop_reason_ ==
-    "coef_tol"``), or earlier by ``tol``. ``None``: off. The counter restarts when a
-    fit resumes from a checkpoint.
-""",
-    "fit_attributes": """\
-reconstruction_err_ : float
-    ``sqrt(loss(X, W))`` for the training ``X`` and the returned coefficients
-    ``W = fit_transform(X)``, pruned parameters included, as
-    :class:`sklearn.decomposition.NMF` reports it. After :meth:`partial_fit`, that of
-    the last batch before its update. With float32 input the loss terms are float32
-    products summed in float64: expect an absolute error near 1e-7 times the loss of
-    zero coefficients.
-loss_curve_ : list of float
-    The objective (see :meth:`loss`) at the end of each iteration, for that
-    iteration's coefficients and components, over the kept parameters (pruned ones
-    add a constant that no iteration changes): one entry per iteration, the first
-    after the first iteration (the initialization is not recorded), so
-    ``len(loss_curve_) == n_iter_``. The coefficients returned by
-    :meth:`fit_transform` are re-solved for the final components and give
-    ``reconstruction_err_``. After :meth:`partial_fit`: one entry per batch, the
-    batch's objective before its update.
-n_iter_ : int
-    Number of iterations run (after :meth:`partial_fit`: number of batches seen).
-n_steps_ : int
-    Number of :meth:`partial_fit` batches seen (only after :meth:`partial_fit`).
-stop_reason_ : str
-    Why :meth:`fit` stopped: ``"tol"`` (the loss rule), ``"coef_tol"`` (coefficient
-    stability), ``"max_iter"`` or ``"interrupted"`` (Ctrl-C).
-""",
-    "cupy_host_attributes": """\
-``backend="auto"`` computes on the input's device. The input is copied to the host
-once (validation, pruning and the column blocks are host work; the blocks then go to
-the devices). The fitted attributes (``components_``, ``kept_columns_``, ...) stay
-NumPy whatever the input, unlike scikit-learn's convention: ``components_`` is dense
-``(n_components, n_params)``, gigabytes at model scale, and is better off the device
-once the fit is done; the tools that consume it (:class:`~sknpeff.GuidedPerturber`,
-:class:`~sknpeff.ComponentExpander`, :mod:`sknpeff.inspection`) work on NumPy.
-``cupy.asarray(est.components_)`` gives a device copy.
-""",
-}
-
-
-def shared_doc(cls):
-    """Class decorator: put each paragraph of ``SHARED_DOCS`` where the class docstring
-    has a line ``{name}`` alone, indented as that line."""
-
-    def fill(match: re.Match) -> str:
-        indent = match.group(1)
-        text = SHARED_DOCS[match.group(2)].rstrip("\n")
-        return "\n".join(indent + line if line else line for line in text.split("\n"))
-
-    cls.__doc__ = re.sub(r"^([ \t]*)\{(\w+)\}$", fill, cls.__doc__, flags=re.MULTILINE)
-    return cls
-
 
 @dataclass
 class Problem:
@@ -144,50 +68,6 @@ def describe_projection(projection: Any) -> str:
     """``"a projection (seed=.., n_components=.., n_params=..)"`` for error messages."""
     return (f"a projection (seed={projection.seed}, n_components="
             f"{projection.n_components}, n_params={projection.n_params})")
-
-
-#: consecutive checks (10 iterations apart) the coefficients must pass ``coef_tol``
-COEF_CHECKS = 3
-
-
-def mean_column_cosine(xp: Any, A: Any, B: Any) -> float:
-    """Mean over columns of the cosine between ``A[:, k]`` and ``B[:, k]``, in float64.
-
-    Two zero columns count as identical (cosine 1), one zero column as orthogonal.
-    """
-    A64, B64 = A.astype(xp.float64), B.astype(xp.float64)
-    num = xp.sum(A64 * B64, axis=0)
-    na, nb = xp.sum(A64 * A64, axis=0), xp.sum(B64 * B64, axis=0)
-    den = xp.sqrt(na * nb)
-    both_zero = (na == 0) & (nb == 0)
-    cos = xp.where(den > 0, num / xp.where(den > 0, den, 1.0), xp.where(both_zero, 1.0, 0.0))
-    return float(xp.mean(cos)) if cos.shape[0] else 1.0
-
-
-#: below this many stored values a fit runs torch's sparse kernels on one thread
-SMALL_NNZ = 1 << 20
-
-
-@contextmanager
-def compute_context(X: Any) -> Iterator[None]:
-    """Thread settings for one fit/transform call, restored on exit.
-
-    BLAS runs on one thread: the dense products of an iteration are small per column
-    block (a few thousand rows times r x r) and gain little from threads, while idle
-    OpenBLAS threads spinning beside torch's OpenMP threads (the sparse kernels) slowed
-    whole fits 3-10x on a loaded 2-core machine. For small inputs (fewer than
-    ``SMALL_NNZ`` values) torch's kernels run on one thread too: there, thread start-up
-    and spinning cost more than the work (a scikit-learn check on 40 x 10 data took 85 s
-    with two threads on a loaded machine, 2.7 s with one). Larger inputs keep torch's
-    threads as they are.
-    """
-    if sp.issparse(X):
-        nnz = X.nnz
-    else:  # no NumPy dispatch: X may be any array-like (list, DataFrame, ...)
-        shape = getattr(X, "shape", None)
-        nnz = int(np.prod(shape)) if isinstance(shape, tuple) else SMALL_NNZ
-    with limit_threads(1, torch_threads=nnz < SMALL_NNZ):
-        yield
 
 
 class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -741,34 +621,19 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         return np.array([prob.n_samples, self.n_features_in_, self.n_components,
                          prob.n_slots, kept.size, float(kept @ weights),
                          prob.blocks.nnz, prob.const, prob.extras.get("sum", 0.0),
-                         n_frozen, np.dtype(prob.dtype).itemsize, _CHECKPOINT_FORMAT],
+                         n_frozen, np.dtype(prob.dtype).itemsize, CHECKPOINT_FORMAT],
                         dtype=np.float64)
 
     def _load_checkpoint(self, fingerprint: np.ndarray) -> dict | None:
         """The arrays of ``checkpoint_path`` if it exists (an error if it belongs to
         another fit), else None."""
-        path = self.checkpoint_path
-        if not path or not os.path.exists(path):
-            return None
-        with np.load(path) as f:
-            data = {k: f[k] for k in f.files}
-        if "fingerprint" not in data or data["fingerprint"].shape != fingerprint.shape or \
-                not np.allclose(data["fingerprint"], fingerprint, rtol=1e-9, atol=0):
-            raise ValueError(
-                f"checkpoint_path={path!r} holds a checkpoint of another fit (different "
-                "data or parameters, or written by another sknpeff version); delete it or "
-                "choose another path.")
-        return data
+        return load_checkpoint(self.checkpoint_path, fingerprint)
 
     def _save_checkpoint(self, fingerprint: np.ndarray, **arrays: Any) -> None:
-        """Write the fit's state to ``checkpoint_path`` atomically (a crash never leaves
-        half a checkpoint)."""
-        if not getattr(self, "_root", True):  # every rank holds the same state
-            return
-        path = os.fspath(self.checkpoint_path)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, fingerprint=fingerprint, **arrays)
-        os.replace(tmp, path)
+        """Write the fit's state to ``checkpoint_path`` (rank 0 only: every rank holds
+        the same state)."""
+        if getattr(self, "_root", True):
+            save_checkpoint(self.checkpoint_path, fingerprint, arrays)
 
     def _resume(self, prob: Problem, fingerprint: np.ndarray, parts: list[Any]
                 ) -> dict | None:

@@ -20,7 +20,8 @@ from sklearn.utils.validation import check_non_negative
 
 from ..backends import cupy_device
 from ..utils import check_choice
-from ._base import BaseNPEFF, Problem, shared_doc
+from ._base import BaseNPEFF, Problem
+from ._docs import shared_doc
 from ._init import diagonal_init, sq_sum
 from ._solvers import diagonal_h_update, diagonal_step
 from ._updates import DIAG_UPDATES, diag_loss

@@ -14,8 +14,9 @@ import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
 from ..utils import check_choice, check_float, check_int
-from ._base import BaseNPEFF, Problem, shared_doc
+from ._base import BaseNPEFF, Problem
 from ._data import row_chunks
+from ._docs import shared_doc
 from ._init import lowrank_init_factor
 from ._solvers import lowrank_g_step, lowrank_step
 from ._updates import lowrank_curvature, lowrank_loss, lowrank_sq_proj
