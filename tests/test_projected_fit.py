@@ -3,6 +3,7 @@ the fitted projection is recorded and enforced, and the components of planted sp
 PEFs come back in parameter space through the projection."""
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -87,13 +88,17 @@ def test_dense_partial_fit_equals_csr():
 def test_dense_fit_on_fake_devices(monkeypatch):
     """The multi-device code path (two fake CuPy devices) on dense input."""
     _fake_cupy.install(monkeypatch)
-    X = _dense_pefs(n=80, m=150, seed=5)
-    kw = dict(n_components=3, n_classes=3, random_state=0, max_iter=15, tol=0)
-    ref = LowRankNPEFF(**kw, backend=NumpyBackend()).fit(sp.csr_matrix(X))
-    est = LowRankNPEFF(**kw, backend="cupy", devices=[0, 1], block_size=None).fit(X)
-    assert _fake_cupy.FakeState.cross_device_reads == []
-    np.testing.assert_allclose(est.components_, ref.components_, atol=1e-9)
-    np.testing.assert_allclose(est.loss_curve_, ref.loss_curve_, rtol=1e-9)
+    try:
+        X = _dense_pefs(n=80, m=150, seed=5)
+        kw = dict(n_components=3, n_classes=3, random_state=0, max_iter=15, tol=0)
+        ref = LowRankNPEFF(**kw, backend=NumpyBackend()).fit(sp.csr_matrix(X))
+        est = LowRankNPEFF(**kw, backend="cupy", devices=[0, 1], block_size=None).fit(X)
+        assert _fake_cupy.FakeState.cross_device_reads == []
+        np.testing.assert_allclose(est.components_, ref.components_, atol=1e-9)
+        np.testing.assert_allclose(est.loss_curve_, ref.loss_curve_, rtol=1e-9)
+    finally:
+        # the CuPy backend module imported the fake CuPy: later tests must import anew
+        sys.modules.pop("sknpeff.backends._cupy", None)
 
 
 def test_projection_recorded_and_enforced():
