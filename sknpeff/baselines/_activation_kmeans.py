@@ -210,8 +210,3 @@ class ActivationKMeans(ModelBaselineMixin, TransformerMixin, BaseEstimator):
         if self.coefficients == "hard":
             W = np.where(np.arange(W.shape[1])[None, :] == d2.argmin(axis=1)[:, None], W, 0.0)
         return W
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        return tags

@@ -137,6 +137,12 @@ class ModelBaselineMixin:
     """Checks and helpers of an estimator built on a torch model (``model``, ``forward``,
     ``batch_size``, ``device``)."""
 
+    def __sklearn_tags__(self):
+        # inputs holding NaN are refused (scikit-learn checks that they are)
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
+
     def _check_model(self) -> torch.device:
         """Validate the model-related parameters; return the device to compute on."""
         if not isinstance(self.model, nn.Module):

@@ -291,8 +291,3 @@ class GradientClustering(ModelBaselineMixin, TransformerMixin, BaseEstimator):
         W : ndarray of shape (n_examples, n_components)
         """
         return self.fit(X, y).transform(X, y)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        return tags

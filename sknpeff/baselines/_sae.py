@@ -256,8 +256,3 @@ class ActivationSAE(ModelBaselineMixin, TransformerMixin, BaseEstimator):
             f = pool_positions(f, self.pool)
             rows.append(f.double().cpu().numpy())
         return np.concatenate(rows, axis=0)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        return tags
