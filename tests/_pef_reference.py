@@ -141,3 +141,32 @@ class SeqFirstNet(nn.Module):
     def forward(self, x):  # x: (B, T, D)
         h = torch.tanh(self.inner(x.transpose(0, 1)))  # (T, B, D)
         return self.head(h.mean(0))
+
+
+def make_model(name, dtype=torch.float64, seed=0):
+    """(model, X as a batched tensor, list of single-example batches)."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model, X = MLP(), torch.randn(9, 6)
+    elif name == "conv":
+        model, X = ConvNet(), torch.randn(6, 2, 8, 8)
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+    elif name == "seq":
+        model = SeqNet()
+        X = torch.randint(0, 11, (7, 5))
+        X[0, 3:] = 0  # padding tokens
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+    elif name == "tied":
+        model, X = TiedNet(), torch.randint(0, 7, (5, 3))
+    elif name == "seqfirst":
+        model, X = SeqFirstNet(), torch.randn(5, 5, 4)
+    else:  # pragma: no cover
+        raise ValueError(name)
+    model = model.to(dtype).eval()
+    if X.is_floating_point():
+        X = X.to(dtype)
+    return model, X, [X[i : i + 1] for i in range(X.shape[0])]

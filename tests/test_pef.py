@@ -24,47 +24,14 @@ from sknpeff.pef.rules import Contribution
 from sknpeff.utils import csr_from_parts
 
 from ._pef_reference import (
-    MLP,
-    ConvNet,
-    SeqFirstNet,
-    SeqNet,
-    TiedNet,
     diag_rows,
     lrm_rows,
+    make_model,
     naive_a,
     topk_dense,
 )
 
 RTOL = {torch.float64: 1e-5, torch.float32: 1e-4}
-
-
-def _make(name, dtype=torch.float64, seed=0):
-    """(model, X as a batched tensor, list of single-example batches)."""
-    torch.manual_seed(seed)
-    if name == "mlp":
-        model, X = MLP(), torch.randn(9, 6)
-    elif name == "conv":
-        model, X = ConvNet(), torch.randn(6, 2, 8, 8)
-        with torch.no_grad():
-            model.bn.running_mean.uniform_(-0.5, 0.5)
-            model.bn.running_var.uniform_(0.5, 2.0)
-    elif name == "seq":
-        model = SeqNet()
-        X = torch.randint(0, 11, (7, 5))
-        X[0, 3:] = 0  # padding tokens
-        with torch.no_grad():
-            model.bn.running_mean.uniform_(-0.5, 0.5)
-            model.bn.running_var.uniform_(0.5, 2.0)
-    elif name == "tied":
-        model, X = TiedNet(), torch.randint(0, 7, (5, 3))
-    elif name == "seqfirst":
-        model, X = SeqFirstNet(), torch.randn(5, 5, 4)
-    else:  # pragma: no cover
-        raise ValueError(name)
-    model = model.to(dtype).eval()
-    if X.is_floating_point():
-        X = X.to(dtype)
-    return model, X, [X[i : i + 1] for i in range(X.shape[0])]
 
 
 def _reference(model, xs, kind, **kw):
@@ -83,7 +50,7 @@ def _rel(got, want):
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_naive_loop(name, kind, dtype):
-    model, X, xs = _make(name, dtype)
+    model, X, xs = make_model(name, dtype)
     out_dtype = "float64" if dtype == torch.float64 else "float32"
     tr = PEFTransformer(model, kind=kind, n_values=10**9, dtype=out_dtype, batch_size=4)
     res = tr.fit(X).compute(X)
@@ -102,7 +69,7 @@ def test_matches_naive_loop(name, kind, dtype):
 @pytest.mark.parametrize("opts", [{"n_classes": 2}, {"min_class_prob": 0.3},
                                   {"n_classes": 3, "min_class_prob": 0.2}])
 def test_class_selection(kind, opts):
-    model, X, xs = _make("mlp")
+    model, X, xs = make_model("mlp")
     tr = PEFTransformer(model, kind=kind, n_values=10**9, dtype="float64", **opts).fit(X)
     res = tr.compute(X)
     rows, norms = _reference(model, xs, kind, **opts)
@@ -125,7 +92,7 @@ def test_class_selection(kind, opts):
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 @pytest.mark.parametrize("k", [1, 7, 40])
 def test_topk_picks_largest_entries_of_normalized_row(kind, k):
-    model, X, xs = _make("conv")
+    model, X, xs = make_model("conv")
     res = PEFTransformer(model, kind=kind, n_values=k, dtype="float64").fit(X).compute(X)
     rows, _ = _reference(model, xs, kind)
     want = topk_dense(rows, k)
@@ -356,7 +323,7 @@ def test_later_calls_reuse_the_first_calls_check(monkeypatch):
         return real(self, *a, **kw)
 
     monkeypatch.setattr(engmod.Engine, "_verify", counting)
-    model, X, xs = _make("tied")
+    model, X, xs = make_model("tied")
     tr = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64", batch_size=2)
     with pytest.warns(UserWarning, match="per-layer rules do not apply"):
         first = tr.fit(X).compute(X)
@@ -373,14 +340,14 @@ def test_later_calls_reuse_the_first_calls_check(monkeypatch):
         tr.fit(X).compute(X)  # a new fit checks again
     assert len(calls) == 2
     # another transformer on another model is checked on its own
-    other = PEFTransformer(_make("mlp")[0], kind="low_rank", n_values=5)
-    other.fit(_make("mlp")[1]).compute(_make("mlp")[1])
+    other = PEFTransformer(make_model("mlp")[0], kind="low_rank", n_values=5)
+    other.fit(make_model("mlp")[1]).compute(make_model("mlp")[1])
     assert len(calls) == 3
 
 
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 def test_min_norm_empties_rows_below_the_floor(kind):
-    model, X, _ = _make("conv")
+    model, X, _ = make_model("conv")
     tr = PEFTransformer(model, kind=kind, n_values=50, dtype="float64", batch_size=4).fit(X)
     ref = tr.compute(X)
     floor = float(np.median(ref.norms))
@@ -399,7 +366,7 @@ def test_min_norm_empties_rows_below_the_floor(kind):
 
 
 def test_unnormalized():
-    model, X, xs = _make("mlp")
+    model, X, xs = make_model("mlp")
     res = PEFTransformer(model, kind="low_rank", n_values=10**9, normalize=False,
                          dtype="float64").fit(X).compute(X)
     A = naive_a(model, xs)
@@ -408,7 +375,7 @@ def test_unnormalized():
 
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 def test_norms_equal_dense_fisher(kind):
-    model, X, xs = _make("mlp")
+    model, X, xs = make_model("mlp")
     res = PEFTransformer(model, kind=kind, n_values=5, dtype="float64").fit(X).compute(X)
     A = naive_a(model, xs)
     for i in range(len(xs)):
@@ -500,7 +467,7 @@ def test_selection_breaks_ties_by_index(signed):
 def test_gpu_selection_rule_on_cpu(kind, monkeypatch):
     """The engine as it runs on a GPU (one topk per row, no block maxima) gives the
     CPU's PEFs."""
-    model, X, _ = _make("conv", torch.float32)
+    model, X, _ = make_model("conv", torch.float32)
     want = PEFTransformer(model, kind=kind, n_values=50).fit(X).compute(X)
     monkeypatch.setattr(topkmod, "_topk_is_faster", lambda device: True)
     monkeypatch.setattr(engmod, "BlockMax", None)  # must not be built
@@ -510,7 +477,7 @@ def test_gpu_selection_rule_on_cpu(kind, monkeypatch):
 
 
 def test_input_types_agree():
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     tr = PEFTransformer(model, kind="low_rank", n_values=20, batch_size=4).fit(X)
     ref = tr.transform(X)
     for Xi in (X.numpy(), list(X), torch.utils.data.TensorDataset(X)):
@@ -520,7 +487,7 @@ def test_input_types_agree():
         assert (out != ref).nnz == 0
 
     # dict inputs (tokenizer style), per-example dicts, a Dataset of dicts
-    model, ids, _ = _make("seq")
+    model, ids, _ = make_model("seq")
     mask = torch.ones_like(ids, dtype=torch.float64)
     mask[0, 3:] = 0
     batch = {"input_ids": ids, "mask": mask}
@@ -544,7 +511,7 @@ def test_input_types_agree():
 
 
 def test_compute_result_and_pipeline_shape():
-    model, X, _ = _make("mlp", torch.float32)
+    model, X, _ = make_model("mlp", torch.float32)
     tr = PEFTransformer(model, kind="low_rank", n_values=11)
     res = tr.fit(X).compute(X)
     assert isinstance(res, PEFResult)
@@ -572,7 +539,7 @@ def test_in_a_pipeline():
     from sklearn.decomposition import TruncatedSVD
     from sklearn.pipeline import make_pipeline
 
-    model, X, _ = _make("mlp", torch.float32)
+    model, X, _ = make_model("mlp", torch.float32)
     pipe = make_pipeline(PEFTransformer(model, kind="low_rank", n_values=30),
                          TruncatedSVD(2, random_state=0))
     W = pipe.fit_transform(X)
@@ -582,7 +549,7 @@ def test_in_a_pipeline():
 
 @pytest.mark.filterwarnings("ignore:.*zero PEF")
 def test_params_selection():
-    model, X, xs = _make("mlp")
+    model, X, xs = make_model("mlp")
     names = ["net.2.weight", "net.4.bias"]
     for params in (names, lambda n, p: n in names):
         tr = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64",
@@ -599,7 +566,7 @@ def test_params_selection():
 
 
 def test_model_left_unchanged():
-    model, X, _ = _make("conv", torch.float32)
+    model, X, _ = make_model("conv", torch.float32)
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -632,7 +599,7 @@ def _threads_of_run_batch(monkeypatch) -> set:
 @pytest.mark.parametrize("name", ["conv", "mlp", "tied"])
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 def test_n_jobs_gives_the_same_pefs(name, kind, monkeypatch):
-    model, X, _ = _make(name)
+    model, X, _ = make_model(name)
     kw = dict(kind=kind, n_values=40, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tied model's generic-path warning
@@ -666,7 +633,7 @@ def test_n_jobs_gives_the_same_pefs(name, kind, monkeypatch):
 
 def test_n_jobs_auto_is_the_default_and_caps_the_jobs(monkeypatch):
     """The default runs one batch per intra-op thread, at most four at once."""
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     X = np.concatenate([X] * 4)
     assert PEFTransformer(model).n_jobs == "auto"
     want = PEFTransformer(model, n_values=40, batch_size=2, n_jobs=None).fit(X).compute(X)
@@ -695,7 +662,7 @@ def test_n_jobs_hands_a_generic_path_batch_back_to_one_thread(kind, monkeypatch)
     # example goes through the model without its batch axis) moves parameters to the
     # generic path, which swaps the model's parameters: that must not happen while other
     # threads run forward passes, so the batch and those after it run on this thread
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     X = torch.cat([X, X[:2]])  # 11 examples: batches of 2, then one of 1
 
     def forward(m, batch):
@@ -733,7 +700,7 @@ def test_n_jobs_hands_a_generic_path_batch_back_to_one_thread(kind, monkeypatch)
 
 
 def test_n_jobs_stops_cleanly(monkeypatch):
-    model, X, _ = _make("conv")
+    model, X, _ = make_model("conv")
     X = torch.cat([X] * 4)
     n_threads = torch.get_num_threads()
     tr = PEFTransformer(model, kind="low_rank", n_values=20, batch_size=2, n_jobs=2).fit(X)
@@ -760,7 +727,7 @@ def test_n_jobs_stops_cleanly(monkeypatch):
 
 
 def test_train_mode_refused():
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         PEFTransformer(model).fit(X)
@@ -770,7 +737,7 @@ def test_train_mode_refused():
     model.eval()
     ref = PEFTransformer(model, kind="low_rank", n_values=10**9, dtype="float64").fit(X)
     assert np.allclose(res.toarray(), ref.transform(X).toarray())
-    conv, Xc, _ = _make("conv")
+    conv, Xc, _ = make_model("conv")
     conv.bn.train()
     with pytest.raises(ValueError, match="batch norm"):
         PEFTransformer(conv, allow_train_mode=True).fit(Xc)
@@ -800,13 +767,13 @@ def test_train_mode_refused():
     ],
 )
 def test_bad_parameters(kwargs, match):
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     with pytest.raises(ValueError, match=match):
         PEFTransformer(model, **kwargs).fit(X)
 
 
 def test_bad_inputs_and_not_fitted():
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     tr = PEFTransformer(model)
     with pytest.raises(NotFittedError):
         tr.transform(X)
@@ -822,7 +789,7 @@ def test_bad_inputs_and_not_fitted():
 
 
 def test_zero_norm_examples_warn_and_stay_empty():
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     tr = PEFTransformer(model, kind="low_rank", n_values=10, min_class_prob=0.99).fit(X)
     with pytest.warns(UserWarning, match="zero PEF"):
         res = tr.compute(X)
@@ -840,7 +807,7 @@ def test_int64_indices_when_needed():
 
 
 def test_verbose_progress(capsys):
-    model, X, _ = _make("mlp")
+    model, X, _ = make_model("mlp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         PEFTransformer(model, verbose=1, n_values=3).fit(X).transform(X)
@@ -896,7 +863,7 @@ def test_resnet18_eval():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["low_rank", "diagonal"])
 def test_cuda_matches_cpu(kind):
-    model, X, _ = _make("conv", torch.float32)
+    model, X, _ = make_model("conv", torch.float32)
     cpu = PEFTransformer(model, kind=kind, n_values=50).fit(X).compute(X)
     gpu_model = copy.deepcopy(model).cuda()
     res = PEFTransformer(gpu_model, kind=kind, n_values=50).fit(X).compute(X)

@@ -17,7 +17,7 @@ from sknpeff.layout import ParameterLayout
 from sknpeff.pef import Projection, recover_components
 from sknpeff.utils import InvalidParameterError, pef_projection, pef_tag
 
-from ._pef_reference import MLP, ConvNet, SeqNet, TiedNet, lrm_rows, naive_a
+from ._pef_reference import ConvNet, lrm_rows, make_model, naive_a
 
 
 def _layers():
@@ -99,23 +99,9 @@ def test_description_round_trip_and_seed():
 
 
 def _make(name, seed=0):
-    torch.manual_seed(seed)
-    if name == "mlp":
-        model, X = MLP(), torch.randn(9, 6)
-    elif name == "conv":
-        model, X = ConvNet(), torch.randn(6, 2, 8, 8)
-        with torch.no_grad():
-            model.bn.running_mean.uniform_(-0.5, 0.5)
-            model.bn.running_var.uniform_(0.5, 2.0)
-    elif name == "seq":
-        model, X = SeqNet(), torch.randint(0, 11, (7, 5))
-        X[0, 3:] = 0
-        with torch.no_grad():
-            model.bn.running_mean.uniform_(-0.5, 0.5)
-            model.bn.running_var.uniform_(0.5, 2.0)
-    else:
-        model, X = TiedNet(), torch.randint(0, 7, (5, 3))
-    return model.eval(), X
+    """(model, X) in float32, as the naive-reference tests build them."""
+    model, X, _ = make_model(name, torch.float32, seed)
+    return model, X
 
 
 @pytest.mark.filterwarnings("ignore:per-layer rules do not apply")
