@@ -344,8 +344,50 @@ class Projection:
                 self._cache[key] = got
         return got
 
+    def _sparse_matrices(self, device, dtype, kind: str) -> tuple:
+        """The sparse block as explicit sparse matrices on ``device`` (cached).
+
+        ``kind="scipy"`` (the CPU): ``(S^T,)``, one SciPy CSR matrix ``(size, dim)`` (its
+        transpose, a CSC view, serves ``S``); ``kind="torch"`` (other devices):
+        ``(S, S^T)``, torch sparse CSR tensors. Exactly the entries of
+        :meth:`sparse_factors`; each output entry is summed in a fixed order, whatever
+        the batch and the threads.
+        """
+        key = ("sparse_csr", kind, str(device), dtype)
+        got = self._cache.get(key)
+        if got is None:
+            rows, vals = self.sparse_factors("cpu", torch.float64)
+            nnz, size = rows.shape
+            # column q of S has one entry in each row group, so in increasing rows: row q
+            # of S^T is already sorted, with exactly nnz entries
+            indptr = torch.arange(0, size * nnz + 1, nnz, dtype=torch.long)
+            indices, data = rows.T.reshape(-1), vals.T.reshape(-1)
+            shape_t = (size, self.sparse.dim)
+            if kind == "scipy":
+                np_dtype = np.float32 if dtype == torch.float32 else np.float64
+                got = (sp.csr_matrix((data.numpy().astype(np_dtype), indices.numpy(),
+                                      indptr.numpy()), shape=shape_t),)
+            else:
+                st = torch.sparse_csr_tensor(indptr, indices, data, shape_t)
+                s = torch.sparse_coo_tensor(
+                    torch.stack([indices, torch.arange(size).repeat_interleave(nnz)]), data,
+                    shape_t[::-1]).coalesce().to_sparse_csr()
+                got = (s.to(device=device, dtype=dtype), st.to(device=device, dtype=dtype))
+            with self._lock:
+                self._cache[key] = got
+        return got
+
     def sparse_apply(self, x: torch.Tensor) -> torch.Tensor:
         """The sparse block of ``x`` ``(k, size)`` (its parameters concatenated): ``(k, dim)``."""
+        if not x.requires_grad and x.dtype in (torch.float32, torch.float64):
+            # one sparse product (the scatter/gather form below serves autograd and
+            # the other dtypes)
+            if x.device.type == "cpu":
+                (st,) = self._sparse_matrices(x.device, x.dtype, "scipy")
+                xt = np.ascontiguousarray(x.numpy().T)
+                return torch.from_numpy(np.ascontiguousarray((st.T @ xt).T))
+            s, _ = self._sparse_matrices(x.device, x.dtype, "torch")
+            return (s @ x.T.contiguous()).T.contiguous()
         rows, vals = self.sparse_factors(x.device, x.dtype)
         out = torch.zeros((x.shape[0], self.sparse.dim), dtype=x.dtype, device=x.device)
         for t in range(rows.shape[0]):
@@ -354,6 +396,15 @@ class Projection:
 
     def sparse_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """Adjoint of :meth:`sparse_apply`: ``(k, dim)`` to ``(k, size)``."""
+        if not y.requires_grad and y.dtype in (torch.float32, torch.float64):
+            # one sparse product (the scatter/gather form below serves autograd and
+            # the other dtypes)
+            if y.device.type == "cpu":
+                (st,) = self._sparse_matrices(y.device, y.dtype, "scipy")
+                yt = np.ascontiguousarray(y.numpy().T)
+                return torch.from_numpy(np.ascontiguousarray((st @ yt).T))
+            _, st = self._sparse_matrices(y.device, y.dtype, "torch")
+            return (st @ y.T.contiguous()).T.contiguous()
         rows, vals = self.sparse_factors(y.device, y.dtype)
         out = y[:, rows[0]] * vals[0]
         for t in range(1, rows.shape[0]):

@@ -7,29 +7,44 @@ by a prior: compressed sensing takes the sparsest ``g`` with ``R g ~ h``,
 
     min_g  1/2 ||R g - h||^2 + lam ||g||_1,
 
-solved by FISTA (Beck & Teboulle 2009) through ``R`` and ``R^T`` only (matrix-free: memory
+solved by FISTA (Beck & Teboulle 2009) through ``R`` and ``R^T`` only (memory
 ``O(n_params + d)`` per component), with ``lam`` decreased geometrically from a large
 value (continuation), followed by a least-squares refit on the support found (which
-removes the l1 shrinkage). The plain adjoint ``R^T h`` is no recovery: it spreads
+removes the l1 shrinkage). ``R`` is block diagonal (each block maps its own parameters
+to its own rows), so each parameter takes the step ``1 / ||R_b||^2`` of its block: the
+same problem, with each block as well conditioned as it is alone. The small blocks are
+applied as one explicit sparse matrix (one product instead of a loop over blocks), the
+large Kronecker blocks factored. The plain adjoint ``R^T h`` is no recovery: it spreads
 ``h`` over every parameter, with noise of size ``sqrt(n_params / d) ||g||``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 import torch
 
 from ..utils import check_float, check_int, pef_projection
-from ._projection import Projection
+from ._projection import KroneckerBlock, Projection
 
 __all__ = ["operator_norm", "recover_components", "resolve_projection"]
 
-#: components recovered together (memory: a few vectors of n_params per component)
-_BLOCK = 8
+#: entries of one ``(rows, n_params)`` working array: all components are recovered in
+#: one block when they fit (a few such arrays are alive at once)
+_BUDGET = 1 << 24
+#: FISTA iterations between convergence checks (each check waits for the result)
+_CHECK = 10
+#: relative change of ``g`` that ends a continuation stage before the last
+_EARLY_TOL = 1e-3
+#: entries of the explicit sparse part of the recovery operator
+_EXPLICIT_BUDGET = 1 << 24
+
+_OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_projection(obj) -> Projection:
@@ -59,14 +74,13 @@ def resolve_projection(obj) -> Projection:
     return Projection.from_description(found)
 
 
-def operator_norm(projection: Projection, n_iter: int = 30, seed: int = 0) -> float:
-    """``||R||_2`` by power iteration on ``R^T R`` (an upper estimate: 2% added)."""
+def _power_norm(apply, adjoint, n_params: int, n_iter: int, seed: int) -> float:
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(1, projection.n_params, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, n_params, generator=gen, dtype=torch.float64)
     v /= v.norm()
     lam = 0.0
     for _ in range(n_iter):
-        w = projection.adjoint(projection.apply(v))
+        w = adjoint(apply(v))
         lam = float(w.norm())
         if lam == 0.0:
             return 0.0
@@ -74,74 +88,201 @@ def operator_norm(projection: Projection, n_iter: int = 30, seed: int = 0) -> fl
     return 1.02 * math.sqrt(lam)
 
 
-def _soft(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.clamp(x.abs() - thr, min=0.0)
+def operator_norm(projection: Projection, n_iter: int = 30, seed: int = 0) -> float:
+    """``||R||_2`` by power iteration on ``R^T R`` (an upper estimate: 2% added)."""
+    return _power_norm(projection.apply, projection.adjoint, projection.n_params, n_iter,
+                       seed)
+
+
+def _top_eigenvalue(m: sp.spmatrix) -> float:
+    """Largest eigenvalue of a symmetric positive semi-definite sparse matrix."""
+    if m.shape[0] <= 1024:
+        return float(np.linalg.eigvalsh(m.toarray())[-1])
+    # Lanczos to a tight tolerance; a hair added so the step stays on the safe side
+    return 1.001 * float(spla.eigsh(m, k=1, which="LA", tol=1e-8)[0][0])
+
+
+class _Operator:
+    """``R`` and ``R^T`` on CPU float64 rows ``(k, n_params)``, built for many products.
+
+    The blocks whose explicit matrix is small against the cost of their factored
+    products (the sparse sign block, small Kronecker blocks) are gathered into one
+    SciPy CSR matrix (one sparse product per call instead of a Python loop over
+    blocks); large Kronecker blocks stay factored. Same operator as ``projection``
+    (the same entries), summed in another order.
+    """
+
+    def __init__(self, projection: Projection):
+        lay, f64 = projection.layout, torch.float64
+        self.d, self.n_params = projection.n_components, projection.n_params
+        self.factored = []  # (block, first parameter, P_out, P_in)
+        # R is block diagonal (each block maps its own parameters to its own rows), so
+        # ||R_b||^2 bounds the curvature of the least-squares term on block b's
+        # parameters: the FISTA metric, per parameter
+        self.curvature = torch.empty(self.n_params, dtype=f64)
+        params, prows, vals = [], [], []
+        n_explicit = 0
+        for b in sorted(projection.blocks, key=lambda b: getattr(b, "dim", 0)):
+            if isinstance(b, KroneckerBlock):
+                o = lay.offsets[b.pid]
+                p_out, p_in = projection.kronecker_factors(b, "cpu", f64)
+                size = b.n_out * b.n_in
+                # ||P_out (x) P_in|| = ||P_out|| ||P_in||
+                self.curvature[o : o + size] = float(
+                    torch.linalg.matrix_norm(p_out, 2) * torch.linalg.matrix_norm(p_in, 2)) ** 2
+                flops = b.d_out * b.n_out * b.n_in + b.d_out * b.n_in * b.d_in
+                if (b.dim * size > 3 * flops + (1 << 14)
+                        or n_explicit + b.dim * size > _EXPLICIT_BUDGET):
+                    self.factored.append((b, o, p_out, p_in))
+                    continue
+                # column (i, j) of P_out (x) P_in is P_out[:, i] (x) P_in[:, j]
+                kron = torch.kron(p_out, p_in)  # (dim, size)
+                r, c = torch.meshgrid(torch.arange(b.dim), torch.arange(size), indexing="ij")
+                params.append((o + c).reshape(-1))
+                prows.append((b.offset + r).reshape(-1))
+                vals.append(kron.reshape(-1))
+                n_explicit += b.dim * size
+            else:
+                rows, v = projection.sparse_factors("cpu", f64)
+                cols = torch.cat([torch.arange(lay.offsets[p], lay.offsets[p] + lay.sizes[p])
+                                  for p in b.pids])
+                params.append(cols.repeat(rows.shape[0]))
+                prows.append((b.offset + rows).reshape(-1))
+                vals.append(v.reshape(-1))
+                n_explicit += v.numel()
+                st = sp.csr_matrix((v.reshape(-1).numpy(), (
+                    torch.arange(b.size).repeat(rows.shape[0]).numpy(),
+                    rows.reshape(-1).numpy())), shape=(b.size, b.dim))
+                self.curvature[cols] = _top_eigenvalue(st.T @ st)
+        # the explicit part: R^T restricted to its parameters, (n_explicit_params, d)
+        if params:
+            pp = torch.cat(params)
+            self.explicit = torch.unique(pp)
+            pos = torch.full((self.n_params,), -1, dtype=torch.long)
+            pos[self.explicit] = torch.arange(len(self.explicit))
+            self.rt = sp.csr_matrix((torch.cat(vals).numpy(),
+                                     (pos[pp].numpy(), torch.cat(prows).numpy())),
+                                    shape=(len(self.explicit), self.d))
+            self.pos = pos
+        else:
+            self.explicit, self.rt, self.pos = None, None, None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((x.shape[0], self.d), dtype=torch.float64)
+        if self.rt is not None:
+            xt = x[:, self.explicit].T.contiguous().numpy()
+            out += torch.from_numpy(self.rt.T @ xt).T
+        for b, o, p_out, p_in in self.factored:
+            w = x[:, o : o + b.n_out * b.n_in].reshape(-1, b.n_out, b.n_in)
+            out[:, b.offset : b.offset + b.dim] = (p_out @ w @ p_in.T).reshape(-1, b.dim)
+        return out
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((y.shape[0], self.n_params), dtype=torch.float64)
+        if self.rt is not None:
+            yt = y.T.contiguous().numpy()
+            out[:, self.explicit] = torch.from_numpy(self.rt @ yt).T
+        for b, o, p_out, p_in in self.factored:
+            yb = y[:, b.offset : b.offset + b.dim].reshape(-1, b.d_out, b.d_in)
+            out[:, o : o + b.n_out * b.n_in] = (p_out.T @ yb @ p_in).reshape(y.shape[0], -1)
+        return out
+
+    def columns(self, idx: torch.Tensor) -> np.ndarray:
+        """The columns ``R e_q`` for the parameters ``idx``: a dense ``(d, len(idx))``."""
+        out = np.zeros((self.d, len(idx)))
+        if self.rt is not None:
+            p = self.pos[idx]
+            sel = (p >= 0).nonzero()[:, 0]
+            if len(sel):
+                out[:, sel.numpy()] = self.rt[p[sel].numpy()].toarray().T
+        for b, o, p_out, p_in in self.factored:
+            sel = ((idx >= o) & (idx < o + b.n_out * b.n_in)).nonzero()[:, 0]
+            if len(sel):
+                q = idx[sel] - o
+                i, j = torch.div(q, b.n_in, rounding_mode="floor"), q % b.n_in
+                col = (p_out[:, i][:, None, :] * p_in[:, j][None, :, :]).reshape(b.dim, -1)
+                out[b.offset : b.offset + b.dim, sel.numpy()] = col.numpy()
+        return out
+
+def _operator(projection: Projection) -> _Operator:
+    """The recovery operator of ``projection`` (cached while the projection lives)."""
+    op = _OPERATORS.get(projection)
+    if op is None:
+        op = _OPERATORS[projection] = _Operator(projection)
+    return op
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1, keepdim=True)
 
 
-def _refit(projection: Projection, h: torch.Tensor, g: torch.Tensor, n_iter: int
-           ) -> torch.Tensor:
-    """Least squares of every row on its support (conjugate gradients on the normal
-    equations, started from ``g``); rows whose support is not smaller than ``d`` keep
-    their l1 solution."""
-    mask = (g != 0).to(g.dtype)
-    mask[mask.sum(1) >= projection.n_components] = 0.0
-    if not bool(mask.any()):
-        return g
-
-    def normal(v):
-        return projection.adjoint(projection.apply(v * mask)) * mask
-
-    x = g * mask
-    r = projection.adjoint(h) * mask - normal(x)
-    p = r.clone()
-    rs = _rowdot(r, r)
-    rs0 = rs.clone()
-    for _ in range(n_iter):
-        live = rs > 1e-28 * rs0.clamp(min=1e-300)
-        if not bool(live.any()):
-            break
-        ap = normal(p)
-        pap = _rowdot(p, ap)
-        alpha = torch.where(live & (pap > 0), rs / pap.clamp(min=1e-300), 0.0)
-        x += alpha * p
-        r -= alpha * ap
-        rs_new = _rowdot(r, r)
-        p = r + torch.where(live, rs_new / rs.clamp(min=1e-300), 0.0) * p
-        rs = rs_new
-    return torch.where(mask.sum(1, keepdim=True) > 0, x, g)
+def _refit(op: _Operator, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Least squares of every row on its support, the solution nearest to ``g`` (the
+    minimum-norm correction); rows whose support is not smaller than ``d`` keep their
+    l1 solution."""
+    out = g.clone()
+    for j in range(g.shape[0]):
+        supp = g[j].nonzero()[:, 0]
+        if len(supp) == 0 or len(supp) >= op.d:
+            continue
+        cols = op.columns(supp)
+        gs = g[j, supp].numpy()
+        r = h[j].numpy() - cols @ gs
+        # singular values below 1e-8 of the largest are left alone (rounding)
+        delta = np.linalg.lstsq(cols, r, rcond=1e-8)[0]
+        out[j, supp] = torch.from_numpy(gs + delta)
+    return out
 
 
-def _fista(projection: Projection, h: torch.Tensor, lip: float, lam_final: float,
-           n_stages: int, max_iter: int, tol: float) -> torch.Tensor:
+def _fista(op: _Operator, h: torch.Tensor, lam_final: float, n_stages: int,
+           max_iter: int, tol: float) -> torch.Tensor:
     """FISTA on every row of ``h`` ``(k, d)`` at once, with per-row penalties decreasing
-    geometrically from ``0.5 ||R^T h||_inf`` to ``lam_final`` times it."""
-    step = 1.0 / lip**2
-    corr = projection.adjoint(h)
+    geometrically from ``0.5 ||R^T h||_inf`` to ``lam_final`` times it.
+
+    The step of each parameter is ``1 / ||R_b||^2`` of its block ``b`` (``R`` is block
+    diagonal: FISTA in that diagonal metric solves the same problem, with each block
+    as well conditioned as it is alone, instead of every block at the step of the
+    worst). Momentum restarts at each stage and, per row, whenever it points uphill
+    (the gradient restart of O'Donoghue & Candes 2015); converged rows leave the block
+    (checked every few iterations).
+    """
+    step = (1.0 / op.curvature)[None]
+    corr = op.adjoint(h)
     lam0 = corr.abs().amax(1, keepdim=True)
-    x = torch.zeros_like(corr)
-    if not bool((lam0 > 0).any()):
-        return x
+    x_all = torch.zeros_like(corr)
+    rows = (lam0[:, 0] > 0).nonzero()[:, 0]
+    if len(rows) == 0:
+        return x_all
     ratios = np.geomspace(0.5, max(lam_final, 1e-300), n_stages)
     per_stage = max(1, max_iter // n_stages)
     for i, ratio in enumerate(ratios):
         # the earlier stages only warm-start the next: a loose tolerance is enough
-        stage_tol = tol if i == len(ratios) - 1 else max(tol, 1e-3)
-        thr = step * float(ratio) * lam0
-        z, t = x.clone(), 1.0  # momentum restarts at each stage
-        for _ in range(per_stage):
-            grad = projection.adjoint(projection.apply(z) - h)
-            x_new = _soft(z - step * grad, thr)
-            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-            z = x_new + ((t - 1.0) / t_new) * (x_new - x)
-            delta = (x_new - x).norm(dim=1)
-            x, t = x_new, t_new
-            if bool((delta <= stage_tol * x.norm(dim=1).clamp(min=1e-300)).all()):
-                break
-    return x
+        stage_tol = tol if i == len(ratios) - 1 else max(tol, _EARLY_TOL)
+        live = rows
+        x, hh = x_all[live], h[live]
+        thr = (float(ratio) * lam0[live]) * step
+        z, t = x.clone(), torch.ones_like(lam0[live])
+        it = 0
+        while it < per_stage and len(live):
+            w = z - step * op.adjoint(op.apply(z) - hh)
+            x_new = w - w.clamp(-thr, thr)  # soft thresholding
+            dx = x_new - x
+            # restart where the momentum step goes uphill (in the metric)
+            uphill = _rowdot((z - x_new) / step, dx) > 0
+            t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+            z = torch.addcmul(x_new, torch.where(uphill, 0.0, (t - 1.0) / t_new), dx)
+            t = torch.where(uphill, 1.0, t_new)
+            x = x_new
+            it += 1
+            if it % _CHECK == 0:
+                done = dx.norm(dim=1) <= stage_tol * x.norm(dim=1).clamp(min=1e-300)
+                if bool(done.any()):
+                    x_all[live[done]] = x[done]
+                    keep = ~done
+                    live, x, z, t, hh, thr = (live[keep], x[keep], z[keep], t[keep],
+                                              hh[keep], thr[keep])
+        x_all[live] = x
+    return x_all
 
 
 def recover_components(components, projection=None, *, n_nonzero: int | None = None,
@@ -184,7 +325,8 @@ def recover_components(components, projection=None, *, n_nonzero: int | None = N
         Before the refit, drop entries below ``prune`` times the component's largest
         (the l1 path leaves many tiny entries where it has not converged).
     refit : bool, default=True
-        Refit the non-zero entries by least squares (when fewer than ``d``).
+        Refit the non-zero entries by least squares (when fewer than ``d``; a direct
+        solve on the support's columns of ``R``, the correction of least norm).
     return_residuals : bool, default=False
         Also return ``||R g - h|| / ||h||`` per component.
 
@@ -232,11 +374,12 @@ def recover_components(components, projection=None, *, n_nonzero: int | None = N
     if H.ndim != 2 or H.shape[1] != d:
         raise ValueError(f"components must have {d} columns (the projection's "
                          f"n_components); got shape {H.shape}.")
-    lip = operator_norm(proj)
+    op = _operator(proj)
+    block = max(8, min(H.shape[0], _BUDGET // max(proj.n_params, 1)))
     rows, cols, vals, res = [], [], [], []
-    for k0 in range(0, H.shape[0], _BLOCK):
-        h = torch.from_numpy(np.ascontiguousarray(H[k0 : k0 + _BLOCK]))
-        g = _fista(proj, h, lip, alpha, n_stages, max_iter, tol)
+    for k0 in range(0, H.shape[0], block):
+        h = torch.from_numpy(np.ascontiguousarray(H[k0 : k0 + block]))
+        g = _fista(op, h, alpha, n_stages, max_iter, tol)
         # drop entries that are negligible against the row's largest, then keep the
         # n_nonzero largest
         big = g.abs().amax(1, keepdim=True)
@@ -245,7 +388,7 @@ def recover_components(components, projection=None, *, n_nonzero: int | None = N
             thr = torch.topk(g.abs(), n_nonzero, dim=1).values[:, -1:]
             g = torch.where((g.abs() >= thr) & (g != 0), g, torch.zeros_like(g))
         if refit and bool((g != 0).any()):
-            g = _refit(proj, h, g, n_iter=200)
+            g = _refit(op, h, g)
         r_idx, c_idx = torch.nonzero(g, as_tuple=True)
         rows.append(r_idx.numpy() + k0)
         cols.append(c_idx.numpy())
