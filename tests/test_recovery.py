@@ -65,8 +65,11 @@ def test_recovery_operator_is_the_projection():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, R.n_params, generator=gen, dtype=torch.float64)
     y = torch.randn(4, R.n_components, generator=gen, dtype=torch.float64)
-    np.testing.assert_allclose(op.apply(x).numpy(), x.numpy() @ M.T, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(op.adjoint(y).numpy(), y.numpy() @ M, rtol=1e-12, atol=1e-12)
+    # vectors are columns there
+    np.testing.assert_allclose(op.apply(x.T.contiguous()).numpy(), M @ x.numpy().T,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(op.adjoint(y.T.contiguous()).numpy(), M.T @ y.numpy().T,
+                               rtol=1e-12, atol=1e-12)
     idx = torch.tensor([0, 5, 2399, 2400, 2450, R.n_params - 1, 3])
     np.testing.assert_array_equal(op.columns(idx), M[:, idx.numpy()])
     # the per-parameter curvature is ||R_b||^2 of the parameter's block

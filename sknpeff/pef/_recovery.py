@@ -74,24 +74,19 @@ def resolve_projection(obj) -> Projection:
     return Projection.from_description(found)
 
 
-def _power_norm(apply, adjoint, n_params: int, n_iter: int, seed: int) -> float:
+def operator_norm(projection: Projection, n_iter: int = 30, seed: int = 0) -> float:
+    """``||R||_2`` by power iteration on ``R^T R`` (an upper estimate: 2% added)."""
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(1, n_params, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, projection.n_params, generator=gen, dtype=torch.float64)
     v /= v.norm()
     lam = 0.0
     for _ in range(n_iter):
-        w = adjoint(apply(v))
+        w = projection.adjoint(projection.apply(v))
         lam = float(w.norm())
         if lam == 0.0:
             return 0.0
         v = w / lam
     return 1.02 * math.sqrt(lam)
-
-
-def operator_norm(projection: Projection, n_iter: int = 30, seed: int = 0) -> float:
-    """``||R||_2`` by power iteration on ``R^T R`` (an upper estimate: 2% added)."""
-    return _power_norm(projection.apply, projection.adjoint, projection.n_params, n_iter,
-                       seed)
 
 
 def _top_eigenvalue(m: sp.spmatrix) -> float:
@@ -164,27 +159,42 @@ class _Operator:
                                      (pos[pp].numpy(), torch.cat(prows).numpy())),
                                     shape=(len(self.explicit), self.d))
             self.pos = pos
+            self.all_explicit = len(self.explicit) == self.n_params
         else:
-            self.explicit, self.rt, self.pos = None, None, None
+            self.explicit, self.rt, self.pos, self.all_explicit = None, None, None, False
 
+    # Vectors are columns here: ``x`` is ``(n_params, k)`` and ``y`` ``(d, k)``, both
+    # C-contiguous, the layout SciPy's sparse products read and write without copies.
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((x.shape[0], self.d), dtype=torch.float64)
-        if self.rt is not None:
-            xt = x[:, self.explicit].T.contiguous().numpy()
-            out += torch.from_numpy(self.rt.T @ xt).T
+        """``R x`` for columns ``x`` ``(n_params, k)``: ``(d, k)``."""
+        k = x.shape[1]
+        if self.rt is None:
+            out = torch.zeros((self.d, k), dtype=torch.float64)
+        else:
+            xe = x if self.all_explicit else x[self.explicit]
+            out = torch.from_numpy(self.rt.T @ xe.numpy())
         for b, o, p_out, p_in in self.factored:
-            w = x[:, o : o + b.n_out * b.n_in].reshape(-1, b.n_out, b.n_in)
-            out[:, b.offset : b.offset + b.dim] = (p_out @ w @ p_in.T).reshape(-1, b.dim)
+            # vec(P_out W P_in^T) per column, as two plain matrix products
+            w = (p_out @ x[o : o + b.n_out * b.n_in].view(b.n_out, b.n_in * k))
+            w = p_in @ w.view(b.d_out, b.n_in, k).transpose(0, 1).reshape(b.n_in, -1)
+            out[b.offset : b.offset + b.dim] = w.view(b.d_in, b.d_out, k).transpose(
+                0, 1).reshape(b.dim, k)
         return out
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((y.shape[0], self.n_params), dtype=torch.float64)
-        if self.rt is not None:
-            yt = y.T.contiguous().numpy()
-            out[:, self.explicit] = torch.from_numpy(self.rt @ yt).T
+        """``R^T y`` for columns ``y`` ``(d, k)``: ``(n_params, k)``."""
+        k = y.shape[1]
+        if self.rt is not None and self.all_explicit:
+            out = torch.from_numpy(self.rt @ y.numpy())
+        else:
+            out = torch.empty((self.n_params, k), dtype=torch.float64)
+            if self.rt is not None:
+                out[self.explicit] = torch.from_numpy(self.rt @ y.numpy())
         for b, o, p_out, p_in in self.factored:
-            yb = y[:, b.offset : b.offset + b.dim].reshape(-1, b.d_out, b.d_in)
-            out[:, o : o + b.n_out * b.n_in] = (p_out.T @ yb @ p_in).reshape(y.shape[0], -1)
+            yb = y[b.offset : b.offset + b.dim].view(b.d_out, b.d_in, k)
+            w = p_in.T @ yb.transpose(0, 1).reshape(b.d_in, -1)  # (n_in, d_out k)
+            w = w.view(b.n_in, b.d_out, k).transpose(0, 1).reshape(b.d_out, -1)
+            out[o : o + b.n_out * b.n_in] = (p_out.T @ w).view(-1, k)
         return out
 
     def columns(self, idx: torch.Tensor) -> np.ndarray:
@@ -210,10 +220,6 @@ def _operator(projection: Projection) -> _Operator:
     if op is None:
         op = _OPERATORS[projection] = _Operator(projection)
     return op
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(1, keepdim=True)
 
 
 def _refit(op: _Operator, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -246,43 +252,46 @@ def _fista(op: _Operator, h: torch.Tensor, lam_final: float, n_stages: int,
     (the gradient restart of O'Donoghue & Candes 2015); converged rows leave the block
     (checked every few iterations).
     """
-    step = (1.0 / op.curvature)[None]
-    corr = op.adjoint(h)
-    lam0 = corr.abs().amax(1, keepdim=True)
-    x_all = torch.zeros_like(corr)
-    rows = (lam0[:, 0] > 0).nonzero()[:, 0]
-    if len(rows) == 0:
-        return x_all
+    # columns are components: x (n_params, k), h (d, k)
+    h = h.T.contiguous()
+    curv = op.curvature[:, None]
+    step = 1.0 / curv
+    lam0 = op.adjoint(h).abs().amax(0, keepdim=True)
+    x_all = torch.zeros((op.n_params, h.shape[1]), dtype=torch.float64)
+    cols = (lam0[0] > 0).nonzero()[:, 0]
+    if len(cols) == 0:
+        return x_all.T
     ratios = np.geomspace(0.5, max(lam_final, 1e-300), n_stages)
     per_stage = max(1, max_iter // n_stages)
     for i, ratio in enumerate(ratios):
         # the earlier stages only warm-start the next: a loose tolerance is enough
         stage_tol = tol if i == len(ratios) - 1 else max(tol, _EARLY_TOL)
-        live = rows
-        x, hh = x_all[live], h[live]
-        thr = (float(ratio) * lam0[live]) * step
-        z, t = x.clone(), torch.ones_like(lam0[live])
+        live = cols
+        x, hh = x_all[:, live].contiguous(), h[:, live].contiguous()
+        lam = float(ratio) * lam0[:, live]
+        z, t = x.clone(), torch.ones_like(lam)
         it = 0
         while it < per_stage and len(live):
-            w = z - step * op.adjoint(op.apply(z) - hh)
-            x_new = w - w.clamp(-thr, thr)  # soft thresholding
+            w = torch.addcmul(z, step, op.adjoint(op.apply(z) - hh), value=-1.0)
+            x_new = w - w.clamp(-lam * step, lam * step)  # soft thresholding
             dx = x_new - x
             # restart where the momentum step goes uphill (in the metric)
-            uphill = _rowdot((z - x_new) / step, dx) > 0
+            uphill = ((z - x_new) * curv * dx).sum(0, keepdim=True) > 0
             t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
             z = torch.addcmul(x_new, torch.where(uphill, 0.0, (t - 1.0) / t_new), dx)
             t = torch.where(uphill, 1.0, t_new)
             x = x_new
             it += 1
             if it % _CHECK == 0:
-                done = dx.norm(dim=1) <= stage_tol * x.norm(dim=1).clamp(min=1e-300)
+                done = dx.norm(dim=0) <= stage_tol * x.norm(dim=0).clamp(min=1e-300)
                 if bool(done.any()):
-                    x_all[live[done]] = x[done]
+                    x_all[:, live[done]] = x[:, done]
                     keep = ~done
-                    live, x, z, t, hh, thr = (live[keep], x[keep], z[keep], t[keep],
-                                              hh[keep], thr[keep])
-        x_all[live] = x
-    return x_all
+                    live, lam, t = live[keep], lam[:, keep], t[:, keep]
+                    x, z, hh = (x[:, keep].contiguous(), z[:, keep].contiguous(),
+                                hh[:, keep].contiguous())
+        x_all[:, live] = x
+    return x_all.T
 
 
 def recover_components(components, projection=None, *, n_nonzero: int | None = None,
