@@ -269,11 +269,13 @@ def _fista(op: _Operator, h: torch.Tensor, lam_final: float, n_stages: int,
         live = cols
         x, hh = x_all[:, live].contiguous(), h[:, live].contiguous()
         lam = float(ratio) * lam0[:, live]
+        hi = lam * step  # the per-entry thresholds
+        lo = -hi
         z, t = x.clone(), torch.ones_like(lam)
         it = 0
         while it < per_stage and len(live):
             w = torch.addcmul(z, step, op.adjoint(op.apply(z) - hh), value=-1.0)
-            x_new = w - w.clamp(-lam * step, lam * step)  # soft thresholding
+            x_new = w - w.clamp(lo, hi)  # soft thresholding
             dx = x_new - x
             # restart where the momentum step goes uphill (in the metric)
             uphill = ((z - x_new) * curv * dx).sum(0, keepdim=True) > 0
@@ -287,9 +289,8 @@ def _fista(op: _Operator, h: torch.Tensor, lam_final: float, n_stages: int,
                 if bool(done.any()):
                     x_all[:, live[done]] = x[:, done]
                     keep = ~done
-                    live, lam, t = live[keep], lam[:, keep], t[:, keep]
-                    x, z, hh = (x[:, keep].contiguous(), z[:, keep].contiguous(),
-                                hh[:, keep].contiguous())
+                    live, t = live[keep], t[:, keep]
+                    x, z, hh, lo, hi = (a[:, keep].contiguous() for a in (x, z, hh, lo, hi))
         x_all[:, live] = x
     return x_all.T
 
