@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Mapping
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
@@ -234,8 +235,9 @@ def _refit(op: _Operator, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         cols = op.columns(supp)
         gs = g[j, supp].numpy()
         r = h[j].numpy() - cols @ gs
-        # singular values below 1e-8 of the largest are left alone (rounding)
-        delta = np.linalg.lstsq(cols, r, rcond=1e-8)[0]
+        # minimum-norm correction (rank-revealing QR); directions below 1e-8 of the
+        # largest are left alone (rounding)
+        delta = sla.lstsq(cols, r, cond=1e-8, lapack_driver="gelsy")[0]
         out[j, supp] = torch.from_numpy(gs + delta)
     return out
 
