@@ -25,6 +25,7 @@ from sknpeff.inspection import (
     top_parameters_by_component,
     top_parameters_by_layer,
 )
+from sknpeff.io import load_pefs, save_pefs
 from sknpeff.layout import ParameterLayout
 from sknpeff.pef import Projection, recover_components
 from sknpeff.perturbation._estimators import unwrap
@@ -286,13 +287,21 @@ def test_expansion_stays_in_the_projected_space(setup, expanded):
     assert [t[0][0] for t in tops] == [_planted_top(k) for k in which]
 
 
-def test_expansion_refuses_other_pefs(setup, expanded):
+def test_expansion_refuses_other_pefs(setup, expanded, tmp_path):
     model, pt, layout, R, G, A, P, est = setup
     base, special_A, special, exp = expanded
     R2 = Projection.for_layout(layout, D, seed=1)
     other = _project(special_A, R2)
     with pytest.raises(ValueError, match=r"X holds PEFs projected by .*seed=1.*seed=0"):
         ComponentExpander(base, n_new_components=2).fit(other)
+    # the projection travels through a store
+    save_pefs(tmp_path / "other", other, kind="low_rank", n_classes=N_SLOTS)
+    with pytest.raises(ValueError, match=r"X holds PEFs projected by .*seed=1.*seed=0"):
+        ComponentExpander(base, n_new_components=2).fit(load_pefs(tmp_path / "other").pefs)
+    save_pefs(tmp_path / "same", special, kind="low_rank", n_classes=N_SLOTS)
+    stored = ComponentExpander(base, n_new_components=1, random_state=0, max_iter=20).fit(
+        load_pefs(tmp_path / "same").pefs)
+    assert stored.projection_.description() == R.description()
     unprojected = tag_pef_matrix(np.asarray(special).copy(), "low_rank", N_SLOTS)
     with pytest.raises(ValueError, match="X holds unprojected PEFs"):
         ComponentExpander(base, n_new_components=2).fit(unprojected)
