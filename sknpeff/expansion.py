@@ -194,7 +194,9 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if fitted is None:
             raise ValueError(
                 f"X holds PEFs projected by {describe_projection(given)}, but the {name} to "
-                "expand was fitted on unprojected PEFs: pass PEFs of the same kind.")
+                "expand was fitted on unprojected PEFs (or on an untagged matrix, such as a "
+                "slice, which records no projection): pass PEFs of the same kind, or fit "
+                "the estimator on the tagged projected PEFs.")
         if given.description() != fitted.description():
             raise ValueError(
                 f"X holds PEFs projected by {describe_projection(given)}, but the {name} to "

@@ -138,7 +138,7 @@ def test_top_parameters_of_projected_vectors(setup):
     model, pt, layout, R, G, *_ = setup
     H = np.asarray(R.apply(torch.from_numpy(G)))
     # the projection as the transformer holding it, or its description with layout=None
-    # (the projection's); component 2 lies in the layer with the fewest rows of R
+    # (the projection's); component 3 lies in two layers
     for k, projection, lay in ((2, pt, layout), (3, R.description(), None)):
         tops = top_parameters_by_layer(H[k], lay, k=len(layout.names), projection=projection,
                                        recovery_params=RP)
@@ -285,6 +285,7 @@ def test_expansion_stays_in_the_projected_space(setup, expanded):
         gp.perturbation(2))
     tops = top_parameters_by_component(gp, k=1)
     assert [t[0][0] for t in tops] == [_planted_top(k) for k in which]
+    _same(top_parameters_by_component(pipe, k=1, recovery_params=RP), tops)
 
 
 def test_expansion_refuses_other_pefs(setup, expanded, tmp_path):
