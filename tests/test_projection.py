@@ -90,6 +90,18 @@ def test_unbiased_isometry_in_expectation(small_kronecker):
     assert abs(float(off.sum())) / off.numel() < 0.01
 
 
+def test_projection_pickles_and_copies():
+    import pickle
+
+    layout = ParameterLayout.from_model(ConvNet())
+    R = Projection.for_layout(layout, 50, seed=3, min_kronecker_size=0)
+    x = torch.randn(2, layout.n_params, dtype=torch.float64)
+    y = R.apply(x)  # fills the factor cache
+    for R2 in (pickle.loads(pickle.dumps(R)), copy.deepcopy(R)):
+        assert R2.description() == R.description()
+        assert torch.equal(R2.apply(x), y)
+
+
 def test_small_matrices_share_the_sparse_block_large_ones_are_kronecker():
     model = nn.Sequential(nn.Linear(300, 300), nn.Linear(300, 10))
     layout = ParameterLayout.from_model(model)

@@ -317,6 +317,18 @@ class Projection:
                              f"{proj.n_components} rows, it says {desc['n_components']}.")
         return proj
 
+    def __getstate__(self) -> dict:
+        # the factor cache is rebuilt on demand and a lock cannot be pickled: a fitted
+        # estimator holding a projection must survive pickle, joblib and deepcopy
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         n_kron = len(self.block_of)
         return (f"Projection(n_components={self.n_components}, n_params={self.n_params}, "
