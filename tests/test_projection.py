@@ -320,6 +320,9 @@ def _forms():
         "outer": (Contribution.outer(r(c, B, 6), r(B, 5)), (6, 5)),
         "product": (Contribution.product(r(B, c, 1, 6, 7), r(B, 1, 1, 7, 5)), (6, 5)),
         "grouped": (Contribution.product(r(B, c, 2, 3, 7), r(B, 1, 2, 7, 5)), (6, 5)),
+        # a sequence Linear's: left a transposed view of (L, O) cotangents, short L
+        "product_seq": (Contribution.product(r(B, c, 1, 2, 6).transpose(3, 4),
+                                             r(B, 1, 1, 2, 5)), (6, 5)),
         "per_class": (Contribution.per_class_product([r(B, 6, 7) for _ in range(c)],
                                                      r(B, 7, 5)), (6, 5)),
         "scatter": (Contribution.scatter(r(c, B, 4, 5), torch.tensor([[0, 2, 2, 5],
