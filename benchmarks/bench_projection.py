@@ -68,20 +68,25 @@ Against a small top-K (``--n-values 4096``, same settings, mlp and cnn only): 4.
 time is mostly its 10 backward passes (1.1 of 3.1 s per 64 examples, profiled), which
 both paths share.
 
-Recovery (mlp 64-128-10, 9,610 parameters, 4 planted vectors per row; mean / min
-``|cos|``; ``R^T h``'s mean for comparison)::
+Recovery (mlp 64-128-10, 9,610 parameters, 8 planted ``s``-sparse vectors; mean / min
+``|cos|``; ``R^T h``'s mean for comparison). This mlp's matrices are under
+``MIN_KRONECKER_SIZE``, so its whole operator is one sparse sign block (measured
+2026-12-01, ``recovery(...)`` of this file, one thread)::
 
     s   d/(s log(m/s))   d/s    recovered          adjoint
-    5        4           30     0.80 / 0.63        0.11
-    5        8           60     1.000 / 1.000      0.14
-    10       4           27     0.90 / 0.66        0.12
-    10       8           55     1.000 / 1.000      0.18
-    20       4           25     0.98 / 0.92        0.18
-    20       8           49     1.000 / 1.000      0.22
+    5        1            7     0.89 / 0.47        0.06
+    5        2           15     1.000 / 1.000      0.09
+    5        4           30     1.000 / 1.000      0.12
+    10       1            7     0.80 / 0.39        0.09
+    10       2           14     1.000 / 1.000      0.12
+    10       4           27     1.000 / 1.000      0.17
+    20       1            6     0.85 / 0.46        0.11
+    20       2           12     1.000 / 1.000      0.16
+    20       4           25     1.000 / 1.000      0.22
 
-(1x and 2x: mean 0.25-0.83.) Kronecker blocks are less incoherent than dense Gaussian
-matrices: a dense Gaussian ``R`` of the same size recovered s = 10 at 4x exactly in a
-side check, where the Kronecker operator needs about 8x.
+(8x: 1.000 / 1.000 throughout.) Kronecker blocks (large matrices) are less incoherent:
+with every matrix in a Kronecker block (``min_kronecker_size=0``) the same vectors
+needed about 8x (at 4x: mean 0.80, 0.90, 0.98 for s = 5, 10, 20).
 """
 
 from __future__ import annotations
