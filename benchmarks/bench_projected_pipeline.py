@@ -21,6 +21,18 @@ perturber recovers the components in parameter space first
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_projected_pipeline.py [--quick]
+
+Measured 2026-12-01 on the shared 2-core machine (runs of seeds ``0``, ``1`` and
+``2 3``), projected over top-K, means over seeds 0-3 (per seed the KL ratio moves by
+about 10% either way)::
+
+    model     K     d    purity  concept precision  median KL ratio (sparse / adjoint)
+    experts   400   266  0.935   0.997              1.094 / 0.986
+    digits    2048  409  1.014   -                  0.919 / 0.869
+
+Before small weight matrices moved from Kronecker blocks to the sparse sign block of the
+projection (seeds 0-1): experts purity 0.80, KL ratio 1.06 / 1.69; digits purity 0.96,
+KL ratio 0.55 / 0.71.
 """
 
 from __future__ import annotations
@@ -79,7 +91,7 @@ def run_one(model, X_train, X_test, n_slots, K, compression, n_components, max_i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller fits (a smoke run)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
                     help="seeds of the models, projections and fits (results are averaged)")
     args = ap.parse_args()
     torch.set_num_threads(1)

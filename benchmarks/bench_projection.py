@@ -6,35 +6,56 @@ Reproduce (2 CPU cores, torch 2.13 CPU)::
     .venv/bin/python benchmarks/bench_projection.py --models mlp cnn resnet18 bert
     .venv/bin/python benchmarks/bench_projection.py --threads 1    # on a busy machine
 
-Throughput: ``PEFTransformer(kind="low_rank", n_classes=10)`` with
+Throughput: ``PEFTransformer(kind="low_rank", n_classes=10)`` (bert: its 3 labels) with
 ``compression="topk"`` (``n_values=--n-values``) and ``compression="projection"``
 (``n_values=--dim``), examples per second of ``compute``, best of ``--repeats`` runs
 interleaved (top-K, projection, top-K, ...). Memory: peak RSS of a fresh process
-streaming ``iter_compute`` over 128 and over 1024 examples (results dropped).
-Recovery: planted ``s``-sparse vectors in the mlp's parameter space, projected and
-brought back by ``recover_components``; mean and minimum ``|cos|`` against ``d / s``
-and ``d / (s log(m / s))``.
+streaming ``iter_compute`` over ``--memory-sizes`` examples (128 and 1024 unless
+told; results dropped). Recovery: planted ``s``-sparse vectors in the mlp's parameter
+space, projected and brought back by ``recover_components``; mean and minimum ``|cos|``
+against ``d / s`` and ``d / (s log(m / s))``.
 
-Models: ``mlp`` and ``cnn`` of ``bench_pef.py``; ``resnet18`` of ``bench_resnet18.py``
-(32x32 inputs); ``bert``: a BERT-style classifier of 4 layers, hidden 512 (as in
-``bench_threads.py``; needs ``transformers``), sequences of 32 tokens, 3 labels.
+Models: ``mlp`` and ``cnn`` of ``bench_pef.py``; ``resnet18``: the ImageNet ResNet-18
+of ``bench_resnet18.py`` (1000-way head, 11,689,512 parameters, random weights), PEFs
+over its 10 most probable classes, on ``--resnet-size`` inputs (32x32 unless told);
+``bert``: a BERT-style classifier of 4 layers, hidden 512, 8 heads, intermediate 2048
+(as in ``bench_threads.py``; needs ``transformers``), sequences of 32 tokens, 3 labels.
 
 Measured 2026-12-01 on the shared 2-core machine (load average 8-12 from other jobs,
 so absolute figures are low and noisy; the ratios come from interleaved runs), one
-torch thread, K = 65536, d = 8192 per slot (``--quick --threads 1``; resnet18 and bert:
-``--models resnet18 bert --threads 1 --n-examples 32 --repeats 2``):
+torch thread, K = 65536, d = 8192 per slot (``--quick --threads 1``)::
 
     model      params      top-K ex/s  projection ex/s  ratio
     mlp           272,394      5.4         137.3         25.2x
     cnn           225,034      7.6          23.1          3.05x
-    resnet18   11,181,642      3.3          32.2          9.7x
-    bert       17,037,315      2.9          10.9          3.75x
     peak RSS, streaming 128 / 1024 examples: mlp top-K 829 / 908 MB, projection
     394 / 394 MB; cnn top-K 998 / 997 MB, projection 606 / 617 MB
 
+resnet18 (1000 classes, top 10, 32x32 inputs) and bert, measured 2026-12-01 on 2
+shared CPU cores (load average 3-5 from other jobs), one torch thread, batch 32, K =
+65536, d = 8192 per slot, ``--models resnet18 bert --threads 1 --n-examples 32
+--repeats 2 --memory-sizes 32 128 --no-recovery``::
+
+    model      params      top-K ex/s  projection ex/s  ratio
+    resnet18   11,689,512      3.0          21.7          7.17x
+    bert       17,037,315      3.3          13.2          4.03x
+    peak RSS (MB), streaming 32 / 128 examples (512 by ``--memory-worker``):
+    resnet18 top-K 1252 / 1362 (1416), projection 735 / 767 (770);
+    bert top-K 1423 / 1556 (1582), projection 1432 / 1513 (1501)
+
+Peak memory does not grow with the examples: 32 is one batch, and the step to 128 is
+the second batch's allocations; 512 examples peak no higher (run to run, +-50 MB).
+Other runs of the same command gave 6.85x and 7.90x (resnet18) and 2.87x, 3.59x (bert,
+before ``Contribution.gram`` stopped copying a sequence Linear's cotangents; A/B
+interleaved over 3 repeats, that change took bert from 3.51x to 3.91x). Profiled
+(``torch.profiler``, one batch of 32, bert, projection): of 4.4 s, the model's forward
+and 3 backward passes (one per class slot) take about 3.0 s, which top-K pays as well;
+stacking the per-class cotangents 0.3-0.4 s, the exact PEF norms' Gram products 0.35 s,
+the projections themselves 0.15 s.
+
 On one H200 (torch 2.11, CUDA 13, 16 host threads), 2026-12-01,
 ``--device cuda --models mlp cnn resnet18 bert --n-examples 256 --repeats 3
---no-memory --no-recovery``::
+--no-memory --no-recovery`` (resnet18 then had a 10-way head, 11,181,642 parameters)::
 
     model      params      top-K ex/s  projection ex/s  ratio
     mlp           272,394    897.8        2162.0         2.41x
@@ -47,20 +68,25 @@ Against a small top-K (``--n-values 4096``, same settings, mlp and cnn only): 4.
 time is mostly its 10 backward passes (1.1 of 3.1 s per 64 examples, profiled), which
 both paths share.
 
-Recovery (mlp 64-128-10, 9,610 parameters, 4 planted vectors per row; mean / min
-``|cos|``; ``R^T h``'s mean for comparison)::
+Recovery (mlp 64-128-10, 9,610 parameters, 8 planted ``s``-sparse vectors; mean / min
+``|cos|``; ``R^T h``'s mean for comparison). This mlp's matrices are under
+``MIN_KRONECKER_SIZE``, so its whole operator is one sparse sign block (measured
+2026-12-01, ``recovery(...)`` of this file, one thread)::
 
     s   d/(s log(m/s))   d/s    recovered          adjoint
-    5        4           30     0.80 / 0.63        0.11
-    5        8           60     1.000 / 1.000      0.14
-    10       4           27     0.90 / 0.66        0.12
-    10       8           55     1.000 / 1.000      0.18
-    20       4           25     0.98 / 0.92        0.18
-    20       8           49     1.000 / 1.000      0.22
+    5        1            7     0.89 / 0.47        0.06
+    5        2           15     1.000 / 1.000      0.09
+    5        4           30     1.000 / 1.000      0.12
+    10       1            7     0.80 / 0.39        0.09
+    10       2           14     1.000 / 1.000      0.12
+    10       4           27     1.000 / 1.000      0.17
+    20       1            6     0.85 / 0.46        0.11
+    20       2           12     1.000 / 1.000      0.16
+    20       4           25     1.000 / 1.000      0.22
 
-(1x and 2x: mean 0.25-0.83.) Kronecker blocks are less incoherent than dense Gaussian
-matrices: a dense Gaussian ``R`` of the same size recovered s = 10 at 4x exactly in a
-side check, where the Kronecker operator needs about 8x.
+(8x: 1.000 / 1.000 throughout.) Kronecker blocks (large matrices) are less incoherent:
+with every matrix in a Kronecker block (``min_kronecker_size=0``) the same vectors
+needed about 8x (at 4x: mean 0.80, 0.90, 0.98 for s = 5, 10, 20).
 """
 
 from __future__ import annotations
@@ -81,8 +107,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def make(name: str):
-    """(model, X, n_classes)."""
+def make(name: str, resnet_size: int = 32):
+    """(model, X, n_classes): n_classes is the number of PEF class slots."""
     torch.manual_seed(0)
     if name in ("mlp", "cnn"):
         from bench_pef import make_model
@@ -92,7 +118,10 @@ def make(name: str):
     if name == "resnet18":
         from bench_resnet18 import resnet18
 
-        return resnet18(10).eval(), torch.randn(64, 3, 32, 32), 10
+        # The ImageNet architecture (1000-way head); PEFs over its 10 most probable
+        # classes, as in the paper. Small inputs keep it CPU-sized.
+        X = torch.randn(64, 3, resnet_size, resnet_size)
+        return resnet18(1000).eval(), X, 10
     if name == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -122,7 +151,7 @@ def transformer(model, n_classes, compression, args):
 
 
 def throughput(name, args):
-    model, X, c = make(name)
+    model, X, c = make(name, args.resnet_size)
     model = model.to(args.device)
     n = args.n_examples
     X = _rows(X, n)
@@ -151,7 +180,7 @@ def _sync(device) -> None:
 def memory_worker(name, compression, n, args):
     """Peak RSS (MB) of streaming n examples (run in a fresh process)."""
     warnings.simplefilter("ignore")
-    model, X, c = make(name)
+    model, X, c = make(name, args.resnet_size)
     reps = -(-n // (len(X["input_ids"]) if isinstance(X, dict) else len(X)))
     if isinstance(X, dict):
         X = {k: v.repeat(reps, 1)[:n] for k, v in X.items()}
@@ -167,10 +196,11 @@ def memory_worker(name, compression, n, args):
 def memory(name, args):
     out = {}
     for comp in ("topk", "projection"):
-        for n in (128, 1024):
+        for n in args.memory_sizes:
             cmd = [sys.executable, __file__, "--memory-worker", name, comp, str(n),
                    "--threads", str(args.threads), "--dim", str(args.dim),
-                   "--n-values", str(args.n_values), "--batch-size", str(args.batch_size)]
+                   "--n-values", str(args.n_values), "--batch-size", str(args.batch_size),
+                   "--resnet-size", str(args.resnet_size)]
             got = subprocess.run(cmd, capture_output=True, text=True, check=True)
             out[f"{comp}_{n}"] = float(got.stdout.strip().splitlines()[-1])
     return out
@@ -219,6 +249,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="torch device of the model (throughput)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-recovery", action="store_true")
+    ap.add_argument("--memory-sizes", nargs=2, type=int, default=[128, 1024],
+                    metavar=("N1", "N2"), help="numbers of examples streamed (memory)")
+    ap.add_argument("--resnet-size", type=int, default=32,
+                    help="resnet18 input height and width")
     ap.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "COMPRESSION", "N"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -238,9 +272,10 @@ def main() -> None:
         print(line, flush=True)
         if not args.no_memory:
             mem = memory(name, args)
-            print(f"{'':9s} peak RSS MB, 128 / 1024 examples: top-K {mem['topk_128']:.0f} / "
-                  f"{mem['topk_1024']:.0f}, projection {mem['projection_128']:.0f} / "
-                  f"{mem['projection_1024']:.0f}", flush=True)
+            n1, n2 = args.memory_sizes
+            print(f"{'':9s} peak RSS MB, {n1} / {n2} examples: top-K {mem[f'topk_{n1}']:.0f}"
+                  f" / {mem[f'topk_{n2}']:.0f}, projection {mem[f'projection_{n1}']:.0f} / "
+                  f"{mem[f'projection_{n2}']:.0f}", flush=True)
     if not args.no_recovery:
         m, rows = recovery(args)
         print(f"recovery, mlp 64-128-10 ({m} params), {args.n_planted} planted vectors each:")

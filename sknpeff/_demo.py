@@ -520,7 +520,7 @@ def _run(report_path: str, seed: int, n_components: int, n_values: int, epochs: 
 
     from .datasets import train_digits_cnn
     from .decomposition import LowRankNPEFF
-    from .inspection import component_summary, report, top_parameters_by_layer
+    from .inspection import component_summary, report, top_parameters_by_component
     from .pef import PEFTransformer
     from .perturbation import GuidedPerturber
 
@@ -602,7 +602,7 @@ def _run(report_path: str, seed: int, n_components: int, n_values: int, epochs: 
     norm_ratios = kl.norm_ratio
 
     with stage(5) as info:
-        top_params = [top_parameters_by_layer(g, pef.layout_, k=5) for g in est.components_]
+        top_params = top_parameters_by_component(est, pef.layout_, k=5)
         report(
             report_path,
             W=W_test,

@@ -3,6 +3,11 @@
 A decomposition fitted on general data takes the model's general processing. Fitting more
 components on a specialised set (e.g. the misclassified examples) while the first ones stay
 frozen lets the new components specialise to what the old ones do not explain.
+
+Components fitted on randomly projected PEFs live in the projected space of one random
+operator ``R``: the new components are learned in that same space, so the specialised
+PEFs must be projected by the same ``R`` (checked through the PEF matrix's tag), and the
+expanded estimator carries ``R`` as its ``projection_``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted
 
 from .backends import cupy_device, to_device
-from .utils import check_int
+from .decomposition._base import describe_projection
+from .utils import check_int, pef_projection, pef_tag
 
 __all__ = ["ComponentExpander"]
 
@@ -70,6 +76,9 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ``r0 + n_new_components``.
     n_features_in_ : int
         Width of the PEF rows.
+    projection_ : Projection or None
+        The random projection of the PEFs the components live in: ``estimator``'s
+        ``projection_`` (``None`` for unprojected PEFs, or an estimator without one).
 
     Examples
     --------
@@ -155,6 +164,46 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             raise ValueError(f"fit_params not accepted by {type(est).__name__}: {unknown}.")
         return np.array(est.components_, copy=True), fit_params
 
+    def _frozen_projection(self, X: Any) -> Any:
+        """The estimator's projection (a Projection, or None), after checking that ``X``
+        holds PEFs of the same projection: the frozen components mean something only
+        under the projection they were fitted under."""
+        est = self.estimator
+        if not hasattr(est, "projection_"):  # an estimator that records no projection
+            return None
+        fitted = est.projection_
+        if fitted is not None:
+            from .pef import Projection  # torch only where PEFs were projected
+
+            fitted = Projection.from_description(fitted)
+        desc = pef_projection(X)
+        kind, _ = pef_tag(X)
+        name = type(est).__name__
+        if desc is None:
+            if fitted is not None and kind is not None:
+                raise ValueError(
+                    f"X holds unprojected PEFs, but the {name} to expand was fitted on PEFs "
+                    f"projected by {describe_projection(fitted)}: its frozen components "
+                    "live in that projected space; pass PEFs of the same projection "
+                    "(PEFTransformer(compression='projection') with the same "
+                    "projection_seed and n_values).")
+            return fitted
+        from .pef import Projection
+
+        given = Projection.from_description(desc)
+        if fitted is None:
+            raise ValueError(
+                f"X holds PEFs projected by {describe_projection(given)}, but the {name} to "
+                "expand was fitted on unprojected PEFs (or on an untagged matrix, such as a "
+                "slice, which records no projection): pass PEFs of the same kind, or fit "
+                "the estimator on the tagged projected PEFs.")
+        if given.description() != fitted.description():
+            raise ValueError(
+                f"X holds PEFs projected by {describe_projection(given)}, but the {name} to "
+                f"expand was fitted on PEFs projected by {describe_projection(fitted)}: "
+                "its frozen components are meaningful only under that projection.")
+        return fitted
+
     def fit(self, X: Any, y: Any = None) -> ComponentExpander:
         """Learn ``n_new_components`` components on ``X`` beside the frozen ones.
 
@@ -191,6 +240,7 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             estimator does).
         """
         frozen, fit_params = self._check()
+        projection = self._frozen_projection(X)
         r0 = frozen.shape[0]
         est = clone(self.estimator)
         est.set_params(n_components=r0 + int(self.n_new_components), **fit_params)
@@ -199,14 +249,14 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         except KeyboardInterrupt:
             # the estimator kept the state fitted so far (and warned): keep it here too
             if hasattr(est, "components_"):
-                self._store(est, frozen)
+                self._store(est, frozen, projection)
             raise
-        self._store(est, frozen)
+        self._store(est, frozen, projection)
         # like transform and the estimators: CuPy input gives CuPy output on its device
         # (the estimator returns it so already)
         return to_device(W, cupy_device(X))
 
-    def _store(self, est: Any, frozen: np.ndarray) -> None:
+    def _store(self, est: Any, frozen: np.ndarray, projection: Any) -> None:
         """Check that ``est`` kept ``frozen`` bit for bit and take its fitted state."""
         r0 = frozen.shape[0]
         comps = np.asarray(est.components_)
@@ -220,7 +270,12 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             raise ValueError(
                 f"the frozen components ({frozen.dtype}) do not survive the cast to X's "
                 f"dtype ({comps.dtype}) bit for bit: pass X in {frozen.dtype}.")
+        if hasattr(self.estimator, "projection_"):
+            # the clone recorded X's tag, which an untagged slice lacks: the components
+            # live in the frozen ones' space whatever the tag
+            est.projection_ = projection
         self.estimator_ = est
+        self.projection_ = getattr(est, "projection_", None)
         self.components_ = comps
         self.frozen_ = np.arange(comps.shape[0]) < r0
         self.n_frozen_ = r0

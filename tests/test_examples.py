@@ -79,6 +79,33 @@ def test_in_context_learning_recovers_the_mechanisms(example_runs):
         assert float(m[1]) > float(m[2])
 
 
+def test_class_axis_ablation(example_runs):
+    """The class-axis example on planted experts with 100 classes: the eigen slots are
+    exact with every slot and the smallest error of F at every budget; the fit on the
+    exact PEFs is reproducible (the comparison is meaningful), with one slot the
+    unbiased projection gives components closer to it than the biased truncations, and
+    with 16 slots every option is at the noise floor."""
+    rc, stdout, stderr, _ = example_runs["plot_class_axis"]
+    assert rc == 0, stderr
+    assert float(re.search(r"eigen, all 99 slots: relative error of F ([\d.e+-]+)",
+                           stdout)[1]) < 1e-6
+    floor = float(re.search(r"noise floor: exact, other seed: ([\d.]+)", stdout)[1])
+    assert floor >= 0.9
+    axes = ("top", "eigen", "sample", "project")
+    rows = {}
+    for m in re.finditer(r"^\s*(\d+) +((?:[\d.]+ \| [\d.]+\s*){4})$", stdout, re.M):
+        vals = [float(v) for v in re.findall(r"[\d.]+", m[2])]
+        rows[int(m[1])] = {a: (vals[2 * i], vals[2 * i + 1]) for i, a in enumerate(axes)}
+    assert sorted(rows) == [1, 4, 16]
+    for s, row in rows.items():
+        assert row["eigen"][0] < row["top"][0], s
+    for a in axes:  # more slots, smaller error
+        assert rows[1][a][0] > rows[4][a][0] > rows[16][a][0], a
+    assert rows[1]["project"][1] > max(rows[1]["top"][1], rows[1]["eigen"][1]) + 0.2
+    for a in axes:
+        assert rows[16][a][1] >= floor - 0.05, a
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("sphinx") is None
                     or importlib.util.find_spec("sphinx_gallery") is None

@@ -188,3 +188,18 @@ def test_ctrl_c_in_fit_keeps_state_warns_and_reraises(kind, monkeypatch):
         exp.fit(X)
     assert np.array_equal(exp.components_[:2], base.components_.astype(X.dtype))
     assert exp.transform(X).shape == (X.shape[0], 4)
+
+
+def test_new_components_are_not_seeded_on_frozen_ones():
+    """A specialised set that still holds examples of the frozen components: the new
+    components go to the planted ones the frozen set misses, for every seed."""
+    X, W, G = make_planted_lowrank(n_examples=600, n_params=1200, n_classes=3,
+                                   n_components=4, support_size=80, n_active=(1, 1),
+                                   random_state=0)
+    first = np.flatnonzero((W[:, 2:] == 0).all(axis=1))  # examples of g0, g1 only
+    base = LowRankNPEFF(n_components=2, n_classes=3, random_state=0).fit(X[first])
+    assert np.sort(np.abs(G[:2] @ base.components_.T).max(axis=1)).min() > 0.99
+    for seed in (0, 1, 2):
+        exp = ComponentExpander(base, n_new_components=2, random_state=seed).fit(X)
+        cos = np.abs(G[2:] @ exp.components_[2:].T)  # (missing planted, new)
+        assert cos.max(axis=1).min() > 0.99, (seed, cos)

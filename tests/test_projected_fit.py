@@ -128,6 +128,13 @@ def test_projection_recorded_and_enforced():
     # the slot-count check still comes first
     with pytest.raises(ValueError, match="n_classes=4"):
         LowRankNPEFF(3, n_classes=4).fit(P)
+    # a fitted estimator holding a projection survives pickling, still enforcing it
+    import pickle
+
+    est2 = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(est2.transform(P), est.transform(P))
+    with pytest.raises(ValueError, match="projected by"):
+        est2.partial_fit(P2)
 
 
 def test_planted_components_recovered_through_projection():

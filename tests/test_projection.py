@@ -15,6 +15,7 @@ from sknpeff import PEFTransformer
 from sknpeff.io import PEFWriter, iter_row_batches, load_pefs, save_pefs
 from sknpeff.layout import ParameterLayout
 from sknpeff.pef import Projection, recover_components
+from sknpeff.pef import _projection as projection_module
 from sknpeff.utils import InvalidParameterError, pef_projection, pef_tag
 
 from ._pef_reference import ConvNet, lrm_rows, make_model, naive_a
@@ -33,12 +34,22 @@ def _layers():
     }
 
 
+@pytest.fixture(params=["kronecker", "sparse"])
+def small_kronecker(request, monkeypatch):
+    """Runs a test twice: every weight matrix in a Kronecker block (as large layers
+    are), and with the default, where small matrices share the sparse sign block."""
+    if request.param == "kronecker":
+        monkeypatch.setattr(projection_module, "MIN_KRONECKER_SIZE", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(_layers()))
 @pytest.mark.parametrize("d", [3, 20])
-def test_adjoint_exact_per_layer_type(name, d):
+@pytest.mark.parametrize("min_size", [0, None])
+def test_adjoint_exact_per_layer_type(name, d, min_size):
     layout = ParameterLayout.from_model(_layers()[name])
     d = min(d, layout.n_params)
-    R = Projection.for_layout(layout, d, seed=7)
+    R = Projection.for_layout(layout, d, seed=7, min_kronecker_size=min_size)
     assert R.n_components == d
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, layout.n_params, generator=gen, dtype=torch.float64)
@@ -52,7 +63,8 @@ def test_adjoint_exact_per_layer_type(name, d):
 
 def test_adjoint_is_the_transpose_of_the_matrix():
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2, bias=False))
-    R = Projection.for_layout(ParameterLayout.from_model(model), 9, seed=0)
+    R = Projection.for_layout(ParameterLayout.from_model(model), 9, seed=0,
+                              min_kronecker_size=0)
     eye = torch.eye(R.n_params, dtype=torch.float64)
     M = R.apply(eye).T  # the (d, n_params) matrix: column q = R e_q
     # row r of R^T applied to the identity is R^T e_r, the r-th row of M
@@ -60,7 +72,7 @@ def test_adjoint_is_the_transpose_of_the_matrix():
                                M.numpy(), rtol=0, atol=1e-14)
 
 
-def test_unbiased_isometry_in_expectation():
+def test_unbiased_isometry_in_expectation(small_kronecker):
     # E[R^T R] = I: averaged over seeds, R^T R e_q has mean e_q
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
     layout = ParameterLayout.from_model(model)
@@ -78,17 +90,60 @@ def test_unbiased_isometry_in_expectation():
     assert abs(float(off.sum())) / off.numel() < 0.01
 
 
+def test_projection_pickles_and_copies():
+    import pickle
+
+    layout = ParameterLayout.from_model(ConvNet())
+    R = Projection.for_layout(layout, 50, seed=3, min_kronecker_size=0)
+    x = torch.randn(2, layout.n_params, dtype=torch.float64)
+    y = R.apply(x)  # fills the factor cache
+    for R2 in (pickle.loads(pickle.dumps(R)), copy.deepcopy(R)):
+        assert R2.description() == R.description()
+        assert torch.equal(R2.apply(x), y)
+
+
+def test_small_matrices_share_the_sparse_block_large_ones_are_kronecker():
+    model = nn.Sequential(nn.Linear(300, 300), nn.Linear(300, 10))
+    layout = ParameterLayout.from_model(model)
+    blocks = Projection.for_layout(layout, 512).description()["blocks"]
+    assert [b["param"] for b in blocks if b["type"] == "kronecker"] == ["0.weight"]
+    sparse = [b for b in blocks if b["type"] == "sparse_sign"]
+    assert sparse[0]["params"] == ["0.bias", "1.weight", "1.bias"]
+    every = Projection.for_layout(layout, 512, min_kronecker_size=0).description()
+    assert sum(b["type"] == "kronecker" for b in every["blocks"]) == 2
+    with pytest.raises(InvalidParameterError, match="min_kronecker_size"):
+        Projection.for_layout(layout, 512, min_kronecker_size=-1)
+
+
+def test_rank_one_gradients_keep_their_length_in_a_small_layer():
+    """A per-example gradient of a linear layer is rank one; its squared length after the
+    projection has relative variance about 2 / d in the sparse block, against about
+    2 / d_out + 2 / d_in in a Kronecker block (why small layers avoid Kronecker blocks)."""
+    layout = ParameterLayout.from_model(nn.Linear(32, 16))
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 1, generator=gen, dtype=torch.float64)
+         @ torch.randn(1, 32, generator=gen, dtype=torch.float64)).reshape(1, -1)
+    x = torch.cat([x, torch.zeros(1, 16, dtype=torch.float64)], 1)  # no bias gradient
+    spread = {}
+    for min_size in (None, 0):
+        ratios = [float(Projection.for_layout(layout, 64, seed=s, min_kronecker_size=min_size)
+                        .apply(x).square().sum() / x.square().sum()) for s in range(300)]
+        spread[min_size] = float(np.var(ratios))
+    assert spread[None] < 3 / 64 < 0.25 < spread[0]
+
+
 def test_description_round_trip_and_seed():
     model = ConvNet()
     layout = ParameterLayout.from_model(model)
-    R = Projection.for_layout(layout, 50, seed=3)
+    R = Projection.for_layout(layout, 50, seed=3, min_kronecker_size=0)
     desc = R.description()
     import json
 
     R2 = Projection.from_description(json.loads(json.dumps(desc)))
     x = torch.randn(2, layout.n_params, dtype=torch.float64)
     assert torch.equal(R.apply(x), R2.apply(x))
-    assert not torch.allclose(Projection.for_layout(layout, 50, seed=4).apply(x), R.apply(x))
+    assert not torch.allclose(Projection.for_layout(layout, 50, seed=4, min_kronecker_size=0)
+                              .apply(x), R.apply(x))
     # float32 and float64 draw the same operator
     np.testing.assert_allclose(R.apply(x.float()).numpy(), R.apply(x).numpy(), rtol=1e-4,
                                atol=1e-4)
@@ -107,7 +162,7 @@ def _make(name, seed=0):
 @pytest.mark.filterwarnings("ignore:per-layer rules do not apply")
 @pytest.mark.parametrize("name", ["mlp", "conv", "seq", "tied"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_projected_rows_equal_projected_naive_gradients(name, dtype):
+def test_projected_rows_equal_projected_naive_gradients(name, dtype, small_kronecker):
     model, X = _make(name)
     model = model.to(dtype)
     if X.is_floating_point():
@@ -265,6 +320,9 @@ def _forms():
         "outer": (Contribution.outer(r(c, B, 6), r(B, 5)), (6, 5)),
         "product": (Contribution.product(r(B, c, 1, 6, 7), r(B, 1, 1, 7, 5)), (6, 5)),
         "grouped": (Contribution.product(r(B, c, 2, 3, 7), r(B, 1, 2, 7, 5)), (6, 5)),
+        # a sequence Linear's: left a transposed view of (L, O) cotangents, short L
+        "product_seq": (Contribution.product(r(B, c, 1, 2, 6).transpose(3, 4),
+                                             r(B, 1, 1, 2, 5)), (6, 5)),
         "per_class": (Contribution.per_class_product([r(B, 6, 7) for _ in range(c)],
                                                      r(B, 7, 5)), (6, 5)),
         "scatter": (Contribution.scatter(r(c, B, 4, 5), torch.tensor([[0, 2, 2, 5],
@@ -292,7 +350,7 @@ def test_contribution_projection_and_gram_match_the_written_block(form):
     torch.testing.assert_close(cb.weighted_sum(w), torch.einsum("cbn,cb->n", blk, w))
 
 
-def test_projected_rows_do_not_depend_on_threads_or_batches():
+def test_projected_rows_do_not_depend_on_threads_or_batches(small_kronecker):
     model, X = _make("conv")
     kw = dict(kind="low_rank", compression="projection", n_values=24, projection_seed=2)
     one = PEFTransformer(model, batch_size=2, **kw).fit(X).compute(X)
@@ -305,7 +363,7 @@ def test_projected_rows_do_not_depend_on_threads_or_batches():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["mlp", "conv", "seq"])
-def test_cuda_projection_matches_cpu(name):
+def test_cuda_projection_matches_cpu(name, small_kronecker):
     """The same seed gives the same operator on every device: projected rows agree."""
     model, X = _make(name)
     model = model.double()

@@ -428,6 +428,8 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
                 self.kept_columns_ = np.union1d(self.kept_columns_, support).astype(np.int64)
                 prob = self._prepare(X, fitting=False, full_const=True,
                                      **self._prepare_kw(rng))
+        if r0:  # the initialization seeds the new components away from the frozen ones
+            prob.extras["frozen"] = frozen[:, self.kept_columns_]
         W, parts = self._init_state(prob, rng)
         if r0:
             backend = prob.blocks.backend

@@ -151,20 +151,37 @@ def lowrank_init_factor(prob: Problem, r: int, init: str, rng: np.random.RandomS
     ``"data"`` (and ``"auto"``): each ``g_k`` is one row of ``A`` (an example's
     ``a_ij``) from the random pool in ``prob.extras``, drawn k-means++-style.
     ``"random"``: Gaussian entries of variance ``2 / (r m')``.
+
+    Frozen components (``prob.extras["frozen"]``, ``(r0, m')``, set by a fit with
+    ``frozen_components``) fill the first ``r0`` columns and count as already drawn:
+    the data rows they explain are unlikely seeds for the new components, which would
+    otherwise start on (and may stay on) a frozen component's examples.
     """
     m = prob.blocks.n_cols
     dtype = prob.dtype
+    frozen = prob.extras.pop("frozen", None)
+    r0 = 0 if frozen is None else frozen.shape[0]
     if init == "random":
         sigma = np.sqrt(2.0 / (r * max(m, 1)))
-        return (rng.standard_normal((m, r)) * sigma).astype(dtype)
+        Ft = (rng.standard_normal((m, r)) * sigma).astype(dtype)
+        if r0:
+            Ft[:, :r0] = frozen.T
+        return Ft
     pool, norms = prob.extras.pop("pool"), prob.extras.pop("pool_norms")
     Ft = np.zeros((m, r), dtype=dtype)
-    n_seeded = 0
+    n_seeded = r0
+    if r0:
+        Ft[:, :r0] = frozen.T
     if pool.shape[0]:
         pool = sp.diags((1.0 / norms).astype(pool.dtype)) @ pool  # unit rows
         max_cos = np.zeros(pool.shape[0])
+        for k in range(r0):
+            g = Ft[:, k].astype(np.float64)
+            nrm = np.linalg.norm(g)
+            if nrm > 0:
+                max_cos = np.maximum(max_cos, np.abs(pool @ (g / nrm)))
         chosen: list[int] = []
-        for k in range(min(r, pool.shape[0])):
+        for k in range(r0, min(r, r0 + pool.shape[0])):
             weight = (1.0 - max_cos) ** 2
             weight[chosen] = 0.0
             if weight.sum() <= 1e-12:
@@ -174,7 +191,7 @@ def lowrank_init_factor(prob: Problem, r: int, init: str, rng: np.random.RandomS
             row = pool[pick]
             Ft[row.indices, k] = row.data
             max_cos = np.maximum(max_cos, np.abs(pool @ Ft[:, k]))
-        n_seeded = len(chosen)
+        n_seeded = r0 + len(chosen)
     if n_seeded < r:  # fewer distinct data rows than components: random directions
         extra = rng.standard_normal((m, r - n_seeded))
         Ft[:, n_seeded:] = extra / np.maximum(np.linalg.norm(extra, axis=0), 1e-30)

@@ -16,7 +16,9 @@ produces such a matrix (NPEFF, clustering baselines) can be inspected the same w
 * :func:`concept_purity`, :func:`multi_factor_recall` -- components against known
   concepts: purity of top examples, and whether an example made of several concepts has
   all of them among its strongest components (each beside its chance level).
-* :func:`top_parameters_by_layer` -- which parameter tensors hold a component's mass.
+* :func:`top_parameters_by_layer`, :func:`top_parameters_by_component` -- which parameter
+  tensors hold a component's mass (one vector, or every component of a fitted estimator;
+  components of a fit on randomly projected PEFs are first recovered in parameter space).
 * :func:`plot_coefficients`, :func:`plot_top_examples`, :func:`plot_component_similarity`,
   :func:`plot_kl_ratios`, :func:`plot_coefficient_distribution` -- matplotlib figures
   (optional dependency, imported only when called).
@@ -25,7 +27,7 @@ produces such a matrix (NPEFF, clustering baselines) can be inspected the same w
 """
 
 from ._concepts import ConceptPurity, MultiFactorRecall, concept_purity, multi_factor_recall
-from ._parameters import top_parameters_by_layer
+from ._parameters import top_parameters_by_component, top_parameters_by_layer
 from ._plots import (
     plot_coefficient_distribution,
     plot_coefficients,
@@ -54,5 +56,6 @@ __all__ = [
     "pseudo_fisher_cosines",
     "report",
     "top_examples",
+    "top_parameters_by_component",
     "top_parameters_by_layer",
 ]

@@ -284,11 +284,17 @@ def report(
         Each component's PEF-norm ratio over the same example sets.
     top_parameters : sequence of length n_components, or dict, default=None
         Per component, a list of ``(layer name, share of component mass)`` pairs, e.g.
-        from :func:`top_parameters_by_layer`.
+        ``top_parameters_by_component(est)`` (:func:`top_parameters_by_component`, which
+        brings the components of a fit on randomly projected PEFs back to parameter
+        space first) or :func:`top_parameters_by_layer` of each component.
     components : array-like of shape (n_components, n_params), default=None
         The components (``components_`` of the fitted estimator): the similarity
         heatmap then shows :func:`pseudo_fisher_cosines`. Without them it shows
-        :func:`coefficient_cosines` of ``W``.
+        :func:`coefficient_cosines` of ``W``. The components of a fit on randomly
+        projected PEFs (width ``d``, ``h_k ~ R g_k``) can be given as they are: ``R``
+        keeps inner products on average (``E[R^T R] = I``), so their cosines
+        approximate those of the ``g_k`` (to about ``1 / sqrt(d)``); give the recovered
+        ones (:func:`~sknpeff.pef.recover_components`) for the cosines of those.
     component_kind : {"low_rank", "diagonal"}, default="low_rank"
         What a row of ``components`` is (see :func:`pseudo_fisher_cosines`).
     baselines : dict of str to dict of str to float, default=None

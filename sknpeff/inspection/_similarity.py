@@ -126,6 +126,12 @@ def pseudo_fisher_cosines(components, *, kind: str = "low_rank") -> np.ndarray:
     vector); a diagonal component ``h_k`` stands for ``diag(h_k)``, so the cosine is
     ``cos(h_a, h_b)``.
 
+    Components of a fit on randomly projected PEFs (``h_k ~ R g_k``, width ``d``) give
+    an approximation of the cosines of the ``g_k``: ``E[R^T R] = I``, so
+    ``cos(R g_a, R g_b)`` is ``cos(g_a, g_b)`` up to about ``1 / sqrt(d)``. The recovered
+    components (:func:`~sknpeff.pef.recover_components`, sparse rows) give the cosines
+    of those.
+
     Parameters
     ----------
     components : array-like of shape (n_components, n_params)

@@ -7,22 +7,31 @@ inner products (the TMLR revision of arXiv 2310.04649).
 
 ``R`` is block diagonal over the parameters and is never stored whole:
 
-* every weight matrix (a parameter of two or more axes, seen as ``(shape[0], rest)``:
-  ``Linear`` ``(out, in)``, convolutions ``(out, in/groups * kernel)``, embeddings
-  ``(vocab, dim)``) gets a Kronecker block ``P_out (x) P_in``, so that for a per-example
-  gradient ``sum_t delta_t x_t^T`` the projection ``sum_t (P_out delta_t)(P_in x_t)^T``
-  costs the backward pass plus small products and the gradient is never formed (the
-  idea of LoGra, Choe et al. 2024);
-* all other parameters (biases, norm scales, vectors) share one sparse sign block
-  (sparse Johnson-Lindenstrauss: each column has ``s`` entries ``+-1/sqrt(s)``, one in
-  each of ``s`` row groups).
+* every large weight matrix (a parameter of two or more axes and at least
+  :data:`MIN_KRONECKER_SIZE` entries, seen as ``(shape[0], rest)``: ``Linear``
+  ``(out, in)``, convolutions ``(out, in/groups * kernel)``, embeddings ``(vocab, dim)``)
+  gets a Kronecker block ``P_out (x) P_in``, so that for a per-example gradient
+  ``sum_t delta_t x_t^T`` the projection ``sum_t (P_out delta_t)(P_in x_t)^T`` costs the
+  backward pass plus small products and the gradient is never formed (the idea of
+  LoGra, Choe et al. 2024);
+* all other parameters (small matrices, biases, norm scales, vectors) share one sparse
+  sign block (sparse Johnson-Lindenstrauss: each column has ``s`` entries
+  ``+-1/sqrt(s)``, one in each of ``s`` row groups).
+
+Why not Kronecker blocks everywhere: a Kronecker block preserves lengths far less well
+than an unstructured one with as many rows. For a rank-one gradient ``delta x^T`` the
+relative variance of ``||R_block a||^2`` is about ``2 / d_out + 2 / d_in`` against
+``2 / (d_out d_in)`` for a Gaussian or sparse sign block, and inner products between
+PEFs (all a factorization sees) are distorted alike. The saving of never forming the
+gradient only matters for large matrices; a small one's gradient is cheap to write, so
+it goes through the sparse block, where it is measured as precisely as ``d`` allows.
 
 Every factor has i.i.d. entries of variance ``1 / rows`` and the blocks are independent,
 so ``E[R^T R] = I`` and ``E ||R x||^2 = ||x||^2``. The ``d`` rows are allotted to the
 blocks in proportion to the square root of their sizes (small layers get relatively
 more rows than by size, which keeps every layer's part of a vector measurable); a
-matrix whose share would be under :data:`MIN_KRONECKER_ROWS` rows joins the sparse
-block. Factors are drawn on the CPU from a generator seeded by ``(seed, block)`` in
+large matrix whose share would be under :data:`MIN_KRONECKER_ROWS` rows joins the sparse
+block too. Factors are drawn on the CPU from a generator seeded by ``(seed, block)`` in
 float64, so the same seed gives the same operator on every device and dtype.
 """
 
@@ -37,10 +46,11 @@ import scipy.sparse as sp
 import torch
 
 from ..layout import ParameterLayout
-from ..utils import pef_projection
+from ..utils import check_int, pef_projection
 
 __all__ = [
     "MIN_KRONECKER_ROWS",
+    "MIN_KRONECKER_SIZE",
     "KroneckerBlock",
     "Projection",
     "SparseSignBlock",
@@ -51,6 +61,9 @@ FORMAT = "sknpeff-projection"
 VERSION = 1
 #: smallest row count given to a Kronecker block (below, the matrix joins the sparse block)
 MIN_KRONECKER_ROWS = 4
+#: smallest weight matrix (entries) given a Kronecker block; smaller ones join the sparse
+#: block, whose projection is more precise but needs the gradient written out
+MIN_KRONECKER_SIZE = 1 << 16
 #: non-zeros per column of the sparse sign block (at most its row count)
 SPARSE_NNZ = 8
 #: columns of the sparse block drawn per generator call (fixed: part of the definition)
@@ -133,10 +146,10 @@ def _factor(t: int, n_out: int, n_in: int) -> tuple[int, int]:
     return d_out, d_in
 
 
-def _plan(layout: ParameterLayout, d: int) -> list:
+def _plan(layout: ParameterLayout, d: int, min_size: int) -> list:
     shapes, sizes = layout.shapes, layout.sizes
     mats = [p for p, s in enumerate(shapes)
-            if len(s) >= 2 and s[0] >= 2 and sizes[p] // s[0] >= 2]
+            if len(s) >= 2 and s[0] >= 2 and sizes[p] // s[0] >= 2 and sizes[p] >= min_size]
     while True:
         rest = [p for p in range(len(sizes)) if p not in mats]
         if not rest:  # the sparse block takes the smallest matrix
@@ -232,8 +245,8 @@ class Projection:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def for_layout(cls, layout: ParameterLayout, n_components: int, seed: int = 0
-                   ) -> Projection:
+    def for_layout(cls, layout: ParameterLayout, n_components: int, seed: int = 0, *,
+                   min_kronecker_size: int | None = None) -> Projection:
         """The projection of ``layout`` onto ``n_components`` rows, drawn from ``seed``.
 
         Parameters
@@ -242,6 +255,10 @@ class Projection:
         n_components : int
             Number of rows ``d``, at least 1.
         seed : int, default=0
+        min_kronecker_size : int, default=None
+            Smallest weight matrix (in entries) given a Kronecker block (``0``: every
+            matrix); smaller parameters share the sparse sign block. ``None``:
+            :data:`MIN_KRONECKER_SIZE`.
 
         Returns
         -------
@@ -250,7 +267,10 @@ class Projection:
         n_components = int(n_components)
         if n_components < 1:
             raise ValueError(f"n_components must be >= 1; got {n_components}.")
-        return cls(layout, _plan(layout, n_components), seed)
+        if min_kronecker_size is None:
+            min_kronecker_size = MIN_KRONECKER_SIZE
+        min_kronecker_size = check_int(min_kronecker_size, "min_kronecker_size", low=0)
+        return cls(layout, _plan(layout, n_components, min_kronecker_size), seed)
 
     def description(self) -> dict:
         """JSON-serialisable description: seed, kind, shape and per-block structure."""
@@ -296,6 +316,18 @@ class Projection:
             raise ValueError("inconsistent projection description: its blocks give "
                              f"{proj.n_components} rows, it says {desc['n_components']}.")
         return proj
+
+    def __getstate__(self) -> dict:
+        # the factor cache is rebuilt on demand and a lock cannot be pickled: a fitted
+        # estimator holding a projection must survive pickle, joblib and deepcopy
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         n_kron = len(self.block_of)

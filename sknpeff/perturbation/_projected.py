@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline
 from ..pef import Projection, recover_components
 from ..pef._recovery import resolve_projection
 
-__all__ = ["find_projection", "recovered_components"]
+__all__ = ["check_recovery_params", "find_projection", "recovered_components"]
 
 #: recover_components arguments a caller may not set (the perturber owns them)
 _RESERVED = ("components", "projection", "return_residuals")
@@ -67,7 +67,20 @@ def find_projection(estimator: Any, decomposition: Any, projection: Any = None
     return None
 
 
-def _check_params(params: Any) -> dict:
+def check_recovery_params(params: Any) -> dict:
+    """``params`` as keyword arguments of :func:`~sknpeff.pef.recover_components`.
+
+    Parameters
+    ----------
+    params : dict or None
+        The user's ``recovery_params``; ``None`` is no arguments.
+
+    Returns
+    -------
+    kwargs : dict
+        A copy, without the arguments the caller passes itself (``components``,
+        ``projection``, ``return_residuals``: refused).
+    """
     if params is None:
         return {}
     if not isinstance(params, Mapping):
@@ -75,7 +88,7 @@ def _check_params(params: Any) -> dict:
                          f"keyword arguments; got {type(params).__name__}.")
     bad = [k for k in params if k in _RESERVED]
     if bad:
-        raise ValueError(f"recovery_params may not set {bad}: the perturber passes them.")
+        raise ValueError(f"recovery_params may not set {bad}: they are passed here.")
     return dict(params)
 
 
@@ -110,7 +123,7 @@ def recovered_components(decomposition: Any, projection: Projection, params: Any
     residuals : ndarray of shape (r,) or None
         ``||R g_k - h_k|| / ||h_k||`` (``None`` for ``"adjoint"``).
     """
-    kwargs = _check_params(params)
+    kwargs = check_recovery_params(params)
     H = decomposition.components_
     desc = projection.description()
     if cached is not None:

@@ -191,6 +191,13 @@ class Contribution:
             G, P = self._left[:, :, 0], self.right[:, 0, 0]
         Bc, c, O, L = G.shape
         M = torch.bmm(P, P.transpose(1, 2))  # (Bc, L, L)
+        Gt = G.transpose(2, 3)
+        if Gt.is_contiguous():
+            # G a transposed view (a sequence Linear's (L, O) cotangents): M G_j^T =
+            # (G_j M)^T (M symmetric) in that layout, without copying G (measured: the
+            # copy was 0.3 of 4.4 s per 32 examples of a 4-layer BERT, one thread)
+            Ht = torch.matmul(M[:, None], Gt).view(Bc, c, L * O)
+            return torch.bmm(Ht, Gt.view(Bc, c, L * O).transpose(1, 2))
         G = G.reshape(Bc, c * O, L)
         H = torch.bmm(G, M).view(Bc, c, O * L)
         return torch.bmm(H, G.reshape(Bc, c, O * L).transpose(1, 2))
