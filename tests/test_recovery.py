@@ -17,10 +17,11 @@ from sknpeff.pef._recovery import _Operator
 
 
 def _projection(d=120, seed=0):
-    # a large Linear (its Kronecker block stays factored), a small one and a LayerNorm
-    # (explicit), biases and norm scales (the sparse sign block)
+    # Kronecker blocks for every matrix: the larger Linear's stays factored, the smaller
+    # one's is explicit, biases and norm scales go to the sparse sign block
     model = nn.Sequential(nn.Linear(60, 40), nn.LayerNorm(40), nn.Linear(40, 5))
-    return Projection.for_layout(ParameterLayout.from_model(model), d, seed=seed)
+    return Projection.for_layout(ParameterLayout.from_model(model), d, seed=seed,
+                                 min_kronecker_size=0)
 
 
 def _dense(R):
