@@ -138,7 +138,7 @@ class _Operator:
                 prows.append((b.offset + r).reshape(-1))
                 vals.append(kron.reshape(-1))
                 n_explicit += b.dim * size
-            else:
+            elif b.size > 0:
                 rows, v = projection.sparse_factors("cpu", f64)
                 cols = torch.cat([torch.arange(lay.offsets[p], lay.offsets[p] + lay.sizes[p])
                                   for p in b.pids])
