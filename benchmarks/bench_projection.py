@@ -21,33 +21,36 @@ over its 10 most probable classes, on ``--resnet-size`` inputs (32x32 unless tol
 ``bert``: a BERT-style classifier of 4 layers, hidden 512, 8 heads, intermediate 2048
 (as in ``bench_threads.py``; needs ``transformers``), sequences of 32 tokens, 3 labels.
 
-Measured 2026-12-01 on the shared 2-core machine (load average 8-12 from other jobs,
-so absolute figures are low and noisy; the ratios come from interleaved runs), one
-torch thread, K = 65536, d = 8192 per slot (``--quick --threads 1``)::
+Measured 2026-12-01 on the shared 2-core machine (other jobs running, so absolute
+figures are noisy; the ratios come from interleaved runs), one torch thread, K =
+65536, d = 8192 per slot, with the block plan of this version (matrices of at least
+``MIN_KRONECKER_SIZE`` entries in Kronecker blocks, the rest in the sparse sign
+block). ``--models mlp cnn --quick --threads 1 --no-recovery``::
 
     model      params      top-K ex/s  projection ex/s  ratio
-    mlp           272,394      5.4         137.3         25.2x
-    cnn           225,034      7.6          23.1          3.05x
-    peak RSS, streaming 128 / 1024 examples: mlp top-K 829 / 908 MB, projection
-    394 / 394 MB; cnn top-K 998 / 997 MB, projection 606 / 617 MB
+    mlp           272,394     23.1        1183.3         51.3x
+    cnn           225,034     21.0          93.4          4.45x
+    peak RSS (MB), streaming 128 / 1024 examples: mlp top-K 903 / 938, projection
+    402 / 399; cnn top-K 921 / 1005, projection 639 / 645
 
-resnet18 (1000 classes, top 10, 32x32 inputs) and bert, measured 2026-12-01 on 2
-shared CPU cores (load average 3-5 from other jobs), one torch thread, batch 32, K =
-65536, d = 8192 per slot, ``--models resnet18 bert --threads 1 --n-examples 32
---repeats 2 --memory-sizes 32 128 --no-recovery``::
+resnet18 (1000 classes, top 10, 32x32 inputs) and bert, batch 32, ``--models resnet18
+bert --threads 1 --n-examples 32 --repeats 2 --memory-sizes 32 128 --no-recovery``::
 
     model      params      top-K ex/s  projection ex/s  ratio
-    resnet18   11,689,512      3.0          21.7          7.17x
-    bert       17,037,315      3.3          13.2          4.03x
-    peak RSS (MB), streaming 32 / 128 examples (512 by ``--memory-worker``):
-    resnet18 top-K 1252 / 1362 (1416), projection 735 / 767 (770);
-    bert top-K 1423 / 1556 (1582), projection 1432 / 1513 (1501)
+    resnet18   11,689,512      3.6          31.4          8.63x
+    bert       17,037,315      3.4          14.2          4.18x
+    peak RSS (MB), streaming 32 / 128 examples: resnet18 top-K 1279 / 1381,
+    projection 757 / 776; bert top-K 1466 / 1600, projection 1357 / 1469
 
 Peak memory does not grow with the examples: 32 is one batch, and the step to 128 is
-the second batch's allocations; 512 examples peak no higher (run to run, +-50 MB).
-Other runs of the same command gave 6.85x and 7.90x (resnet18) and 2.87x, 3.59x (bert,
-before ``Contribution.gram`` stopped copying a sequence Linear's cotangents; A/B
-interleaved over 3 repeats, that change took bert from 3.51x to 3.91x). Profiled
+the second batch's allocations; 512 examples (``--memory-worker``, the previous block
+plan) peaked no higher (resnet18 projection 770 MB, bert 1501 MB; run to run, +-50
+MB). With every small matrix of ResNet-18 in the sparse block as well (threshold
+``2**16``: its 3x3 convolutions of 64 channels and 1x1 downsampling convolutions
+included), projection fell to 2.01x: writing out a convolution's per-example gradient
+costs about as much as top-K's, which is why the threshold is ``2**13``. Earlier runs
+of the previous plan gave 6.85x-7.90x (resnet18) and 2.87x-4.03x (bert, the lower
+before ``Contribution.gram`` stopped copying a sequence Linear's cotangents). Profiled
 (``torch.profiler``, one batch of 32, bert, projection): of 4.4 s, the model's forward
 and 3 backward passes (one per class slot) take about 3.0 s, which top-K pays as well;
 stacking the per-class cotangents 0.3-0.4 s, the exact PEF norms' Gram products 0.35 s,
@@ -69,24 +72,27 @@ time is mostly its 10 backward passes (1.1 of 3.1 s per 64 examples, profiled), 
 both paths share.
 
 Recovery (mlp 64-128-10, 9,610 parameters, 8 planted ``s``-sparse vectors; mean / min
-``|cos|``; ``R^T h``'s mean for comparison). This mlp's matrices are under
-``MIN_KRONECKER_SIZE``, so its whole operator is one sparse sign block (measured
-2026-12-01, ``recovery(...)`` of this file, one thread)::
+``|cos|``; ``R^T h``'s mean for comparison), with the whole operator one sparse sign
+block and with every matrix in a Kronecker block (``min_kronecker_size=0``), measured
+2026-12-01 (one thread)::
 
-    s   d/(s log(m/s))   d/s    recovered          adjoint
-    5        1            7     0.89 / 0.47        0.06
-    5        2           15     1.000 / 1.000      0.09
-    5        4           30     1.000 / 1.000      0.12
-    10       1            7     0.80 / 0.39        0.09
-    10       2           14     1.000 / 1.000      0.12
-    10       4           27     1.000 / 1.000      0.17
-    20       1            6     0.85 / 0.46        0.11
-    20       2           12     1.000 / 1.000      0.16
-    20       4           25     1.000 / 1.000      0.22
+    s   d/(s log(m/s))   d/s    sparse sign block   Kronecker blocks    adjoint
+    5        1            7     0.89 / 0.47         0.16 / 0.00         0.06
+    5        2           15     1.000 / 1.000       0.47 / 0.00         0.09
+    5        4           30     1.000 / 1.000       0.70 / 0.19         0.12
+    5        8           60     1.000 / 1.000       1.000 / 1.000       0.18
+    10       1            7     0.80 / 0.39         0.29 / 0.00         0.09
+    10       2           14     1.000 / 1.000       0.57 / 0.08         0.12
+    10       4           27     1.000 / 1.000       0.96 / 0.87         0.17
+    10       8           55     1.000 / 1.000       1.000 / 1.000       0.23
+    20       1            6     0.85 / 0.46         0.40 / 0.08         0.11
+    20       2           12     1.000 / 1.000       0.90 / 0.73         0.16
+    20       4           25     1.000 / 1.000       0.999 / 0.995       0.22
+    20       8           49     1.000 / 1.000       1.000 / 1.000       0.31
 
-(8x: 1.000 / 1.000 throughout.) Kronecker blocks (large matrices) are less incoherent:
-with every matrix in a Kronecker block (``min_kronecker_size=0``) the same vectors
-needed about 8x (at 4x: mean 0.80, 0.90, 0.98 for s = 5, 10, 20).
+The sparse sign block recovers exactly from twice ``s log(m / s)``; Kronecker blocks
+(less incoherent: columns sharing an input or output index are correlated) need up to
+eight times.
 """
 
 from __future__ import annotations
@@ -219,19 +225,22 @@ def recovery(args):
         base = s * math.log(m / s)
         for mult in (1, 2, 4, 8):
             d = min(m, int(mult * base))
-            R = Projection.for_layout(layout, d, seed=1)
             G = np.zeros((args.n_planted, m))
             for k in range(args.n_planted):
                 G[k, rng.choice(m, s, replace=False)] = rng.standard_normal(s)
-            H = R.apply(G)
-            rec = recover_components(H, R).toarray()
-            cos = np.abs((rec * G).sum(1)) / np.maximum(
-                np.linalg.norm(rec, axis=1) * np.linalg.norm(G, axis=1), 1e-300)
-            adj = R.adjoint(H)
-            cos_adj = np.abs((adj * G).sum(1)) / (np.linalg.norm(adj, axis=1)
-                                                   * np.linalg.norm(G, axis=1))
-            rows.append(dict(s=s, d=d, d_over_s=d / s, mult=mult, mean=float(cos.mean()),
-                             min=float(cos.min()), adjoint=float(cos_adj.mean())))
+            # the two block kinds: one sparse sign block, and every matrix Kronecker
+            for block, min_size in (("sparse", m + 1), ("kronecker", 0)):
+                R = Projection.for_layout(layout, d, seed=1, min_kronecker_size=min_size)
+                H = R.apply(G)
+                rec = recover_components(H, R).toarray()
+                cos = np.abs((rec * G).sum(1)) / np.maximum(
+                    np.linalg.norm(rec, axis=1) * np.linalg.norm(G, axis=1), 1e-300)
+                adj = R.adjoint(H)
+                cos_adj = np.abs((adj * G).sum(1)) / (np.linalg.norm(adj, axis=1)
+                                                       * np.linalg.norm(G, axis=1))
+                rows.append(dict(block=block, s=s, d=d, d_over_s=d / s, mult=mult,
+                                 mean=float(cos.mean()), min=float(cos.min()),
+                                 adjoint=float(cos_adj.mean())))
     return m, rows
 
 

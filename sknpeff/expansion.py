@@ -20,8 +20,8 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted
 
 from .backends import cupy_device, to_device
-from .decomposition._base import describe_projection
-from .utils import check_int, pef_projection, pef_tag
+from .decomposition._projected import projection_mismatch
+from .utils import check_int
 
 __all__ = ["ComponentExpander"]
 
@@ -176,32 +176,9 @@ class ComponentExpander(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             from .pef import Projection  # torch only where PEFs were projected
 
             fitted = Projection.from_description(fitted)
-        desc = pef_projection(X)
-        kind, _ = pef_tag(X)
-        name = type(est).__name__
-        if desc is None:
-            if fitted is not None and kind is not None:
-                raise ValueError(
-                    f"X holds unprojected PEFs, but the {name} to expand was fitted on PEFs "
-                    f"projected by {describe_projection(fitted)}: its frozen components "
-                    "live in that projected space; pass PEFs of the same projection "
-                    "(PEFTransformer(compression='projection') with the same "
-                    "projection_seed and n_values).")
-            return fitted
-        from .pef import Projection
-
-        given = Projection.from_description(desc)
-        if fitted is None:
-            raise ValueError(
-                f"X holds PEFs projected by {describe_projection(given)}, but the {name} to "
-                "expand was fitted on unprojected PEFs (or on an untagged matrix, such as a "
-                "slice, which records no projection): pass PEFs of the same kind, or fit "
-                "the estimator on the tagged projected PEFs.")
-        if given.description() != fitted.description():
-            raise ValueError(
-                f"X holds PEFs projected by {describe_projection(given)}, but the {name} to "
-                f"expand was fitted on PEFs projected by {describe_projection(fitted)}: "
-                "its frozen components are meaningful only under that projection.")
+        reason = projection_mismatch(X, fitted, f"the {type(est).__name__} to expand")
+        if reason is not None:
+            raise ValueError(reason)
         return fitted
 
     def fit(self, X: Any, y: Any = None) -> ComponentExpander:

@@ -37,11 +37,12 @@ from ..utils import (
 )
 from ._checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ._data import reshape_and_prune, sample_rows
+from ._projected import projection_mismatch
 from ._stopping import COEF_CHECKS, mean_column_cosine
 from ._threads import compute_context
 from ._updates import DIAG_UPDATES, diag_solve_w
 
-__all__ = ["BaseNPEFF", "Problem", "describe_projection"]
+__all__ = ["BaseNPEFF", "Problem"]
 
 #: the release in which deprecated parameter names stop working
 _REMOVED_IN = "0.3"
@@ -62,12 +63,6 @@ class Problem:
     extras: dict = field(default_factory=dict)
     #: the same constant over all columns (pruned ones included); None unless asked for
     full_const: float | None = None
-
-
-def describe_projection(projection: Any) -> str:
-    """``"a projection (seed=.., n_components=.., n_params=..)"`` for error messages."""
-    return (f"a projection (seed={projection.seed}, n_components="
-            f"{projection.n_components}, n_params={projection.n_params})")
 
 
 class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -214,27 +209,10 @@ class BaseNPEFF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 
                 self.projection_ = Projection.from_description(desc)
             return
-        fitted = getattr(self, "projection_", None)
-        kind, _ = pef_tag(X)
-        name = type(self).__name__
-        if desc is None:
-            if fitted is not None and kind is not None:
-                raise ValueError(
-                    f"X holds unprojected PEFs, but {name} was fitted on PEFs projected "
-                    f"by {describe_projection(fitted)}: use PEFs of the same projection.")
-            return
-        from ..pef import Projection
-
-        given = Projection.from_description(desc)
-        if fitted is None:
-            raise ValueError(
-                f"X holds PEFs projected by {describe_projection(given)}, but {name} was "
-                "fitted on unprojected PEFs: use PEFs of the same kind.")
-        if given.description() != fitted.description():
-            raise ValueError(
-                f"X holds PEFs projected by {describe_projection(given)}, but {name} was "
-                f"fitted on PEFs projected by {describe_projection(fitted)}: a component "
-                "is meaningful only under the projection it was fitted under.")
+        reason = projection_mismatch(X, getattr(self, "projection_", None),
+                                     type(self).__name__)
+        if reason is not None:
+            raise ValueError(reason)
 
     def _check_input(self, X: sp.csr_matrix, whom: str) -> None:
         """Checks of the input's values beyond scikit-learn's (none by default)."""

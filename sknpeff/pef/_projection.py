@@ -62,8 +62,10 @@ VERSION = 1
 #: smallest row count given to a Kronecker block (below, the matrix joins the sparse block)
 MIN_KRONECKER_ROWS = 4
 #: smallest weight matrix (entries) given a Kronecker block; smaller ones join the sparse
-#: block, whose projection is more precise but needs the gradient written out
-MIN_KRONECKER_SIZE = 1 << 16
+#: block, whose projection is more precise but needs the gradient written out (for a
+#: convolution, as costly as top-K's per-example gradients: larger thresholds made
+#: ResNet-18's projected PEFs slower than the backward passes justify)
+MIN_KRONECKER_SIZE = 1 << 13
 #: non-zeros per column of the sparse sign block (at most its row count)
 SPARSE_NNZ = 8
 #: columns of the sparse block drawn per generator call (fixed: part of the definition)
