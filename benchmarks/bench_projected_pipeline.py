@@ -22,14 +22,16 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_projected_pipeline.py [--quick]
 
-Measured 2026-12-01 on the shared 2-core machine (runs of seeds ``0``, ``1`` and
-``2 3``), projected over top-K, means over seeds 0-3 (per seed the KL ratio moves by
-about 10% either way)::
+Measured 2026-12-01 on the shared 2-core machine (the command above, seeds 0-3),
+projected over top-K, means over the seeds (per seed the KL ratio moves by about 10%
+either way)::
 
     model     K     d    purity  concept precision  median KL ratio (sparse / adjoint)
-    experts   400   266  0.935   0.997              1.094 / 0.986
-    digits    2048  409  1.014   -                  0.919 / 0.869
+    experts   400   266  0.935   0.997              1.096 / 0.986
+    digits    2048  409  1.015   -                  0.916 / 0.869
 
+Building the perturber with sparse recovery took 0.30-0.42 s (experts) and 2.6-5.6 s
+(digits), against 0.04-0.05 s and 0.27-0.40 s for top-K.
 Before small weight matrices moved from Kronecker blocks to the sparse sign block of the
 projection (seeds 0-1): experts purity 0.80, KL ratio 1.06 / 1.69; digits purity 0.96,
 KL ratio 0.55 / 0.71.
