@@ -131,6 +131,31 @@ def test_adjoint_recovery_acts_as_the_projected_component(fitted):
         GuidedPerturber(pipe, model, recovery="dense")
 
 
+def test_auto_recovery_follows_parameters_per_dimension(fitted, monkeypatch):
+    from sknpeff.perturbation import _projected
+
+    model, X, pipe, W = fitted
+    proj = pipe[0].projection_
+    assert proj.n_params <= 16 * proj.n_components  # 981 parameters, d = 512
+    auto = GuidedPerturber(pipe, model)
+    assert auto.recovery == "auto" and auto.recovery_ == "sparse"
+    sparse = GuidedPerturber(pipe, model, recovery="sparse")
+    np.testing.assert_array_equal(auto.parameter_components_, sparse.parameter_components_)
+    # a model with more parameters per projected dimension than the limit: the adjoint
+    monkeypatch.setattr(_projected, "SPARSE_RECOVERY_MAX_RATIO", 1)
+    big = GuidedPerturber(pipe, model)
+    assert big.recovery_ == "adjoint" and big.recovery_residuals_ is None
+    adjoint = GuidedPerturber(pipe, model, recovery="adjoint")
+    np.testing.assert_array_equal(big.parameter_components_, adjoint.parameter_components_)
+    # an explicit choice is kept whatever the ratio
+    assert GuidedPerturber(pipe, model, recovery="sparse").recovery_ == "sparse"
+    # top-K PEFs: no recovery
+    top = PEFTransformer(model, kind="low_rank", n_values=64).fit(X)
+    est = LowRankNPEFF(n_components=2, n_classes=top.n_classes_, max_iter=5,
+                       random_state=0).fit(top.transform(X))
+    assert GuidedPerturber(est, model, layout=top.layout_).recovery_ is None
+
+
 def test_projection_and_layout_must_match(fitted):
     from sknpeff.layout import ParameterLayout
 

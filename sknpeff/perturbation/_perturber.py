@@ -29,7 +29,7 @@ from ._diagonal import bisect_size, diagonal_profile, rank_key, safe_ratio, sear
 from ._estimators import estimator_kind, pipeline_layout, pipeline_step, unwrap
 from ._evaluation import applied, kl_divergence, log_probs, loss_grad_sign
 from ._low_rank import component_gram, orthogonal_direction
-from ._projected import find_projection, recovered_components
+from ._projected import find_projection, recovered_components, resolve_recovery
 from ._results import KLRatioResult, KLRatioResults
 
 __all__ = ["GuidedPerturber"]
@@ -130,13 +130,15 @@ class GuidedPerturber:
     recovery_params : dict or None, default=None
         Keyword arguments of :func:`~sknpeff.pef.recover_components` (e.g.
         ``{"alpha": 1e-3, "n_nonzero": 5000}``) for a projected fit.
-    recovery : {"sparse", "adjoint"}, default="sparse"
+    recovery : {"auto", "sparse", "adjoint"}, default="auto"
         Projected fit: ``"sparse"`` recovers a sparse ``g_k`` with ``R g_k ~ h_k``
         (:func:`~sknpeff.pef.recover_components`). ``"adjoint"`` uses ``R^T h_k``: not
         ``g_k`` (it is spread over every parameter), but its effect on an example,
         ``a . R^T h_k = (R a) . h_k``, is exactly the fitted component's on the
-        projected PEF, which can make more selective perturbations when the true
+        projected PEF, which makes more selective perturbations when the true
         ``g_k`` is not sparse enough to be recovered from ``d`` measurements.
+        ``"auto"``: ``"sparse"`` while the model has at most 16 parameters per
+        projected dimension (``n_params <= 16 d``), ``"adjoint"`` beyond (large models).
 
     Attributes
     ----------
@@ -153,8 +155,10 @@ class GuidedPerturber:
     parameter_components_ : ndarray of shape (n_components, n_params)
         The components in the layout's flat parameter order: the estimator's
         ``components_``, or for a projected fit the recovered ones (float64).
+    recovery_ : {"sparse", "adjoint"} or None
+        The recovery used for a projected fit (``None`` for top-K PEFs).
     recovery_residuals_ : ndarray of shape (n_components,) or None
-        Projected fit with ``recovery="sparse"``: ``||R g_k - h_k|| / ||h_k||`` of each
+        Projected fit with sparse recovery: ``||R g_k - h_k|| / ||h_k||`` of each
         recovered component (large values mean ``d`` measurements did not pin ``g_k``
         down); ``None`` otherwise.
     dataset_fisher_ : ndarray of shape (n_params,)
@@ -195,7 +199,7 @@ class GuidedPerturber:
                  kl_target: tuple[float, float] = (0.05, 0.2), fisher_floor: float = 1e-6,
                  n_lambda: int = 5, output: str = "auto", position: Any = None,
                  projection: Any = None, recovery_params: dict | None = None,
-                 recovery: str = "sparse") -> None:
+                 recovery: str = "auto") -> None:
         self.estimator = estimator
         self.model = model
         self.layout = layout
@@ -253,7 +257,7 @@ class GuidedPerturber:
             self.forward_ = getattr(step, "forward", None)
             if self.position is None:
                 self.position_ = check_position(getattr(step, "position", None))
-        recovery = check_choice(self.recovery, "recovery", ("sparse", "adjoint"))
+        recovery = check_choice(self.recovery, "recovery", ("auto", "sparse", "adjoint"))
         proj = find_projection(self.estimator, unwrap(self.estimator), self.projection)
         if proj is not None and self.kind_ != "low_rank":
             raise ValueError("projection applies to a LowRankNPEFF fitted on projected PEFs; "
@@ -286,7 +290,7 @@ class GuidedPerturber:
                     "projected (compression='projection'), pass "
                     "projection=<PEFTransformer>.projection_ (or a Pipeline of the "
                     "PEFTransformer and the decomposition).")
-            self.recovery_residuals_ = None
+            self.recovery_residuals_ = self.recovery_ = None
         else:
             if proj.n_params != layout.n_params or list(proj.layout.names) != list(
                     layout.names):
@@ -295,8 +299,10 @@ class GuidedPerturber:
                     f"({len(proj.layout.names)} tensors) but the layout has "
                     f"{layout.n_params} ({len(layout.names)}): pass the layout_ and "
                     "projection_ of the same PEFTransformer.")
+            self.recovery_ = resolve_recovery(recovery, proj)
             self._recovery = recovered_components(
-                unwrap(self.estimator), proj, self.recovery_params, self._recovery, recovery)
+                unwrap(self.estimator), proj, self.recovery_params, self._recovery,
+                self.recovery_)
             self.recovery_residuals_ = self._recovery[1]
         self.layout_ = layout
 

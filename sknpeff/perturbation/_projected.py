@@ -19,10 +19,30 @@ from sklearn.pipeline import Pipeline
 from ..pef import Projection, recover_components
 from ..pef._recovery import resolve_projection
 
-__all__ = ["check_recovery_params", "find_projection", "recovered_components"]
+__all__ = ["SPARSE_RECOVERY_MAX_RATIO", "check_recovery_params", "find_projection",
+           "recovered_components", "resolve_recovery"]
+
+#: ``recovery="auto"`` recovers sparse components while ``n_params`` is at most this
+#: many times ``d``, and uses ``R^T h`` beyond. Sparse recovery degrades as ``n_params /
+#: d`` grows (a component must be ever sparser to be pinned down), while the error of
+#: ``(R a) . h``, what ``R^T h`` does to an example, depends on ``d`` alone. Measured at
+#: equal bytes against top-K PEFs: sparse recovery was ahead at ratios 3.7 and 9.3 (by 11%
+#: and 5% in median KL ratio), the adjoint 3.4 times ahead at 37.
+SPARSE_RECOVERY_MAX_RATIO = 16
 
 #: recover_components arguments a caller may not set (the perturber owns them)
 _RESERVED = ("components", "projection", "return_residuals")
+
+
+def resolve_recovery(recovery: str, projection: Projection | None) -> str:
+    """The recovery method ``"auto"`` stands for with ``projection`` (other values are
+    returned as they are): ``"sparse"`` when ``n_params <= SPARSE_RECOVERY_MAX_RATIO * d``,
+    else ``"adjoint"``."""
+    if recovery != "auto" or projection is None:
+        return recovery
+    if projection.n_params <= SPARSE_RECOVERY_MAX_RATIO * projection.n_components:
+        return "sparse"
+    return "adjoint"
 
 
 def find_projection(estimator: Any, decomposition: Any, projection: Any = None
