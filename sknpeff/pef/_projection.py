@@ -411,6 +411,11 @@ class Projection:
                 self._cache[key] = got
         return got
 
+    def sparse_matrix(self) -> sp.csr_matrix:
+        """The sparse block's transpose ``S^T`` as a float64 SciPy CSR matrix
+        ``(size, dim)`` (cached; its transpose, a CSC view, is ``S``)."""
+        return self._sparse_matrices("cpu", torch.float64, "scipy")[0]
+
     def sparse_apply(self, x: torch.Tensor) -> torch.Tensor:
         """The sparse block of ``x`` ``(k, size)`` (its parameters concatenated): ``(k, dim)``."""
         if not x.requires_grad and x.dtype in (torch.float32, torch.float64):

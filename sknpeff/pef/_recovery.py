@@ -20,7 +20,6 @@ large Kronecker blocks factored. The plain adjoint ``R^T h`` is no recovery: it 
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Mapping
 
@@ -33,7 +32,7 @@ import torch
 from ..utils import check_float, check_int, pef_projection
 from ._projection import KroneckerBlock, Projection
 
-__all__ = ["operator_norm", "recover_components", "resolve_projection"]
+__all__ = ["recover_components", "resolve_projection"]
 
 #: entries of one ``(rows, n_params)`` working array: all components are recovered in
 #: one block when they fit (a few such arrays are alive at once)
@@ -73,21 +72,6 @@ def resolve_projection(obj) -> Projection:
             "or a tagged matrix) or a fitted PEFTransformer with compression='projection'; "
             f"no projection found in {type(obj).__name__}.")
     return Projection.from_description(found)
-
-
-def operator_norm(projection: Projection, n_iter: int = 30, seed: int = 0) -> float:
-    """``||R||_2`` by power iteration on ``R^T R`` (an upper estimate: 2% added)."""
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(1, projection.n_params, generator=gen, dtype=torch.float64)
-    v /= v.norm()
-    lam = 0.0
-    for _ in range(n_iter):
-        w = projection.adjoint(projection.apply(v))
-        lam = float(w.norm())
-        if lam == 0.0:
-            return 0.0
-        v = w / lam
-    return 1.02 * math.sqrt(lam)
 
 
 def _top_eigenvalue(m: sp.spmatrix) -> float:
@@ -146,9 +130,7 @@ class _Operator:
                 prows.append((b.offset + rows).reshape(-1))
                 vals.append(v.reshape(-1))
                 n_explicit += v.numel()
-                st = sp.csr_matrix((v.reshape(-1).numpy(), (
-                    torch.arange(b.size).repeat(rows.shape[0]).numpy(),
-                    rows.reshape(-1).numpy())), shape=(b.size, b.dim))
+                st = projection.sparse_matrix()
                 self.curvature[cols] = _top_eigenvalue(st.T @ st)
         # the explicit part: R^T restricted to its parameters, (n_explicit_params, d)
         if params:
@@ -214,6 +196,7 @@ class _Operator:
                 col = (p_out[:, i][:, None, :] * p_in[:, j][None, :, :]).reshape(b.dim, -1)
                 out[b.offset : b.offset + b.dim, sel.numpy()] = col.numpy()
         return out
+
 
 def _operator(projection: Projection) -> _Operator:
     """The recovery operator of ``projection`` (cached while the projection lives)."""
